@@ -1,0 +1,101 @@
+//! Loading the kernel object, pinning its maps, attaching the tc program.
+
+use std::{fs, path::Path};
+
+use anyhow::{bail, Context as _};
+use aya::{
+    programs::{tc::SchedClassifierLinkId, SchedClassifier, TcAttachType},
+    Ebpf, EbpfLoader,
+};
+use lb_common::map_names;
+use tracing::info;
+
+/// The kernel programs, built by build.rs from the `lb-ebpf` crate.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+/// Name of the tc program in the object.
+pub const PROGRAM: &str = "lb_ingress";
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+/// Fails with a clear message unless `dir`'s parent is a bpffs mount.
+fn check_bpffs(dir: &Path) -> anyhow::Result<()> {
+    let probe = dir.parent().unwrap_or(dir);
+    let c_path = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes())
+        .context("pin directory path contains a NUL byte")?;
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid NUL-terminated path and a properly sized out-parameter.
+    if unsafe { libc::statfs(c_path.as_ptr(), &mut stat) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("statfs {}", probe.display()));
+    }
+    if stat.f_type as i64 != BPF_FS_MAGIC {
+        bail!(
+            "{} is not on a bpf filesystem; mount one with `mount -t bpf bpf /sys/fs/bpf` \
+             (inside `ip netns exec`, /sys is remounted: run the agent with `nsenter --net=...` instead)",
+            probe.display()
+        );
+    }
+    Ok(())
+}
+
+/// Loads the object with every map pinned under `pin_dir`. Maps already pinned there are
+/// reused, so a restarted agent keeps its services and conntrack.
+pub fn load(pin_dir: &Path) -> anyhow::Result<Ebpf> {
+    check_bpffs(pin_dir)?;
+    fs::create_dir_all(pin_dir)
+        .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
+    let mut loader = EbpfLoader::new();
+    for name in map_names::ALL {
+        loader.map_pin_path(name, pin_dir.join(name));
+    }
+    let mut ebpf = loader
+        .load(EBPF_OBJECT)
+        .context("loading the kernel object (needs root or CAP_BPF + CAP_NET_ADMIN)")?;
+    let program: &mut SchedClassifier = ebpf
+        .program_mut(PROGRAM)
+        .with_context(|| format!("program {PROGRAM} missing from the object"))?
+        .try_into()
+        .context("lb_ingress is not a tc program")?;
+    program.load().context("the kernel rejected lb_ingress")?;
+    Ok(ebpf)
+}
+
+/// The program's attachments; dropping it (or calling [`Attachments::detach`]) removes them.
+pub struct Attachments {
+    links: Vec<(String, SchedClassifierLinkId)>,
+}
+
+/// Attaches the program on ingress of each interface (TCX, so it coexists with other tc
+/// programs and never replaces them).
+pub fn attach(ebpf: &mut Ebpf, interfaces: &[String]) -> anyhow::Result<Attachments> {
+    let program: &mut SchedClassifier = ebpf
+        .program_mut(PROGRAM)
+        .with_context(|| format!("program {PROGRAM} missing"))?
+        .try_into()?;
+    let mut links = Vec::new();
+    for interface in interfaces {
+        let link = program
+            .attach(interface, TcAttachType::Ingress)
+            .with_context(|| format!("attaching {PROGRAM} to ingress of {interface}"))?;
+        info!(interface = %interface, "attached on ingress");
+        links.push((interface.clone(), link));
+    }
+    Ok(Attachments { links })
+}
+
+impl Attachments {
+    pub fn detach(self, ebpf: &mut Ebpf) -> anyhow::Result<()> {
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(PROGRAM)
+            .with_context(|| format!("program {PROGRAM} missing"))?
+            .try_into()?;
+        for (interface, link) in self.links {
+            program
+                .detach(link)
+                .with_context(|| format!("detaching from {interface}"))?;
+            info!(interface = %interface, "detached");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,220 @@
+//! Echo servers that answer with their own name and the peer address they saw, and the
+//! matching bounded clients.
+//!
+//! Reply format, one line per request: `<server-name> <peer-ip>:<peer-port>`.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread,
+    time::Duration,
+};
+
+use anyhow::{bail, Context as _};
+
+use crate::lab::Netns;
+
+/// How often blocked server threads look at the stop flag.
+const POLL: Duration = Duration::from_millis(100);
+
+/// TCP and UDP echo servers on one port of one namespace; stopped on drop.
+pub struct EchoServer {
+    stop: Arc<AtomicBool>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+/// A reply as the client parsed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub server: String,
+    /// The client address the server saw.
+    pub peer: SocketAddr,
+}
+
+impl Reply {
+    fn parse(line: &str) -> anyhow::Result<Self> {
+        let mut parts = line.split_whitespace();
+        let (Some(server), Some(peer), None) = (parts.next(), parts.next(), parts.next()) else {
+            bail!("malformed reply {line:?}");
+        };
+        Ok(Self {
+            server: server.to_string(),
+            peer: peer
+                .parse()
+                .with_context(|| format!("peer in reply {line:?}"))?,
+        })
+    }
+}
+
+fn set_accept_timeout(listener: &TcpListener, timeout: Duration) -> anyhow::Result<()> {
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: valid socket fd and a correctly sized timeval. SO_RCVTIMEO bounds accept().
+    let rc = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("SO_RCVTIMEO on listener");
+    }
+    Ok(())
+}
+
+impl EchoServer {
+    /// Starts TCP and UDP echo servers on `0.0.0.0:port` inside `ns`, answering as `name`.
+    pub fn start(ns: &Netns, name: &str, port: u16) -> anyhow::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tcp, udp) = ns.run(move || {
+            let any = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port);
+            let tcp = TcpListener::bind(any).context("binding TCP echo")?;
+            set_accept_timeout(&tcp, POLL)?;
+            let udp = UdpSocket::bind(any).context("binding UDP echo")?;
+            udp.set_read_timeout(Some(POLL))?;
+            Ok((tcp, udp))
+        })?;
+        let mut threads = Vec::new();
+        {
+            let stop = stop.clone();
+            let name = name.to_string();
+            threads.push(thread::spawn(move || serve_tcp(tcp, &name, &stop)));
+        }
+        {
+            let stop = stop.clone();
+            let name = name.to_string();
+            threads.push(thread::spawn(move || serve_udp(udp, &name, &stop)));
+        }
+        Ok(Self { stop, threads })
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn serve_tcp(listener: TcpListener, name: &str, stop: &Arc<AtomicBool>) {
+    let mut connections = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        let Ok((stream, peer)) = listener.accept() else {
+            continue; // timeout: look at the stop flag again
+        };
+        let stop = stop.clone();
+        let name = name.to_string();
+        connections.push(thread::spawn(move || {
+            let _ = serve_connection(stream, peer, &name, &stop);
+        }));
+        connections.retain(|c| !c.is_finished());
+    }
+    for connection in connections {
+        let _ = connection.join();
+    }
+}
+
+fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    name: &str,
+    stop: &AtomicBool,
+) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(POLL))?;
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    while !stop.load(Ordering::Relaxed) {
+        match reader.read_line(&mut line) {
+            Ok(0) => return Ok(()), // client closed
+            Ok(_) if line.ends_with('\n') => {
+                writer.write_all(format!("{name} {peer}\n").as_bytes())?;
+                line.clear();
+            }
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn serve_udp(socket: UdpSocket, name: &str, stop: &AtomicBool) {
+    let mut buf = [0u8; 2048];
+    while !stop.load(Ordering::Relaxed) {
+        let Ok((_, peer)) = socket.recv_from(&mut buf) else {
+            continue;
+        };
+        let _ = socket.send_to(format!("{name} {peer}\n").as_bytes(), peer);
+    }
+}
+
+/// One TCP connection: connect, one request, one reply, close.
+pub fn tcp_request(to: SocketAddr, timeout: Duration) -> anyhow::Result<Reply> {
+    let mut session = TcpSession::connect(to, timeout)?;
+    session.request()
+}
+
+/// One UDP exchange from a fresh socket (so a fresh source port, a fresh flow).
+pub fn udp_request(to: SocketAddr, timeout: Duration) -> anyhow::Result<Reply> {
+    let socket = UdpSocket::bind("0.0.0.0:0").context("binding UDP client")?;
+    socket.set_read_timeout(Some(timeout))?;
+    socket.send_to(b"hello\n", to).context("sending UDP")?;
+    let mut buf = [0u8; 512];
+    let (n, from) = socket
+        .recv_from(&mut buf)
+        .with_context(|| format!("no UDP reply from {to} within {timeout:?}"))?;
+    if from != to {
+        bail!("UDP reply came from {from}, not from {to} (reverse NAT missing)");
+    }
+    Reply::parse(String::from_utf8_lossy(&buf[..n]).trim())
+}
+
+/// A long-lived TCP connection that can carry many requests.
+pub struct TcpSession {
+    stream: BufReader<TcpStream>,
+    pub local: SocketAddr,
+}
+
+impl TcpSession {
+    pub fn connect(to: SocketAddr, timeout: Duration) -> anyhow::Result<Self> {
+        let stream = TcpStream::connect_timeout(&to, timeout)
+            .with_context(|| format!("connecting to {to}"))?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        let local = stream.local_addr()?;
+        Ok(Self {
+            stream: BufReader::new(stream),
+            local,
+        })
+    }
+
+    pub fn request(&mut self) -> anyhow::Result<Reply> {
+        self.stream
+            .get_mut()
+            .write_all(b"hello\n")
+            .context("sending request")?;
+        let mut line = String::new();
+        let n = self.stream.read_line(&mut line).context("reading reply")?;
+        if n == 0 {
+            bail!("connection closed by the peer");
+        }
+        Reply::parse(line.trim())
+    }
+}

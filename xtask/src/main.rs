@@ -1,0 +1,140 @@
+//! Project tasks: `cargo xtask setup | build | test | demo`.
+
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing (rust-src, bpf-linker, Debian packages, bpffs). Idempotent.
+    Setup,
+    /// Set up, then build everything (agent with its embedded kernel object, tests, demo).
+    Build,
+    /// Set up, build, lint (fmt, clippy) and run every test: unit, packet and lab tests.
+    Test {
+        /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build, and run the demo: a lab of namespaces, the example manifests, traffic.
+    Demo {
+        /// Leave the lab and the agent running, and print how to explore them.
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Task::Setup => setup::run(),
+        Task::Build => {
+            setup::run()?;
+            build()
+        }
+        Task::Test { args } => {
+            setup::run()?;
+            require_root("the packet and lab tests load BPF programs and create namespaces")?;
+            build()?;
+            lint()?;
+            cmd(Command::new("cargo")
+                .args(["test", "--workspace", "--exclude", "lb-ebpf", "--"])
+                .args(args))
+        }
+        Task::Demo { keep } => {
+            setup::run()?;
+            require_root("the demo creates network namespaces and loads BPF programs")?;
+            build()?;
+            let mut demo = Command::new("target/debug/lb-demo");
+            demo.args([
+                "--agent",
+                "target/debug/lb-agent",
+                "--manifests",
+                "examples",
+            ]);
+            if keep {
+                demo.arg("--keep");
+            }
+            cmd(&mut demo)
+        }
+    }
+}
+
+fn require_root(why: &str) -> anyhow::Result<()> {
+    if !setup::is_root() {
+        bail!("run as root (or with CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN): {why}");
+    }
+    Ok(())
+}
+
+fn build() -> anyhow::Result<()> {
+    cmd(Command::new("cargo").args(["build", "--workspace", "--exclude", "lb-ebpf", "--bins"]))
+}
+
+fn lint() -> anyhow::Result<()> {
+    cmd(Command::new("cargo").args(["fmt", "--all", "--", "--check"]))
+        .context("code is not formatted: run `cargo fmt --all`")?;
+    cmd(Command::new("cargo").args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "lb-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // The kernel crate only builds for the BPF target, with the nightly toolchain.
+    cmd(Command::new("cargo")
+        .args([
+            &format!("+{}", setup::EBPF_TOOLCHAIN),
+            "clippy",
+            "--package",
+            "lb-ebpf",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--",
+            "-D",
+            "warnings",
+        ])
+        .env("CARGO_TARGET_DIR", "target/ebpf-clippy"))
+}
+
+/// Runs a command, failing with its command line when it does not succeed.
+pub fn cmd(command: &mut Command) -> anyhow::Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("running {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Runs a command and returns its standard output.
+pub fn cmd_output(command: &mut Command) -> anyhow::Result<String> {
+    let output = command
+        .output()
+        .with_context(|| format!("running {command:?}"))?;
+    if !output.status.success() {
+        bail!(
+            "{command:?} failed: {}: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    String::from_utf8(output.stdout).with_context(|| format!("{command:?}: output is not UTF-8"))
+}
