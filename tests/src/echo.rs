@@ -75,15 +75,17 @@ fn set_accept_timeout(listener: &TcpListener, timeout: Duration) -> anyhow::Resu
 impl EchoServer {
     /// Starts TCP and UDP echo servers on `0.0.0.0:port` inside `ns`, answering as `name`.
     pub fn start(ns: &Netns, name: &str, port: u16) -> anyhow::Result<Self> {
+        let sockets = ns.run(move || bind(port))?;
+        Ok(Self::serve(sockets, name))
+    }
+
+    /// Same, in the calling thread's own namespace.
+    pub fn start_here(name: &str, port: u16) -> anyhow::Result<Self> {
+        Ok(Self::serve(bind(port)?, name))
+    }
+
+    fn serve((tcp, udp): (TcpListener, UdpSocket), name: &str) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
-        let (tcp, udp) = ns.run(move || {
-            let any = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port);
-            let tcp = TcpListener::bind(any).context("binding TCP echo")?;
-            set_accept_timeout(&tcp, POLL)?;
-            let udp = UdpSocket::bind(any).context("binding UDP echo")?;
-            udp.set_read_timeout(Some(POLL))?;
-            Ok((tcp, udp))
-        })?;
         let mut threads = Vec::new();
         {
             let stop = stop.clone();
@@ -95,8 +97,17 @@ impl EchoServer {
             let name = name.to_string();
             threads.push(thread::spawn(move || serve_udp(udp, &name, &stop)));
         }
-        Ok(Self { stop, threads })
+        Self { stop, threads }
     }
+}
+
+fn bind(port: u16) -> anyhow::Result<(TcpListener, UdpSocket)> {
+    let any = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port);
+    let tcp = TcpListener::bind(any).with_context(|| format!("binding TCP echo on {any}"))?;
+    set_accept_timeout(&tcp, POLL)?;
+    let udp = UdpSocket::bind(any).with_context(|| format!("binding UDP echo on {any}"))?;
+    udp.set_read_timeout(Some(POLL))?;
+    Ok((tcp, udp))
 }
 
 impl Drop for EchoServer {

@@ -1,0 +1,205 @@
+//! End to end on one node: the real agent programs the example manifests into a lab, and real
+//! TCP and UDP traffic from a client namespace reaches the Service's backends.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    path::PathBuf,
+    process::Command,
+    time::Duration,
+};
+
+use lb_agent::maps::read_services;
+use lb_tests::{
+    agent::{cli, Agent},
+    echo::{tcp_request, udp_request, EchoServer, Reply, TcpSession},
+    lab::{run, NodeLab, CLIENT_ADDR, TEST_PREFIX},
+};
+
+const VIP: &str = "10.96.0.10:80";
+const TIMEOUT: Duration = Duration::from_secs(2);
+const SHORT_CONNECTIONS: usize = 150;
+
+fn examples() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples")
+}
+
+struct Traffic {
+    tcp: Vec<Reply>,
+    udp: Vec<Reply>,
+    session: Vec<Reply>,
+}
+
+#[test]
+fn clusterip_spreads_new_connections_over_all_backends_and_keeps_long_lived_ones() {
+    let lab = NodeLab::new(TEST_PREFIX, 3).expect("lab");
+    let _servers: Vec<EchoServer> = lab
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, ns)| EchoServer::start(ns, &format!("backend-{}", i + 1), 8080).expect("echo"))
+        .collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let pin_dir = lab.lab.pin_dir();
+    let mut agent = Agent::start(
+        &lab.node,
+        &pin_dir,
+        &examples(),
+        &lab.node_interfaces(),
+        &tmp.path().join("agent.log"),
+    )
+    .expect("start agent");
+    agent
+        .wait_until(Duration::from_secs(20), || {
+            read_services(&pin_dir)
+                .is_ok_and(|s| s.iter().map(|s| s.backends.len()).sum::<usize>() == 6)
+        })
+        .expect("agent programs the example services");
+
+    // The CLI, as a second process, reads the pinned maps while the agent runs.
+    let json: serde_json::Value =
+        serde_json::from_str(&cli(&pin_dir, &["services", "-o", "json"]).unwrap()).unwrap();
+    let http = json
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "default/demo-service:http/TCP")
+        .expect("demo-service http in the dump");
+    assert_eq!(http["frontends"][0]["addr"], "10.96.0.10");
+    assert_eq!(http["frontends"][0]["port"], 80);
+    let backends: BTreeSet<String> = http["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| format!("{}:{}", b["addr"].as_str().unwrap(), b["port"]))
+        .collect();
+    assert_eq!(
+        backends,
+        BTreeSet::from([
+            "10.244.1.2:8080".into(),
+            "10.244.2.2:8080".into(),
+            "10.244.3.2:8080".into()
+        ]),
+        "ready endpoints only (10.244.4.2 is not ready)"
+    );
+    let table = cli(&pin_dir, &["services"]).unwrap();
+    assert!(table.starts_with("SERVICE"), "{table}");
+    let http_row: Vec<&str> = table
+        .lines()
+        .find(|l| l.starts_with("default/demo-service:http/TCP"))
+        .expect("http row")
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        http_row,
+        [
+            "default/demo-service:http/TCP",
+            "10.96.0.10:80",
+            "3",
+            "10.244.1.2:8080,10.244.2.2:8080,10.244.3.2:8080"
+        ]
+    );
+    assert!(
+        !table.contains("ext-service"),
+        "ExternalName gets no frontend: {table}"
+    );
+
+    // bpftool reads the pinned frontend map with field names (BTF).
+    let dump = run(Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(pin_dir.join("LB_FRONTENDS")))
+    .expect("bpftool map dump");
+    let dump: serde_json::Value = serde_json::from_str(&dump).expect("bpftool JSON");
+    let entry = dump
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["formatted"])
+        .find(|e| e["key"]["proto"] == 6)
+        .expect("TCP frontend in bpftool's dump, formatted by field name");
+    assert_eq!(entry["key"]["addr"], serde_json::json!([10, 96, 0, 10]));
+    assert_eq!(entry["key"]["port"], 80);
+    assert!(entry["value"]["service_id"].as_u64().is_some(), "{entry}");
+
+    let vip: SocketAddr = VIP.parse().unwrap();
+    let traffic = lab
+        .client
+        .run(move || {
+            let mut session = TcpSession::connect(vip, TIMEOUT)?;
+            let mut traffic = Traffic {
+                tcp: Vec::new(),
+                udp: Vec::new(),
+                session: vec![session.request()?],
+            };
+            for i in 0..SHORT_CONNECTIONS {
+                traffic.tcp.push(tcp_request(vip, TIMEOUT)?);
+                traffic.udp.push(udp_request(vip, TIMEOUT)?);
+                if i % 10 == 0 {
+                    traffic.session.push(session.request()?);
+                }
+            }
+            Ok(traffic)
+        })
+        .unwrap_or_else(|e| panic!("traffic failed: {e:#}\nagent log:\n{}", agent.log_text()));
+
+    let spread = |replies: &[Reply]| {
+        let mut counts = BTreeMap::new();
+        for reply in replies {
+            *counts.entry(reply.server.clone()).or_insert(0) += 1;
+        }
+        counts
+    };
+    for (kind, replies) in [("TCP", &traffic.tcp), ("UDP", &traffic.udp)] {
+        assert_eq!(
+            replies.len(),
+            SHORT_CONNECTIONS,
+            "every {kind} request answered"
+        );
+        let counts = spread(replies);
+        assert_eq!(
+            counts.keys().collect::<Vec<_>>(),
+            ["backend-1", "backend-2", "backend-3"],
+            "{kind} reaches every backend: {counts:?}"
+        );
+        for reply in replies.iter() {
+            assert_eq!(
+                reply.peer.ip().to_string(),
+                CLIENT_ADDR,
+                "backends see the client"
+            );
+        }
+    }
+    let session_backends: BTreeSet<_> = traffic.session.iter().map(|r| &r.server).collect();
+    assert_eq!(
+        session_backends.len(),
+        1,
+        "the long-lived connection keeps its backend"
+    );
+
+    // One conntrack flow per distinct client port, nothing more, nothing less.
+    let flows = |replies: &[Reply]| {
+        replies
+            .iter()
+            .map(|r| r.peer.port())
+            .collect::<BTreeSet<_>>()
+            .len()
+    };
+    let tcp_flows = flows(&traffic.tcp) + 1;
+    let udp_flows = flows(&traffic.udp);
+    let stats: serde_json::Value =
+        serde_json::from_str(&cli(&pin_dir, &["stats", "-o", "json"]).unwrap()).unwrap();
+    assert_eq!(stats["new_flow"], (tcp_flows + udp_flows) as u64, "{stats}");
+    assert_eq!(stats["drop_no_backend"], 0);
+
+    let status = agent.stop().expect("agent stops");
+    assert!(
+        status.success(),
+        "clean exit: {status}\n{}",
+        agent.log_text()
+    );
+    let log = agent.log_text();
+    assert!(
+        log.contains("detached"),
+        "agent detached on SIGTERM:\n{log}"
+    );
+}
