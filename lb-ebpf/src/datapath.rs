@@ -100,7 +100,7 @@ fn try_lb_ingress(ctx: &TcContext) -> Result<i32, ()> {
     let key = pkt.flow_key();
     let now = unsafe { bpf_ktime_get_ns() };
 
-    if let Some(ct) = LB_CONNTRACK.get_ptr_mut(&key) {
+    if let Some(ct) = LB_CONNTRACK.get_ptr_mut(key) {
         // SAFETY: the pointer comes from a successful lookup; we only touch plain integers.
         let ct = unsafe { &mut *ct };
         if ct.direction == CT_REPLY {
@@ -117,7 +117,7 @@ fn try_lb_ingress(ctx: &TcContext) -> Result<i32, ()> {
         }
         // The backend is gone (or its id was reused): forget the flow and balance it again
         // below rather than sending it into the void.
-        let _ = LB_CONNTRACK.remove(&key);
+        let _ = LB_CONNTRACK.remove(key);
     }
 
     let frontend_key = FrontendKey {
@@ -127,7 +127,7 @@ fn try_lb_ingress(ctx: &TcContext) -> Result<i32, ()> {
         _pad: 0,
     };
     // SAFETY: read-only use of a value the agent replaces atomically.
-    let Some(frontend) = (unsafe { LB_FRONTENDS.get(&frontend_key) }) else {
+    let Some(frontend) = (unsafe { LB_FRONTENDS.get(frontend_key) }) else {
         return Ok(TC_ACT_UNSPEC);
     };
     let service_id = frontend.service_id;
@@ -146,7 +146,7 @@ fn try_lb_ingress(ctx: &TcContext) -> Result<i32, ()> {
         created_ns: now,
         last_seen_ns: now,
     };
-    let (nat_addr, nat_port) = match LB_CONNTRACK.insert(&key, &forward, BPF_NOEXIST as u64) {
+    let (nat_addr, nat_port) = match LB_CONNTRACK.insert(key, forward, BPF_NOEXIST as u64) {
         Ok(()) => {
             record_reply(&key, &forward, now);
             count(Counter::NewFlow);
@@ -154,7 +154,7 @@ fn try_lb_ingress(ctx: &TcContext) -> Result<i32, ()> {
         }
         // Another CPU recorded this flow first: follow its choice so the flow stays on one
         // backend.
-        Err(EEXIST) => match unsafe { LB_CONNTRACK.get(&key) } {
+        Err(EEXIST) => match unsafe { LB_CONNTRACK.get(key) } {
             Some(winner) => (winner.nat_addr, winner.nat_port),
             None => (backend.addr, backend.port),
         },
@@ -266,7 +266,7 @@ fn record_reply(key: &CtKey, forward: &CtValue, now: u64) {
         last_seen_ns: now,
     };
     if LB_CONNTRACK
-        .insert(&reply_key, &reply, BPF_ANY as u64)
+        .insert(reply_key, reply, BPF_ANY as u64)
         .is_err()
     {
         count(Counter::DropCtFull);
