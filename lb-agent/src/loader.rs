@@ -1,13 +1,13 @@
 //! Loading the kernel object, pinning its maps, attaching the tc program.
 
-use std::{fs, path::Path};
+use std::{fs, net::Ipv4Addr, path::Path};
 
 use anyhow::{bail, Context as _};
 use aya::{
     programs::{tc::SchedClassifierLinkId, SchedClassifier, TcAttachType},
     Ebpf, EbpfLoader,
 };
-use lb_common::map_names;
+use lb_common::{globals, map_names};
 use tracing::info;
 
 /// The kernel programs, built by build.rs from the `lb-ebpf` crate.
@@ -39,13 +39,36 @@ fn check_bpffs(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Load-time behaviour of the kernel program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DatapathSettings {
+    /// New flows to a frontend without backends: drop silently instead of rejecting.
+    pub no_backend_drop: bool,
+    /// Source address for hairpin flows (a pod reaching itself through its Service).
+    pub hairpin_addr: Ipv4Addr,
+}
+
+impl Default for DatapathSettings {
+    fn default() -> Self {
+        Self {
+            no_backend_drop: false,
+            hairpin_addr: Ipv4Addr::new(169, 254, 42, 1),
+        }
+    }
+}
+
 /// Loads the object with every map pinned under `pin_dir`. Maps already pinned there are
 /// reused, so a restarted agent keeps its services and conntrack.
-pub fn load(pin_dir: &Path) -> anyhow::Result<Ebpf> {
+pub fn load(pin_dir: &Path, settings: &DatapathSettings) -> anyhow::Result<Ebpf> {
     check_bpffs(pin_dir)?;
     fs::create_dir_all(pin_dir)
         .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
+    let no_backend_drop = u8::from(settings.no_backend_drop);
+    let hairpin = settings.hairpin_addr.octets();
     let mut loader = EbpfLoader::new();
+    loader
+        .override_global(globals::NO_BACKEND_DROP, &no_backend_drop, true)
+        .override_global(globals::HAIRPIN_ADDR, &hairpin, true);
     for name in map_names::ALL {
         loader.map_pin_path(name, pin_dir.join(name));
     }

@@ -1,12 +1,14 @@
 use std::{
     io::{self, IsTerminal, Write},
+    net::Ipv4Addr,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_agent::{loader, manifest, maps, model};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use tracing_subscriber::EnvFilter;
 
 /// Kubernetes service load balancer with an eBPF datapath.
@@ -37,6 +39,14 @@ enum Command {
         #[arg(short, long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// Show live connection-tracking entries, read from the pinned maps.
+    Conntrack {
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+        /// Only flows of services whose name contains this (e.g. `default/demo-service`).
+        #[arg(long)]
+        service: Option<String>,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -52,6 +62,46 @@ struct RunArgs {
         required = true
     )]
     interfaces: Vec<String>,
+    /// Addresses NodePorts are served on. Default: every IPv4 address of the node's
+    /// interfaces (except loopback), read at start.
+    #[arg(long, value_delimiter = ',')]
+    node_port_addresses: Vec<Ipv4Addr>,
+    /// What a new flow to a frontend without usable backend gets: `reject` (TCP RST / ICMP
+    /// port unreachable, like kube-proxy) or `drop` (silently).
+    #[arg(long, value_enum, default_value_t = NoBackend::Reject)]
+    no_backend: NoBackend,
+    /// Source address given to hairpin flows (a pod reaching itself through its Service).
+    #[arg(long, default_value = "169.254.42.1")]
+    hairpin_snat_address: Ipv4Addr,
+    /// How often the manifest directory is re-read (changes are applied when seen).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    manifest_poll_interval: Duration,
+    /// How often expired conntrack entries are removed.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    conntrack_gc_interval: Duration,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum NoBackend {
+    Reject,
+    Drop,
+}
+
+/// `250ms`, `10s`, `2m`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{text:?}: give a unit (ms, s or m)"))?;
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} does not start with a number"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(number)),
+        "s" => Ok(Duration::from_secs(number)),
+        "m" => Ok(Duration::from_secs(number * 60)),
+        _ => Err(format!("{text:?}: unknown unit {unit:?} (ms, s or m)")),
+    }
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -73,6 +123,9 @@ fn main() -> anyhow::Result<()> {
         Command::Run(args) => run(&cli.pin_dir, args),
         Command::Services { output } => show_services(&cli.pin_dir, output),
         Command::Stats { output } => show_stats(&cli.pin_dir, output),
+        Command::Conntrack { output, service } => {
+            show_conntrack(&cli.pin_dir, output, service.as_deref())
+        }
     };
     match result {
         // `lb-agent services | head` is not an error.
@@ -100,57 +153,126 @@ fn init_logging(format: LogFormat) {
 }
 
 fn run(pin_dir: &Path, args: RunArgs) -> anyhow::Result<()> {
-    let manifests = manifest::read_dir(&args.manifests)?;
-    for error in &manifests.errors {
-        warn!(%error, "manifest skipped");
-    }
-    for object in &manifests.ignored {
-        info!(%object, "ignoring object of a kind the agent does not use");
-    }
-    let desired = model::desired_state(&manifests.services, &manifests.endpoint_slices);
-    for error in &desired.errors {
-        warn!(object = %error.object, field = %error.field, "{}", error.message);
-    }
-    for (object, reason) in &desired.skipped {
-        info!(%object, "no frontend: {reason}");
-    }
+    let node_addresses = if args.node_port_addresses.is_empty() {
+        node_addresses()?
+    } else {
+        args.node_port_addresses.clone()
+    };
+    info!(addresses = ?node_addresses, "serving NodePorts on");
+    let settings = model::Settings { node_addresses };
+    let datapath = loader::DatapathSettings {
+        no_backend_drop: args.no_backend == NoBackend::Drop,
+        hairpin_addr: args.hairpin_snat_address,
+    };
 
-    let mut ebpf = loader::load(pin_dir)?;
+    let mut ebpf = loader::load(pin_dir, &datapath)?;
     let attachments = loader::attach(&mut ebpf, &args.interfaces)?;
     let mut applier = maps::Applier::open(pin_dir)?;
-    let report = applier.sync(&desired)?;
-    for error in &report.errors {
-        warn!("{error}");
-    }
-    info!(
-        services = report.services,
-        frontends = report.frontends,
-        backends = report.backends,
-        writes = report.writes,
-        deletes = report.deletes,
-        pin_dir = %pin_dir.display(),
-        "datapath programmed"
-    );
+    let mut source = ManifestSource::default();
+    source.sync(&args.manifests, &settings, &mut applier)?;
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(wait_for_signal())?;
+    runtime.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+        let mut poll = tokio::time::interval(args.manifest_poll_interval);
+        let mut gc = tokio::time::interval(args.conntrack_gc_interval);
+        let mut conntrack = maps::open_conntrack(pin_dir)?;
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = poll.tick() => {
+                    if let Err(err) = source.sync(&args.manifests, &settings, &mut applier) {
+                        warn!("sync failed, keeping the current datapath: {err:#}");
+                    }
+                }
+                _ = gc.tick() => {
+                    let (examined, deleted) = maps::collect_conntrack_garbage(&mut conntrack, 65_536);
+                    if deleted > 0 {
+                        debug!(examined, deleted, "conntrack garbage collected");
+                    }
+                }
+            }
+        }
+        anyhow::Ok(())
+    })?;
     info!("signalled: detaching");
     attachments.detach(&mut ebpf)?;
     Ok(())
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
+/// Standalone mode: the manifest directory, re-read on every poll and applied when the
+/// desired state changed.
+#[derive(Default)]
+struct ManifestSource {
+    last: Option<model::DesiredState>,
+    last_problems: Vec<String>,
+}
+
+impl ManifestSource {
+    fn sync(
+        &mut self,
+        dir: &Path,
+        settings: &model::Settings,
+        applier: &mut maps::Applier,
+    ) -> anyhow::Result<()> {
+        let manifests = manifest::read_dir(dir)?;
+        let desired =
+            model::desired_state(&manifests.services, &manifests.endpoint_slices, settings);
+        if self.last.as_ref() == Some(&desired) {
+            return Ok(());
+        }
+        // Report problems when they change, not on every poll.
+        let problems: Vec<String> = manifests
+            .errors
+            .iter()
+            .map(ToString::to_string)
+            .chain(desired.errors.iter().map(ToString::to_string))
+            .collect();
+        if problems != self.last_problems {
+            for problem in &problems {
+                warn!("skipped: {problem}");
+            }
+            for (object, reason) in &desired.skipped {
+                info!(%object, "no frontend: {reason}");
+            }
+            self.last_problems = problems;
+        }
+        let started = std::time::Instant::now();
+        let report = applier.sync(&desired)?;
+        for error in &report.errors {
+            warn!("{error}");
+        }
+        info!(
+            services = report.services,
+            frontends = report.frontends,
+            backends = report.backends,
+            writes = report.writes,
+            deletes = report.deletes,
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "datapath programmed"
+        );
+        self.last = Some(desired);
+        Ok(())
     }
-    Ok(())
+}
+
+/// Every IPv4 address of this network namespace's interfaces, loopback excluded.
+fn node_addresses() -> anyhow::Result<Vec<Ipv4Addr>> {
+    let mut addresses: Vec<Ipv4Addr> = nix::ifaddrs::getifaddrs()
+        .context("listing the node's addresses")?
+        .filter_map(|ifa| ifa.address)
+        .filter_map(|a| a.as_sockaddr_in().map(|s| s.ip()))
+        .filter(|ip| !ip.is_loopback())
+        .collect();
+    addresses.sort();
+    addresses.dedup();
+    Ok(addresses)
 }
 
 fn show_services(pin_dir: &Path, output: Output) -> anyhow::Result<()> {
@@ -162,35 +284,87 @@ fn show_services(pin_dir: &Path, output: Output) -> anyhow::Result<()> {
             writeln!(out)?;
         }
         Output::Table => {
-            let rows: Vec<[String; 4]> = services
-                .iter()
-                .map(|s| {
-                    let frontends = s
-                        .frontends
+            let mut rows: Vec<[String; 7]> = Vec::new();
+            for s in &services {
+                let backends = if s.backends.is_empty() {
+                    "<none>".to_string()
+                } else {
+                    s.backends
                         .iter()
-                        .map(|f| format!("{}:{}", f.addr, f.port))
+                        .map(|b| format!("{}:{}", b.addr, b.port))
                         .collect::<Vec<_>>()
-                        .join(",");
-                    let backends = if s.backends.is_empty() {
-                        "<none>".to_string()
-                    } else {
-                        s.backends
-                            .iter()
-                            .map(|b| format!("{}:{}", b.addr, b.port))
-                            .collect::<Vec<_>>()
-                            .join(",")
-                    };
-                    [
+                        .join(",")
+                };
+                for f in &s.frontends {
+                    rows.push([
                         s.name.clone(),
-                        frontends,
+                        f.kind.to_string(),
+                        format!("{}:{}", f.addr, f.port),
                         s.backends.len().to_string(),
-                        backends,
+                        backends.clone(),
+                        s.stats.packets.to_string(),
+                        s.stats.bytes.to_string(),
+                    ]);
+                }
+            }
+            write_table(
+                &mut out,
+                [
+                    "SERVICE", "KIND", "FRONTEND", "READY", "BACKENDS", "PACKETS", "BYTES",
+                ],
+                &rows,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn show_conntrack(pin_dir: &Path, output: Output, service: Option<&str>) -> anyhow::Result<()> {
+    let mut flows = maps::read_conntrack(pin_dir)?;
+    let names: std::collections::HashMap<u32, String> = maps::read_services(pin_dir)?
+        .into_iter()
+        .map(|s| (s.id, s.name))
+        .collect();
+    if let Some(filter) = service {
+        flows.retain(|f| names.get(&f.service_id).is_some_and(|n| n.contains(filter)));
+    }
+    let mut out = io::stdout().lock();
+    match output {
+        Output::Json => {
+            serde_json::to_writer_pretty(&mut out, &flows)?;
+            writeln!(out)?;
+        }
+        Output::Table => {
+            let rows: Vec<[String; 8]> = flows
+                .iter()
+                .map(|f| {
+                    [
+                        names
+                            .get(&f.service_id)
+                            .cloned()
+                            .unwrap_or_else(|| format!("#{}", f.service_id)),
+                        f.direction.to_string(),
+                        f.protocol.clone(),
+                        f.source.clone(),
+                        f.destination.clone(),
+                        f.translated.clone(),
+                        format!("{}s", f.age_seconds),
+                        format!("{}s", f.expires_in_seconds),
                     ]
                 })
                 .collect();
             write_table(
                 &mut out,
-                ["SERVICE", "FRONTENDS", "READY", "BACKENDS"],
+                [
+                    "SERVICE",
+                    "DIRECTION",
+                    "PROTO",
+                    "SOURCE",
+                    "DESTINATION",
+                    "NAT-TO",
+                    "AGE",
+                    "EXPIRES",
+                ],
                 &rows,
             )?;
         }

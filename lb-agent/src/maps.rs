@@ -11,15 +11,19 @@ use std::{
 };
 
 use anyhow::{anyhow, Context as _};
-use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{
+    lpm_trie::{Key as LpmKey, LpmTrie},
+    HashMap, Map, MapData, PerCpuArray, PerCpuValues,
+};
 use lb_common::{
-    map_names, BackendValue, Counter, CtKey, CtValue, FrontendKey, FrontendValue, ServiceValue,
-    SlotKey, SERVICE_NAME_LEN,
+    map_names, BackendValue, Counter, CtKey, CtValue, FrontendKey, FrontendValue, ServiceStats,
+    ServiceValue, SlotKey, SourceRangeKey, FRONTEND_SOURCE_RANGES, SERVICE_NAME_LEN,
+    SOURCE_RANGE_FRONTEND_BITS,
 };
 use serde::Serialize;
 use tracing::{debug, warn};
 
-use crate::model::{Backend, DesiredState, Frontend, Protocol};
+use crate::model::{Backend, DesiredState, Frontend, FrontendKind, Ipv4Prefix, Protocol};
 
 /// Where the agent pins its maps unless told otherwise.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
@@ -29,6 +33,8 @@ pub type ServiceMap = HashMap<MapData, u32, ServiceValue>;
 pub type SlotMap = HashMap<MapData, SlotKey, u32>;
 pub type BackendMap = HashMap<MapData, u32, BackendValue>;
 pub type ConntrackMap = HashMap<MapData, CtKey, CtValue>;
+pub type SourceRangeMap = LpmTrie<MapData, SourceRangeKey, u8>;
+pub type ServiceStatsMap = PerCpuArray<MapData, ServiceStats>;
 
 /// The service maps, opened from their pins.
 pub struct Maps {
@@ -36,6 +42,8 @@ pub struct Maps {
     pub services: ServiceMap,
     pub slots: SlotMap,
     pub backends: BackendMap,
+    pub source_ranges: SourceRangeMap,
+    pub service_stats: ServiceStatsMap,
 }
 
 fn open_map(pin_dir: &Path, name: &str) -> anyhow::Result<Map> {
@@ -65,8 +73,24 @@ impl Maps {
             services: open_hash(pin_dir, map_names::SERVICES)?,
             slots: open_hash(pin_dir, map_names::SLOTS)?,
             backends: open_hash(pin_dir, map_names::BACKENDS)?,
+            source_ranges: LpmTrie::try_from(open_map(pin_dir, map_names::SOURCE_RANGES)?)
+                .context("map LB_SOURCE_RANGES does not have the layout this agent expects")?,
+            service_stats: PerCpuArray::try_from(open_map(pin_dir, map_names::SERVICE_STATS)?)
+                .context("map LB_SERVICE_STATS does not have the layout this agent expects")?,
         })
     }
+}
+
+/// Sums one service's per-CPU traffic counters.
+fn sum_stats(values: &PerCpuValues<ServiceStats>) -> ServiceStats {
+    values
+        .iter()
+        .fold(ServiceStats::default(), |acc, v| ServiceStats {
+            packets: acc.packets + v.packets,
+            bytes: acc.bytes + v.bytes,
+            reply_packets: acc.reply_packets + v.reply_packets,
+            reply_bytes: acc.reply_bytes + v.reply_bytes,
+        })
 }
 
 pub fn open_conntrack(pin_dir: &Path) -> anyhow::Result<ConntrackMap> {
@@ -100,6 +124,16 @@ fn encode_name(name: &str) -> [u8; SERVICE_NAME_LEN] {
 fn decode_name(name: &[u8; SERVICE_NAME_LEN]) -> String {
     let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
     String::from_utf8_lossy(&name[..end]).into_owned()
+}
+
+fn source_range_key(frontend: FrontendKey, prefix: &Ipv4Prefix) -> LpmKey<SourceRangeKey> {
+    LpmKey::new(
+        SOURCE_RANGE_FRONTEND_BITS + u32::from(prefix.len),
+        SourceRangeKey {
+            frontend,
+            client: prefix.addr.octets(),
+        },
+    )
 }
 
 fn frontend_key(frontend: &Frontend) -> FrontendKey {
@@ -181,6 +215,8 @@ pub struct Applier {
     service_ids: StdHashMap<String, u32>,
     service_alloc: IdAllocator,
     frontends: StdHashMap<FrontendKey, FrontendValue>,
+    /// (frontend, client prefix length, client prefix) entries of LB_SOURCE_RANGES.
+    source_ranges: BTreeSet<(FrontendKey, u32, [u8; 4])>,
 }
 
 impl Applier {
@@ -227,6 +263,12 @@ impl Applier {
             let (key, value) = entry.context("reading LB_FRONTENDS")?;
             frontends.insert(key, value);
         }
+        let mut source_ranges = BTreeSet::new();
+        for key in maps.source_ranges.keys() {
+            let key = key.context("reading LB_SOURCE_RANGES")?;
+            let data = key.data();
+            source_ranges.insert((data.frontend, key.prefix_len(), data.client));
+        }
         let backend_ids = backends.iter().map(|(&id, &b)| (b, id)).collect();
         let service_ids = services
             .iter()
@@ -241,6 +283,7 @@ impl Applier {
             services,
             service_ids,
             frontends,
+            source_ranges,
         })
     }
 
@@ -272,6 +315,7 @@ impl Applier {
         // 2. Each service's slots and backend count.
         let mut wanted_frontends: StdHashMap<FrontendKey, (FrontendValue, &str)> =
             StdHashMap::new();
+        let mut wanted_ranges: BTreeSet<(FrontendKey, &Ipv4Prefix)> = BTreeSet::new();
         for (name, service) in &desired.services {
             let ids: Vec<u32> = service
                 .backends
@@ -287,10 +331,23 @@ impl Applier {
             };
             for frontend in &service.frontends {
                 let key = frontend_key(frontend);
+                let restricted =
+                    frontend.kind == FrontendKind::LoadBalancer && service.source_ranges.is_some();
                 let value = FrontendValue {
                     service_id,
-                    flags: 0,
+                    kind: frontend.kind.number(),
+                    flags: if restricted {
+                        FRONTEND_SOURCE_RANGES
+                    } else {
+                        0
+                    },
+                    _pad: 0,
                 };
+                if restricted {
+                    for prefix in service.source_ranges.iter().flatten() {
+                        wanted_ranges.insert((key, prefix));
+                    }
+                }
                 if let Some((_, owner)) = wanted_frontends.get(&key) {
                     report.errors.push(format!(
                         "service {name}: frontend {}:{}/{} is already used by {owner}; kept there",
@@ -302,7 +359,43 @@ impl Applier {
             }
         }
 
-        // 3. Frontends: add or repoint, then remove the ones no longer wanted.
+        // 3. Source ranges before the frontends that check them (a restricted frontend never
+        //    appears with an empty allow-list), removals after.
+        let wanted_range_keys: BTreeSet<(FrontendKey, u32, [u8; 4])> = wanted_ranges
+            .iter()
+            .map(|(frontend, prefix)| {
+                (
+                    *frontend,
+                    SOURCE_RANGE_FRONTEND_BITS + u32::from(prefix.len),
+                    prefix.addr.octets(),
+                )
+            })
+            .collect();
+        for (frontend, prefix) in &wanted_ranges {
+            let entry = (
+                *frontend,
+                SOURCE_RANGE_FRONTEND_BITS + u32::from(prefix.len),
+                prefix.addr.octets(),
+            );
+            if self.source_ranges.contains(&entry) {
+                continue;
+            }
+            match self
+                .maps
+                .source_ranges
+                .insert(&source_range_key(*frontend, prefix), 1, 0)
+            {
+                Ok(()) => {
+                    self.source_ranges.insert(entry);
+                    report.writes += 1;
+                }
+                Err(err) => report
+                    .errors
+                    .push(format!("writing source range {prefix}: {err}")),
+            }
+        }
+
+        // 4. Frontends: add or repoint, then remove the ones no longer wanted.
         for (key, (value, name)) in &wanted_frontends {
             if self.frontends.get(key) == Some(value) {
                 continue;
@@ -332,7 +425,22 @@ impl Applier {
             report.deletes += 1;
         }
 
-        // 4. Services nobody points at any more, then backends no slot uses.
+        let stale: Vec<(FrontendKey, u32, [u8; 4])> = self
+            .source_ranges
+            .difference(&wanted_range_keys)
+            .copied()
+            .collect();
+        for entry @ (frontend, prefix_len, client) in stale {
+            let key = LpmKey::new(prefix_len, SourceRangeKey { frontend, client });
+            self.maps
+                .source_ranges
+                .remove(&key)
+                .context("removing a source range")?;
+            self.source_ranges.remove(&entry);
+            report.deletes += 1;
+        }
+
+        // 5. Services nobody points at any more, then backends no slot uses.
         let stale: Vec<u32> = self
             .services
             .iter()
@@ -380,7 +488,18 @@ impl Applier {
     ) -> anyhow::Result<u32> {
         let (id, old) = match self.service_ids.get(name) {
             Some(&id) => (id, self.services[&id].1.clone()),
-            None => (self.service_alloc.allocate(), Vec::new()),
+            None => {
+                let id = self.service_alloc.allocate();
+                // A reused id starts with clean traffic counters.
+                let cpus = aya::util::nr_cpus().map_err(|(what, err)| anyhow!("{what}: {err}"))?;
+                let zeros = PerCpuValues::try_from(vec![ServiceStats::default(); cpus])
+                    .context("per-CPU values")?;
+                self.maps
+                    .service_stats
+                    .set(id, zeros, 0)
+                    .context("clearing the service's counters")?;
+                (id, Vec::new())
+            }
         };
         let new = arrange_slots(&old, wanted);
         // Grow: fill the slots before raising the count. Shrink: lower the count before
@@ -497,6 +616,17 @@ pub struct ServiceView {
     pub name: String,
     pub frontends: Vec<Frontend>,
     pub backends: Vec<BackendView>,
+    /// Client prefixes allowed on the LoadBalancer frontends (empty: no restriction).
+    pub source_ranges: Vec<String>,
+    pub stats: StatsView,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct StatsView {
+    pub packets: u64,
+    pub bytes: u64,
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -539,6 +669,18 @@ pub fn read_services(pin_dir: &Path) -> anyhow::Result<Vec<ServiceView>> {
                 protocol,
             });
         }
+        let stats = match maps.service_stats.get(&id, 0) {
+            Ok(values) => {
+                let s = sum_stats(&values);
+                StatsView {
+                    packets: s.packets,
+                    bytes: s.bytes,
+                    reply_packets: s.reply_packets,
+                    reply_bytes: s.reply_bytes,
+                }
+            }
+            Err(_) => StatsView::default(),
+        };
         views.insert(
             id,
             ServiceView {
@@ -546,28 +688,133 @@ pub fn read_services(pin_dir: &Path) -> anyhow::Result<Vec<ServiceView>> {
                 name: decode_name(&value.name),
                 frontends: Vec::new(),
                 backends,
+                source_ranges: Vec::new(),
+                stats,
             },
         );
+    }
+    let mut ranges: BTreeMap<FrontendKey, Vec<String>> = BTreeMap::new();
+    for key in maps.source_ranges.keys() {
+        let key = key.context("reading LB_SOURCE_RANGES")?;
+        let data = key.data();
+        ranges.entry(data.frontend).or_default().push(format!(
+            "{}/{}",
+            Ipv4Addr::from(data.client),
+            key.prefix_len().saturating_sub(SOURCE_RANGE_FRONTEND_BITS)
+        ));
     }
     for entry in maps.frontends.iter() {
         let (key, value) = entry.context("reading LB_FRONTENDS")?;
         let Some(protocol) = Protocol::from_number(key.proto) else {
             continue;
         };
+        let kind = FrontendKind::from_number(value.kind).unwrap_or(FrontendKind::ClusterIP);
         if let Some(view) = views.get_mut(&value.service_id) {
             view.frontends.push(Frontend {
                 addr: Ipv4Addr::from(key.addr),
                 port: key.port,
                 protocol,
+                kind,
             });
+            for range in ranges.get(&key).into_iter().flatten() {
+                if !view.source_ranges.contains(range) {
+                    view.source_ranges.push(range.clone());
+                }
+            }
         }
     }
     let mut views: Vec<ServiceView> = views.into_values().collect();
     for view in &mut views {
-        view.frontends.sort();
+        view.frontends.sort_by_key(|f| (f.kind, f.addr, f.port));
+        view.source_ranges.sort();
     }
     views.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(views)
+}
+
+/// Now on the clock the datapath stamps conntrack entries with (`bpf_ktime_get_ns`).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// One conntrack entry, for operators.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FlowView {
+    pub direction: &'static str,
+    pub protocol: String,
+    pub source: String,
+    pub destination: String,
+    /// Where the packet is sent instead (forward: backend; reply: frontend).
+    pub translated: String,
+    pub service_id: u32,
+    pub backend_id: u32,
+    pub age_seconds: u64,
+    pub idle_seconds: u64,
+    pub expires_in_seconds: u64,
+    pub tcp_flags: u8,
+}
+
+/// Reads the live (not yet expired) conntrack entries.
+pub fn read_conntrack(pin_dir: &Path) -> anyhow::Result<Vec<FlowView>> {
+    let map = open_conntrack(pin_dir)?;
+    let now = monotonic_ns();
+    let mut flows = Vec::new();
+    for entry in map.iter() {
+        let Ok((key, value)) = entry else {
+            continue; // evicted between listing and reading
+        };
+        if value.expires_ns < now {
+            continue;
+        }
+        let protocol = Protocol::from_number(key.proto)
+            .map_or_else(|| key.proto.to_string(), |p| p.to_string());
+        flows.push(FlowView {
+            direction: if value.direction == lb_common::CT_REPLY {
+                "reply"
+            } else {
+                "forward"
+            },
+            protocol,
+            source: format!("{}:{}", Ipv4Addr::from(key.src_addr), key.src_port),
+            destination: format!("{}:{}", Ipv4Addr::from(key.dst_addr), key.dst_port),
+            translated: format!("{}:{}", Ipv4Addr::from(value.nat_addr), value.nat_port),
+            service_id: value.service_id,
+            backend_id: value.backend_id,
+            age_seconds: now.saturating_sub(value.created_ns) / 1_000_000_000,
+            idle_seconds: now.saturating_sub(value.last_seen_ns) / 1_000_000_000,
+            expires_in_seconds: value.expires_ns.saturating_sub(now) / 1_000_000_000,
+            tcp_flags: value.tcp_flags,
+        });
+    }
+    flows.sort_by(|a, b| (a.service_id, &a.source).cmp(&(b.service_id, &b.source)));
+    Ok(flows)
+}
+
+/// Deletes expired conntrack entries, at most `budget` per call so that a full map is cleaned
+/// over several rounds and no round holds the CPU for long. Returns (examined, deleted).
+pub fn collect_conntrack_garbage(map: &mut ConntrackMap, budget: usize) -> (usize, usize) {
+    let now = monotonic_ns();
+    let mut expired = Vec::new();
+    let mut examined = 0;
+    for entry in map.iter() {
+        examined += 1;
+        if let Ok((key, value)) = entry {
+            if value.expires_ns < now {
+                expired.push(key);
+                if expired.len() >= budget {
+                    break;
+                }
+            }
+        }
+    }
+    let deleted = expired.iter().filter(|k| map.remove(k).is_ok()).count();
+    (examined, deleted)
 }
 
 /// Paths of every pinned map under `pin_dir`.

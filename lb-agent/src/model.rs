@@ -64,12 +64,88 @@ impl fmt::Display for Protocol {
     }
 }
 
+/// How a frontend came to be, in Kubernetes words.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum FrontendKind {
+    ClusterIP,
+    NodePort,
+    LoadBalancer,
+    ExternalIP,
+}
+
+impl FrontendKind {
+    pub fn number(self) -> u8 {
+        match self {
+            FrontendKind::ClusterIP => lb_common::KIND_CLUSTER_IP,
+            FrontendKind::NodePort => lb_common::KIND_NODE_PORT,
+            FrontendKind::LoadBalancer => lb_common::KIND_LOAD_BALANCER,
+            FrontendKind::ExternalIP => lb_common::KIND_EXTERNAL_IP,
+        }
+    }
+
+    pub fn from_number(number: u8) -> Option<Self> {
+        match number {
+            lb_common::KIND_CLUSTER_IP => Some(FrontendKind::ClusterIP),
+            lb_common::KIND_NODE_PORT => Some(FrontendKind::NodePort),
+            lb_common::KIND_LOAD_BALANCER => Some(FrontendKind::LoadBalancer),
+            lb_common::KIND_EXTERNAL_IP => Some(FrontendKind::ExternalIP),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for FrontendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
 /// An address clients send to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct Frontend {
     pub addr: Ipv4Addr,
     pub port: u16,
     pub protocol: Protocol,
+    pub kind: FrontendKind,
+}
+
+/// An IPv4 prefix (`loadBalancerSourceRanges`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Ipv4Prefix {
+    pub addr: Ipv4Addr,
+    pub len: u8,
+}
+
+impl Ipv4Prefix {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (addr, len) = text.trim().split_once('/').unwrap_or((text.trim(), "32"));
+        let addr: Ipv4Addr = addr
+            .parse()
+            .map_err(|_| format!("{text:?} is not an IPv4 CIDR"))?;
+        let len: u8 = len
+            .parse()
+            .ok()
+            .filter(|&l| l <= 32)
+            .ok_or_else(|| format!("{text:?} has an invalid prefix length"))?;
+        let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+        Ok(Self {
+            addr: Ipv4Addr::from(u32::from(addr) & mask),
+            len,
+        })
+    }
+}
+
+impl fmt::Display for Ipv4Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+/// What the model needs to know about this node and the agent's settings.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// Addresses NodePorts are served on (every address of the node by default).
+    pub node_addresses: Vec<Ipv4Addr>,
 }
 
 /// An endpoint traffic may be sent to.
@@ -85,6 +161,9 @@ pub struct Backend {
 pub struct DesiredService {
     pub frontends: BTreeSet<Frontend>,
     pub backends: BTreeSet<Backend>,
+    /// `loadBalancerSourceRanges`: when `Some`, only these clients may use the LoadBalancer
+    /// frontends (an empty list then admits nobody: every listed range was invalid).
+    pub source_ranges: Option<BTreeSet<Ipv4Prefix>>,
 }
 
 /// The whole desired state, keyed by `namespace/name:port/protocol` (the port's name, or its
@@ -119,11 +198,15 @@ impl fmt::Display for ModelError {
 }
 
 /// Computes what this node must program.
-pub fn desired_state(services: &[Service], slices: &[EndpointSlice]) -> DesiredState {
+pub fn desired_state(
+    services: &[Service],
+    slices: &[EndpointSlice],
+    settings: &Settings,
+) -> DesiredState {
     let mut state = DesiredState::default();
     let slices_by_service = group_slices(slices);
     for service in services {
-        add_service(service, &slices_by_service, &mut state);
+        add_service(service, &slices_by_service, settings, &mut state);
     }
     state
 }
@@ -164,6 +247,7 @@ fn group_slices(slices: &[EndpointSlice]) -> BTreeMap<String, Vec<&EndpointSlice
 fn add_service(
     service: &Service,
     slices_by_service: &BTreeMap<String, Vec<&EndpointSlice>>,
+    settings: &Settings,
     state: &mut DesiredState,
 ) {
     let name = namespaced(&service.metadata);
@@ -232,6 +316,65 @@ fn add_service(
         .get(&name)
         .map(Vec::as_slice)
         .unwrap_or_default();
+    let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
+    let wants_node_port = type_ == "NodePort"
+        || (type_ == "LoadBalancer" && spec.allocate_load_balancer_node_ports != Some(false));
+    let external_ips = parse_addresses(
+        spec.external_ips
+            .iter()
+            .flatten()
+            .enumerate()
+            .map(|(i, ip)| (format!("spec.externalIPs[{i}]"), ip.as_str())),
+        &object,
+        state,
+    );
+    let lb_ips = if type_ == "LoadBalancer" {
+        let ingress = service
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref());
+        parse_addresses(
+            ingress
+                .into_iter()
+                .flatten()
+                .enumerate()
+                // `ipMode: Proxy`: the cloud load balancer proxies; traffic arrives with the
+                // node as destination, so the ingress IP itself is not a frontend here.
+                .filter(|(_, ing)| ing.ip_mode.as_deref() != Some("Proxy"))
+                .filter_map(|(i, ing)| {
+                    ing.ip
+                        .as_deref()
+                        .map(|ip| (format!("status.loadBalancer.ingress[{i}].ip"), ip))
+                }),
+            &object,
+            state,
+        )
+    } else {
+        Vec::new()
+    };
+    let source_ranges = spec
+        .load_balancer_source_ranges
+        .as_ref()
+        .filter(|r| !r.is_empty() && type_ == "LoadBalancer")
+        .map(|ranges| {
+            ranges
+                .iter()
+                .enumerate()
+                .filter_map(|(i, r)| match Ipv4Prefix::parse(r) {
+                    Ok(p) => Some(p),
+                    Err(message) => {
+                        state.errors.push(ModelError {
+                            object: object.clone(),
+                            field: format!("spec.loadBalancerSourceRanges[{i}]"),
+                            message,
+                        });
+                        None
+                    }
+                })
+                .collect::<BTreeSet<_>>()
+        });
+
     for (index, port) in spec.ports.iter().flatten().enumerate() {
         let (port_number, protocol) = match service_port(port) {
             Ok(p) => p,
@@ -251,23 +394,77 @@ fn add_service(
                 .filter(|n| !n.is_empty())
                 .unwrap_or_else(|| port_number.to_string())
         );
-        let frontends = frontend_addrs
+        let frontend = |addr, port, kind| Frontend {
+            addr,
+            port,
+            protocol,
+            kind,
+        };
+        let mut frontends: BTreeSet<Frontend> = frontend_addrs
             .iter()
-            .map(|&addr| Frontend {
-                addr,
-                port: port_number,
-                protocol,
-            })
+            .map(|&addr| frontend(addr, port_number, FrontendKind::ClusterIP))
             .collect();
+        if wants_node_port {
+            match port.node_port.map(u16::try_from) {
+                Some(Ok(node_port)) if node_port != 0 => frontends.extend(
+                    settings
+                        .node_addresses
+                        .iter()
+                        .map(|&addr| frontend(addr, node_port, FrontendKind::NodePort)),
+                ),
+                Some(_) => state.errors.push(ModelError {
+                    object: object.clone(),
+                    field: format!("spec.ports[{index}].nodePort"),
+                    message: format!(
+                        "node port {} is outside 1-65535",
+                        port.node_port.unwrap_or_default()
+                    ),
+                }),
+                None => {} // not allocated yet: nothing to serve
+            }
+        }
+        frontends.extend(
+            lb_ips
+                .iter()
+                .map(|&addr| frontend(addr, port_number, FrontendKind::LoadBalancer)),
+        );
+        frontends.extend(
+            external_ips
+                .iter()
+                .map(|&addr| frontend(addr, port_number, FrontendKind::ExternalIP)),
+        );
         let backends = backends_for_port(port.name.as_deref(), protocol, slices, state);
         state.services.insert(
             key,
             DesiredService {
                 frontends,
                 backends,
+                source_ranges: source_ranges.clone(),
             },
         );
     }
+}
+
+/// Parses IPv4 addresses, reporting the bad ones by field; IPv6 ones are skipped quietly
+/// (this datapath is IPv4 only).
+fn parse_addresses<'a>(
+    addresses: impl Iterator<Item = (String, &'a str)>,
+    object: &str,
+    state: &mut DesiredState,
+) -> Vec<Ipv4Addr> {
+    let mut out = Vec::new();
+    for (field, text) in addresses {
+        match text.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(addr)) => out.push(addr),
+            Ok(std::net::IpAddr::V6(_)) => {}
+            Err(_) => state.errors.push(ModelError {
+                object: object.to_string(),
+                field,
+                message: format!("{text:?} is not an IP address"),
+            }),
+        }
+    }
+    out
 }
 
 fn cluster_ips(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Vec<String> {
@@ -390,7 +587,7 @@ mod tests {
         let mut m = Manifests::default();
         parse_into(Path::new("t.yaml"), yaml, &mut m);
         assert!(m.errors.is_empty(), "{:?}", m.errors);
-        desired_state(&m.services, &m.endpoint_slices)
+        desired_state(&m.services, &m.endpoint_slices, &Settings::default())
     }
 
     fn backends(state: &DesiredState, key: &str) -> Vec<String> {
@@ -452,7 +649,8 @@ endpoints: {endpoints}
             vec![&Frontend {
                 addr: Ipv4Addr::new(10, 96, 0, 20),
                 port: 80,
-                protocol: Protocol::Tcp
+                protocol: Protocol::Tcp,
+                kind: FrontendKind::ClusterIP,
             }]
         );
         assert_eq!(
@@ -604,5 +802,150 @@ endpoints: [{addresses: [10.244.1.999]}, {addresses: [10.244.1.7]}]
         .replace("namespace: shop", "namespace: other");
         let state = state_of(&format!("{WEB}{other_ns}"));
         assert!(state.services["shop/web:http/TCP"].backends.is_empty());
+    }
+
+    fn state_with_nodes(yaml: &str) -> DesiredState {
+        let mut m = Manifests::default();
+        parse_into(Path::new("t.yaml"), yaml, &mut m);
+        assert!(m.errors.is_empty(), "{:?}", m.errors);
+        let settings = Settings {
+            node_addresses: vec![Ipv4Addr::new(192, 168, 0, 1), Ipv4Addr::new(10, 0, 0, 1)],
+        };
+        desired_state(&m.services, &m.endpoint_slices, &settings)
+    }
+
+    fn frontends(state: &DesiredState, key: &str) -> Vec<String> {
+        state.services[key]
+            .frontends
+            .iter()
+            .map(|f| format!("{} {}:{}", f.kind, f.addr, f.port))
+            .collect()
+    }
+
+    #[test]
+    fn load_balancer_gets_cluster_ip_node_ports_ingress_ips_and_external_ips() {
+        let yaml = "apiVersion: v1
+kind: Service
+metadata: {name: lb}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.40
+  externalIPs: [198.51.100.7, 2001:db8::7]
+  ports: [{port: 443, nodePort: 30443}]
+status:
+  loadBalancer:
+    ingress: [{ip: 203.0.113.7}, {ip: 203.0.113.8, ipMode: Proxy}, {hostname: lb.example.com}]
+";
+        let state = state_with_nodes(yaml);
+        assert!(state.errors.is_empty(), "{:?}", state.errors);
+        let mut got = frontends(&state, "default/lb:443/TCP");
+        got.sort();
+        assert_eq!(
+            got,
+            vec![
+                "ClusterIP 10.96.0.40:443",
+                "ExternalIP 198.51.100.7:443",
+                "LoadBalancer 203.0.113.7:443",
+                "NodePort 10.0.0.1:30443",
+                "NodePort 192.168.0.1:30443",
+            ]
+        );
+    }
+
+    #[test]
+    fn node_ports_only_for_node_port_and_allocating_load_balancers() {
+        let yaml = "apiVersion: v1
+kind: Service
+metadata: {name: plain}
+spec: {clusterIP: 10.96.0.41, ports: [{port: 80, nodePort: 30001}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: no-alloc}
+spec:
+  type: LoadBalancer
+  allocateLoadBalancerNodePorts: false
+  clusterIP: 10.96.0.42
+  ports: [{port: 80, nodePort: 30002}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: np}
+spec: {type: NodePort, clusterIP: 10.96.0.43, ports: [{port: 80, nodePort: 70000}]}
+";
+        let state = state_with_nodes(yaml);
+        assert_eq!(
+            frontends(&state, "default/plain:80/TCP"),
+            vec!["ClusterIP 10.96.0.41:80"]
+        );
+        assert_eq!(
+            frontends(&state, "default/no-alloc:80/TCP"),
+            vec!["ClusterIP 10.96.0.42:80"]
+        );
+        assert_eq!(
+            frontends(&state, "default/np:80/TCP"),
+            vec!["ClusterIP 10.96.0.43:80"]
+        );
+        assert_eq!(
+            state.errors.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            vec!["Service default/np: field `spec.ports[0].nodePort`: node port 70000 is outside 1-65535"]
+        );
+    }
+
+    #[test]
+    fn source_ranges_apply_to_load_balancers_and_bad_entries_narrow_never_widen() {
+        let yaml = "apiVersion: v1
+kind: Service
+metadata: {name: lb}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.44
+  loadBalancerSourceRanges: [10.1.2.3/16, not-a-cidr, 192.168.0.0/33]
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: only-bad}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.45
+  loadBalancerSourceRanges: [bogus]
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: cluster}
+spec: {clusterIP: 10.96.0.46, loadBalancerSourceRanges: [10.0.0.0/8], ports: [{port: 80}]}
+";
+        let state = state_with_nodes(yaml);
+        let ranges = |key: &str| {
+            state.services[key]
+                .source_ranges
+                .as_ref()
+                .map(|r| r.iter().map(ToString::to_string).collect::<Vec<_>>())
+        };
+        assert_eq!(
+            ranges("default/lb:80/TCP"),
+            Some(vec!["10.1.0.0/16".to_string()])
+        );
+        assert_eq!(
+            ranges("default/only-bad:80/TCP"),
+            Some(vec![]),
+            "nobody, not everybody"
+        );
+        assert_eq!(
+            ranges("default/cluster:80/TCP"),
+            None,
+            "only LoadBalancers are restricted"
+        );
+        let fields: Vec<&str> = state.errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            vec![
+                "spec.loadBalancerSourceRanges[1]",
+                "spec.loadBalancerSourceRanges[2]",
+                "spec.loadBalancerSourceRanges[0]"
+            ]
+        );
     }
 }

@@ -9,12 +9,14 @@
 //! Map layout (one place, so the whole datapath state can be read here):
 //!
 //! ```text
-//! LB_FRONTENDS   FrontendKey {addr, port, proto}     -> FrontendValue {service_id}
-//! LB_SERVICES    service_id                          -> ServiceValue {backend_count, name}
-//! LB_SLOTS       SlotKey {service_id, slot}          -> backend_id   (slots 0..backend_count)
-//! LB_BACKENDS    backend_id                          -> BackendValue {addr, port}
-//! LB_CONNTRACK   CtKey {src, dst, sport, dport, proto} -> CtValue (LRU)
-//! LB_STATS       Counter as u32                      -> u64 (per CPU)
+//! LB_FRONTENDS      FrontendKey {addr, port, proto}       -> FrontendValue {service_id, kind}
+//! LB_SERVICES       service_id                            -> ServiceValue {backend_count, name}
+//! LB_SLOTS          SlotKey {service_id, slot}            -> backend_id (slots 0..backend_count)
+//! LB_BACKENDS       backend_id                            -> BackendValue {addr, port}
+//! LB_SOURCE_RANGES  LPM {frontend, client prefix}         -> 1 (allowed)
+//! LB_CONNTRACK      CtKey {src, dst, sport, dport, proto} -> CtValue (LRU)
+//! LB_SERVICE_STATS  service_id                            -> ServiceStats (per CPU)
+//! LB_STATS          Counter as u32                        -> u64 (per CPU)
 //! ```
 //!
 //! A "service" here is one backend set: a Service port seen from one traffic scope. Several
@@ -23,7 +25,7 @@
 #![no_std]
 
 /// Bumped whenever a key or value layout below changes; stamped into the pinned state.
-pub const MAP_LAYOUT_VERSION: u32 = 1;
+pub const MAP_LAYOUT_VERSION: u32 = 2;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -34,9 +36,20 @@ pub mod map_names {
     pub const SERVICES: &str = "LB_SERVICES";
     pub const SLOTS: &str = "LB_SLOTS";
     pub const BACKENDS: &str = "LB_BACKENDS";
+    pub const SOURCE_RANGES: &str = "LB_SOURCE_RANGES";
     pub const CONNTRACK: &str = "LB_CONNTRACK";
+    pub const SERVICE_STATS: &str = "LB_SERVICE_STATS";
     pub const STATS: &str = "LB_STATS";
-    pub const ALL: [&str; 6] = [FRONTENDS, SERVICES, SLOTS, BACKENDS, CONNTRACK, STATS];
+    pub const ALL: [&str; 8] = [
+        FRONTENDS,
+        SERVICES,
+        SLOTS,
+        BACKENDS,
+        SOURCE_RANGES,
+        CONNTRACK,
+        SERVICE_STATS,
+        STATS,
+    ];
 }
 
 /// Capacities of the maps (entries). The agent may override them at load time.
@@ -45,7 +58,31 @@ pub mod capacity {
     pub const SERVICES: u32 = 65_536;
     pub const SLOTS: u32 = 262_144;
     pub const BACKENDS: u32 = 65_536;
+    pub const SOURCE_RANGES: u32 = 16_384;
     pub const CONNTRACK: u32 = 262_144;
+}
+
+/// Conntrack lifetimes: how long an entry lives after its latest packet.
+pub mod timeouts {
+    const S: u64 = 1_000_000_000;
+    /// TCP before the handshake completes (only SYNs seen in this direction).
+    pub const TCP_SYN_NS: u64 = 60 * S;
+    /// Established TCP.
+    pub const TCP_ESTABLISHED_NS: u64 = 6 * 3600 * S;
+    /// TCP after FIN or RST.
+    pub const TCP_CLOSING_NS: u64 = 10 * S;
+    /// UDP (no connection state to go by).
+    pub const UDP_NS: u64 = 60 * S;
+}
+
+/// Load-time settings of the kernel program (read-only globals, set by the agent).
+pub mod globals {
+    /// `u8`: 1 = silently drop new flows to a frontend with no backend; 0 = reject them
+    /// (TCP RST, ICMP port unreachable).
+    pub const NO_BACKEND_DROP: &str = "LB_NO_BACKEND_DROP";
+    /// `[u8; 4]`: source address given to hairpin flows (a pod reaching itself through its
+    /// Service), so the pod answers through the node instead of to itself.
+    pub const HAIRPIN_ADDR: &str = "LB_HAIRPIN_ADDR";
 }
 
 /// A service frontend: where clients send traffic.
@@ -62,8 +99,42 @@ pub struct FrontendKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FrontendValue {
     pub service_id: u32,
-    /// Reserved for per-frontend behaviour (traffic scope, source ranges).
-    pub flags: u32,
+    /// One of the `KIND_*` constants (for operators; the datapath treats all alike).
+    pub kind: u8,
+    /// `FRONTEND_*` bits.
+    pub flags: u8,
+    pub _pad: u16,
+}
+
+pub const KIND_CLUSTER_IP: u8 = 0;
+pub const KIND_NODE_PORT: u8 = 1;
+pub const KIND_LOAD_BALANCER: u8 = 2;
+pub const KIND_EXTERNAL_IP: u8 = 3;
+
+/// Only clients listed in `LB_SOURCE_RANGES` for this frontend may use it.
+pub const FRONTEND_SOURCE_RANGES: u8 = 1;
+
+/// LPM trie data of `LB_SOURCE_RANGES`: the frontend (exact, 64 bits) then the client prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SourceRangeKey {
+    pub frontend: FrontendKey,
+    pub client: [u8; 4],
+}
+
+/// Prefix length of the `frontend` part of a [`SourceRangeKey`].
+pub const SOURCE_RANGE_FRONTEND_BITS: u32 = 64;
+
+/// Per-service traffic, per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceStats {
+    /// Client to backend.
+    pub packets: u64,
+    pub bytes: u64,
+    /// Backend to client (replies).
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
 }
 
 /// Room for `namespace/name:port/proto` at Kubernetes maximum lengths (63 + 63 + 15 + 4 + 3).
@@ -117,9 +188,11 @@ pub struct CtKey {
     pub _pad: [u8; 3],
 }
 
-/// Client to frontend: rewrite the destination to `nat_addr:nat_port` (the backend).
+/// Client to frontend: rewrite the destination to `nat_addr:nat_port` (the backend) and, when
+/// `snat_addr` is set, the source address to `snat_addr`.
 pub const CT_FORWARD: u8 = 0;
-/// Backend to client: rewrite the source to `nat_addr:nat_port` (the frontend).
+/// Backend to client: rewrite the source to `nat_addr:nat_port` (the frontend) and, when
+/// `snat_addr` is set, the destination address back to `snat_addr` (the original client).
 pub const CT_REPLY: u8 = 1;
 
 #[repr(C)]
@@ -129,13 +202,44 @@ pub struct CtValue {
     pub nat_port: u16,
     /// `CT_FORWARD` or `CT_REPLY`.
     pub direction: u8,
-    /// TCP flags seen on this flow so far (OR of the flag bytes).
+    /// TCP flags seen in this direction so far (OR of the flag bytes).
     pub tcp_flags: u8,
+    /// Second address rewrite (see `CT_FORWARD` / `CT_REPLY`); `[0; 4]` = none.
+    pub snat_addr: [u8; 4],
     pub backend_id: u32,
     pub service_id: u32,
-    /// `bpf_ktime_get_ns()` at creation and at the latest packet.
+    /// Reply entries of flows to a frontend that is one of the node's own addresses
+    /// (NodePort): the interface the request came in on, where the reply is sent straight
+    /// back (the stack would drop a forwarded packet whose source is a local address).
+    /// 0 = let the stack route the reply.
+    pub return_ifindex: u32,
+    /// With `return_ifindex`: Ethernet addresses for the reply (the request's, swapped).
+    pub return_dst_mac: [u8; 6],
+    pub return_src_mac: [u8; 6],
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) at creation, at the latest packet, and when the
+    /// entry stops counting (latest packet + the protocol's timeout).
     pub created_ns: u64,
     pub last_seen_ns: u64,
+    pub expires_ns: u64,
+}
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// How long an entry lives after a packet, given the TCP flags seen so far in its direction.
+pub const fn ct_timeout_ns(proto: u8, tcp_flags: u8) -> u64 {
+    if proto != PROTO_TCP {
+        timeouts::UDP_NS
+    } else if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        timeouts::TCP_CLOSING_NS
+    } else if tcp_flags & TCP_ACK == 0 {
+        timeouts::TCP_SYN_NS
+    } else {
+        timeouts::TCP_ESTABLISHED_NS
+    }
 }
 
 /// Datapath counters (index into `LB_STATS`).
@@ -148,17 +252,32 @@ pub enum Counter {
     Forward = 1,
     /// Replies reverse-NATed back to the frontend.
     Reply = 2,
-    /// Packets to a frontend whose service has no usable backend.
+    /// New flows to a frontend whose service has no usable backend, dropped (drop mode).
     DropNoBackend = 3,
     /// Packets that could not be rewritten (helper failure).
     DropRewrite = 4,
-    /// Fragments to any address: passed untouched (no L4 header to match on).
+    /// IPv4 fragments: passed untouched (only the first carries ports).
     Fragment = 5,
-    /// Conntrack insert failed (map full or other error).
-    DropCtFull = 6,
+    /// Conntrack insert failed (map full or other error); the packet is still translated.
+    CtInsertFailed = 6,
+    /// New flows to a frontend with no usable backend, answered with TCP RST / ICMP unreachable.
+    RejectNoBackend = 7,
+    /// Clients outside a LoadBalancer's `loadBalancerSourceRanges`, dropped.
+    DropSourceRange = 8,
+    /// IPv4 TCP/UDP packets with impossible lengths or cut headers: passed untouched (the
+    /// stack drops them), never translated.
+    Malformed = 9,
+    /// Established TCP flows whose backend went away: the client got a reset.
+    ResetBackendGone = 10,
+    /// ICMP errors about a translated flow, translated back.
+    IcmpTranslated = 11,
+    /// Flows from a pod to its own Service that picked the pod itself (source NATed).
+    Hairpin = 12,
+    /// Conntrack entries found expired on lookup and replaced.
+    CtExpired = 13,
 }
 
-pub const COUNTER_COUNT: u32 = 7;
+pub const COUNTER_COUNT: u32 = 14;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -168,7 +287,14 @@ impl Counter {
         Counter::DropNoBackend,
         Counter::DropRewrite,
         Counter::Fragment,
-        Counter::DropCtFull,
+        Counter::CtInsertFailed,
+        Counter::RejectNoBackend,
+        Counter::DropSourceRange,
+        Counter::Malformed,
+        Counter::ResetBackendGone,
+        Counter::IcmpTranslated,
+        Counter::Hairpin,
+        Counter::CtExpired,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -179,7 +305,14 @@ impl Counter {
             Counter::DropNoBackend => "drop_no_backend",
             Counter::DropRewrite => "drop_rewrite",
             Counter::Fragment => "fragment_passed",
-            Counter::DropCtFull => "drop_conntrack_full",
+            Counter::CtInsertFailed => "conntrack_insert_failed",
+            Counter::RejectNoBackend => "reject_no_backend",
+            Counter::DropSourceRange => "drop_source_range",
+            Counter::Malformed => "malformed_passed",
+            Counter::ResetBackendGone => "reset_backend_gone",
+            Counter::IcmpTranslated => "icmp_error_translated",
+            Counter::Hairpin => "hairpin",
+            Counter::CtExpired => "conntrack_expired",
         }
     }
 }
@@ -197,6 +330,8 @@ mod pod {
     unsafe impl aya::Pod for BackendValue {}
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for SourceRangeKey {}
+    unsafe impl aya::Pod for ServiceStats {}
 }
 
 #[cfg(test)]
@@ -214,6 +349,8 @@ mod tests {
         assert_eq!(size_of::<SlotKey>(), 8);
         assert_eq!(size_of::<BackendValue>(), 8);
         assert_eq!(size_of::<CtKey>(), 16);
-        assert_eq!(size_of::<CtValue>(), 32);
+        assert_eq!(size_of::<CtValue>(), 64);
+        assert_eq!(size_of::<SourceRangeKey>(), 12);
+        assert_eq!(size_of::<ServiceStats>(), 32);
     }
 }

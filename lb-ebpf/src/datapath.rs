@@ -1,43 +1,31 @@
-use core::mem::size_of;
+//! The packet path, top to bottom: parse, conntrack (reply: reverse NAT; known flow: NAT to
+//! its backend), frontend, source ranges, backend selection, conntrack record, NAT.
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK},
-    btf_maps::{HashMap, LruHashMap, PerCpuArray},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
-    macros::{btf_map, classifier},
+    bindings::{BPF_ANY, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect},
+    macros::classifier,
     programs::TcContext,
 };
 use lb_common::{
-    capacity, BackendValue, Counter, CtKey, CtValue, FrontendKey, FrontendValue, ServiceValue,
-    SlotKey, COUNTER_COUNT, CT_FORWARD, CT_REPLY, PROTO_TCP, PROTO_UDP,
+    ct_timeout_ns, BackendValue, Counter, CtKey, CtValue, FrontendKey, SlotKey, CT_FORWARD,
+    CT_REPLY, FRONTEND_SOURCE_RANGES, KIND_NODE_PORT, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_SYN,
+};
+
+use crate::{
+    headers::{load, parse_ipv4, parse_l4, Packet, Parsed, PROTO_ICMP},
+    icmp,
+    maps::{
+        account, count, hairpin_addr, no_backend_drop, source_allowed, LB_BACKENDS, LB_CONNTRACK,
+        LB_FRONTENDS, LB_SERVICES, LB_SLOTS,
+    },
+    reject,
 };
 
 /// Let the next program (or the stack) handle the packet: it is not ours.
 const TC_ACT_UNSPEC: i32 = -1;
-
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const IP_CSUM_OFF: usize = ETH_HLEN + 10;
-const IP_SRC_OFF: usize = ETH_HLEN + 12;
-const IP_DST_OFF: usize = ETH_HLEN + 16;
-/// More-fragments flag and fragment offset bits of `frag_off`.
-const IP_FRAG_MASK: u16 = 0x3fff;
 const EEXIST: i32 = -17;
-
-#[btf_map]
-static LB_FRONTENDS: HashMap<FrontendKey, FrontendValue, { capacity::FRONTENDS as usize }> =
-    HashMap::new();
-#[btf_map]
-static LB_SERVICES: HashMap<u32, ServiceValue, { capacity::SERVICES as usize }> = HashMap::new();
-#[btf_map]
-static LB_SLOTS: HashMap<SlotKey, u32, { capacity::SLOTS as usize }> = HashMap::new();
-#[btf_map]
-static LB_BACKENDS: HashMap<u32, BackendValue, { capacity::BACKENDS as usize }> = HashMap::new();
-#[btf_map]
-static LB_CONNTRACK: LruHashMap<CtKey, CtValue, { capacity::CONNTRACK as usize }> =
-    LruHashMap::new();
-#[btf_map]
-static LB_STATS: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray::new();
+const NO_ADDR: [u8; 4] = [0; 4];
 
 #[classifier]
 pub fn lb_ingress(ctx: TcContext) -> i32 {
@@ -46,78 +34,80 @@ pub fn lb_ingress(ctx: TcContext) -> i32 {
         // A helper failed half way through a rewrite: never let a half-NATed packet out.
         Err(()) => {
             count(Counter::DropRewrite);
-            aya_ebpf::bindings::TC_ACT_SHOT
-        }
-    }
-}
-
-/// The parts of an IPv4 TCP/UDP packet the load balancer decides on.
-struct Packet {
-    l4_off: usize,
-    proto: u8,
-    /// Addresses and ports exactly as on the wire (network order), for rewriting.
-    src_raw: u32,
-    dst_raw: u32,
-    sport_raw: u16,
-    dport_raw: u16,
-    tcp_flags: u8,
-}
-
-impl Packet {
-    fn flow_key(&self) -> CtKey {
-        CtKey {
-            src_addr: self.src_raw.to_ne_bytes(),
-            dst_addr: self.dst_raw.to_ne_bytes(),
-            src_port: u16::from_be(self.sport_raw),
-            dst_port: u16::from_be(self.dport_raw),
-            proto: self.proto,
-            _pad: [0; 3],
-        }
-    }
-
-    fn l4_csum_off(&self) -> usize {
-        if self.proto == PROTO_TCP {
-            self.l4_off + 16
-        } else {
-            self.l4_off + 6
-        }
-    }
-
-    /// Flags for bpf_l4_csum_replace: a zero UDP checksum means "none" and must stay zero.
-    fn l4_csum_flags(&self) -> u64 {
-        if self.proto == PROTO_UDP {
-            BPF_F_MARK_MANGLED_0 as u64
-        } else {
-            0
+            TC_ACT_SHOT
         }
     }
 }
 
 fn try_lb_ingress(ctx: &TcContext) -> Result<i32, ()> {
-    let Some(pkt) = parse(ctx) else {
+    let ip = match parse_ipv4(ctx) {
+        Parsed::Ipv4(ip) => ip,
+        Parsed::NotIpv4 => return Ok(TC_ACT_UNSPEC),
+        Parsed::Fragment => {
+            count(Counter::Fragment);
+            return Ok(TC_ACT_UNSPEC);
+        }
+        Parsed::Malformed => {
+            count(Counter::Malformed);
+            return Ok(TC_ACT_UNSPEC);
+        }
+    };
+    match ip.proto {
+        PROTO_TCP | PROTO_UDP => {}
+        PROTO_ICMP => return icmp::translate_error(ctx, &ip),
+        _ => return Ok(TC_ACT_UNSPEC),
+    }
+    let Some(pkt) = parse_l4(ctx, ip) else {
+        count(Counter::Malformed);
         return Ok(TC_ACT_UNSPEC);
     };
     let key = pkt.flow_key();
     let now = unsafe { bpf_ktime_get_ns() };
 
     if let Some(ct) = LB_CONNTRACK.get_ptr_mut(key) {
-        // SAFETY: the pointer comes from a successful lookup; we only touch plain integers.
+        // SAFETY: the pointer comes from a successful lookup; only plain integers are touched.
         let ct = unsafe { &mut *ct };
-        if ct.direction == CT_REPLY {
-            touch(ct, now, pkt.tcp_flags);
-            rewrite_src(ctx, &pkt, ct.nat_addr, ct.nat_port)?;
+        if now > ct.expires_ns {
+            // Stale: as if it were not there (its reply half goes with it).
+            count(Counter::CtExpired);
+            if ct.direction == CT_FORWARD {
+                let _ = LB_CONNTRACK.remove(reply_key(&key, ct));
+            }
+            let _ = LB_CONNTRACK.remove(key);
+        } else if ct.direction == CT_REPLY {
+            refresh(ct, now, &pkt);
+            pkt.set_src(ctx, ct.nat_addr, ct.nat_port)?;
+            if ct.snat_addr != NO_ADDR {
+                pkt.set_dst_addr(ctx, ct.snat_addr)?;
+            }
+            account(ct.service_id, true, ctx.len());
             count(Counter::Reply);
+            if ct.return_ifindex != 0 {
+                return return_to_sender(ctx, ct);
+            }
             return Ok(TC_ACT_OK);
-        }
-        if backend_still_there(ct) {
-            touch(ct, now, pkt.tcp_flags);
-            rewrite_dst(ctx, &pkt, ct.nat_addr, ct.nat_port)?;
+        } else if backend_still_there(ct) {
+            refresh(ct, now, &pkt);
+            pkt.set_dst(ctx, ct.nat_addr, ct.nat_port)?;
+            if ct.snat_addr != NO_ADDR {
+                pkt.set_src_addr(ctx, ct.snat_addr)?;
+            }
+            account(ct.service_id, false, ctx.len());
             count(Counter::Forward);
             return Ok(TC_ACT_OK);
+        } else {
+            // The backend is gone (or its id now names another endpoint). Forget the flow;
+            // a TCP connection in progress cannot move, so it is reset, while a datagram
+            // flow (or a fresh SYN reusing the ports) is balanced again below.
+            let reply_key = reply_key(&key, ct);
+            let _ = LB_CONNTRACK.remove(reply_key);
+            let _ = LB_CONNTRACK.remove(key);
+            let fresh_syn = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+            if pkt.proto == PROTO_TCP && !fresh_syn {
+                count(Counter::ResetBackendGone);
+                return reject::tcp_reset(ctx, &pkt);
+            }
         }
-        // The backend is gone (or its id was reused): forget the flow and balance it again
-        // below rather than sending it into the void.
-        let _ = LB_CONNTRACK.remove(key);
     }
 
     let frontend_key = FrontendKey {
@@ -126,100 +116,71 @@ fn try_lb_ingress(ctx: &TcContext) -> Result<i32, ()> {
         proto: key.proto,
         _pad: 0,
     };
-    // SAFETY: read-only use of a value the agent replaces atomically.
-    let Some(frontend) = (unsafe { LB_FRONTENDS.get(frontend_key) }) else {
+    // SAFETY: read-only copy of a value the agent replaces atomically.
+    let Some(frontend) = (unsafe { LB_FRONTENDS.get(frontend_key) }).copied() else {
         return Ok(TC_ACT_UNSPEC);
     };
+    if frontend.flags & FRONTEND_SOURCE_RANGES != 0 && !source_allowed(frontend_key, key.src_addr) {
+        count(Counter::DropSourceRange);
+        return Ok(TC_ACT_SHOT);
+    }
     let service_id = frontend.service_id;
     let Some((backend_id, backend)) = pick_backend(service_id) else {
-        count(Counter::DropNoBackend);
-        return Ok(aya_ebpf::bindings::TC_ACT_SHOT);
+        if no_backend_drop() {
+            count(Counter::DropNoBackend);
+            return Ok(TC_ACT_SHOT);
+        }
+        count(Counter::RejectNoBackend);
+        return reject::reject(ctx, &pkt);
     };
 
+    // A pod reaching itself through its Service would see its own address as the source and
+    // drop the packet: give it the hairpin address, which routes back through this node.
+    let snat_addr = if backend.addr == key.src_addr {
+        count(Counter::Hairpin);
+        hairpin_addr()
+    } else {
+        NO_ADDR
+    };
     let forward = CtValue {
         nat_addr: backend.addr,
         nat_port: backend.port,
         direction: CT_FORWARD,
         tcp_flags: pkt.tcp_flags,
+        snat_addr,
         backend_id,
         service_id,
+        return_ifindex: 0,
+        return_dst_mac: [0; 6],
+        return_src_mac: [0; 6],
+        _pad: 0,
         created_ns: now,
         last_seen_ns: now,
+        expires_ns: now + ct_timeout_ns(pkt.proto, pkt.tcp_flags),
     };
-    let (nat_addr, nat_port) = match LB_CONNTRACK.insert(key, forward, BPF_NOEXIST as u64) {
+    let chosen = match LB_CONNTRACK.insert(key, forward, BPF_NOEXIST as u64) {
         Ok(()) => {
-            record_reply(&key, &forward, now);
+            record_reply(ctx, &key, &forward, frontend.kind == KIND_NODE_PORT);
             count(Counter::NewFlow);
-            (backend.addr, backend.port)
+            forward
         }
         // Another CPU recorded this flow first: follow its choice so the flow stays on one
         // backend.
         Err(EEXIST) => match unsafe { LB_CONNTRACK.get(key) } {
-            Some(winner) => (winner.nat_addr, winner.nat_port),
-            None => (backend.addr, backend.port),
+            Some(winner) => *winner,
+            None => forward,
         },
         Err(_) => {
-            count(Counter::DropCtFull);
-            (backend.addr, backend.port)
+            count(Counter::CtInsertFailed);
+            forward
         }
     };
-    rewrite_dst(ctx, &pkt, nat_addr, nat_port)?;
+    pkt.set_dst(ctx, chosen.nat_addr, chosen.nat_port)?;
+    if chosen.snat_addr != NO_ADDR {
+        pkt.set_src_addr(ctx, chosen.snat_addr)?;
+    }
+    account(service_id, false, ctx.len());
     Ok(TC_ACT_OK)
-}
-
-/// Reads Ethernet, IPv4 and the first bytes of TCP/UDP. `None` means "not for us".
-#[inline(always)]
-fn parse(ctx: &TcContext) -> Option<Packet> {
-    let eth_proto: u16 = load(ctx, 12)?;
-    if u16::from_be(eth_proto) != ETH_P_IP {
-        return None;
-    }
-    let version_ihl: u8 = load(ctx, ETH_HLEN)?;
-    if version_ihl >> 4 != 4 {
-        return None;
-    }
-    let ihl = ((version_ihl & 0x0f) as usize) * 4;
-    if ihl < 20 {
-        return None;
-    }
-    let frag_off: u16 = load(ctx, ETH_HLEN + 6)?;
-    let proto: u8 = load(ctx, ETH_HLEN + 9)?;
-    if proto != PROTO_TCP && proto != PROTO_UDP {
-        return None;
-    }
-    if u16::from_be(frag_off) & IP_FRAG_MASK != 0 {
-        // Only the first fragment carries ports; NATing it alone would split the datagram.
-        count(Counter::Fragment);
-        return None;
-    }
-    let src_raw: u32 = load(ctx, IP_SRC_OFF)?;
-    let dst_raw: u32 = load(ctx, IP_DST_OFF)?;
-    let l4_off = ETH_HLEN + ihl;
-    let sport_raw: u16 = load(ctx, l4_off)?;
-    let dport_raw: u16 = load(ctx, l4_off + 2)?;
-    let tcp_flags = if proto == PROTO_TCP {
-        // Make sure the whole fixed TCP header (and its checksum) is present.
-        let _: u32 = load(ctx, l4_off + 16)?;
-        load::<u8>(ctx, l4_off + 13)?
-    } else {
-        let _: u16 = load(ctx, l4_off + 6)?;
-        0
-    };
-    Some(Packet {
-        l4_off,
-        proto,
-        src_raw,
-        dst_raw,
-        sport_raw,
-        dport_raw,
-        tcp_flags,
-    })
-}
-
-/// bpf_skb_load_bytes: works whether or not the bytes sit in the linear part of the skb.
-#[inline(always)]
-fn load<T>(ctx: &TcContext, off: usize) -> Option<T> {
-    ctx.load::<T>(off).ok()
 }
 
 #[inline(always)]
@@ -244,115 +205,80 @@ fn backend_still_there(ct: &CtValue) -> bool {
     }
 }
 
-/// Records the reply direction so the backend's answers are translated back to the frontend.
+/// The key under which the backend's answers to the flow `key` arrive.
 #[inline(always)]
-fn record_reply(key: &CtKey, forward: &CtValue, now: u64) {
-    let reply_key = CtKey {
+fn reply_key(key: &CtKey, forward: &CtValue) -> CtKey {
+    CtKey {
         src_addr: forward.nat_addr,
-        dst_addr: key.src_addr,
+        dst_addr: if forward.snat_addr != NO_ADDR {
+            forward.snat_addr
+        } else {
+            key.src_addr
+        },
         src_port: forward.nat_port,
         dst_port: key.src_port,
         proto: key.proto,
         _pad: [0; 3],
-    };
+    }
+}
+
+/// Records the reply direction so the backend's answers are translated back to the frontend.
+#[inline(always)]
+fn record_reply(ctx: &TcContext, key: &CtKey, forward: &CtValue, local_frontend: bool) {
+    // Replies from a node address go back the way the request came (see `return_ifindex`).
+    let (return_ifindex, return_dst_mac, return_src_mac) =
+        match local_frontend.then(|| load::<[u8; 12]>(ctx, 0)).flatten() {
+            Some(eth) => (
+                // SAFETY: the context pointer is the program's own skb.
+                unsafe { (*ctx.skb.skb).ifindex },
+                [eth[6], eth[7], eth[8], eth[9], eth[10], eth[11]],
+                [eth[0], eth[1], eth[2], eth[3], eth[4], eth[5]],
+            ),
+            None => (0, [0; 6], [0; 6]),
+        };
     let reply = CtValue {
         nat_addr: key.dst_addr,
         nat_port: key.dst_port,
         direction: CT_REPLY,
         tcp_flags: 0,
+        snat_addr: if forward.snat_addr != NO_ADDR {
+            key.src_addr
+        } else {
+            NO_ADDR
+        },
         backend_id: forward.backend_id,
         service_id: forward.service_id,
-        created_ns: now,
-        last_seen_ns: now,
+        return_ifindex,
+        return_dst_mac,
+        return_src_mac,
+        _pad: 0,
+        created_ns: forward.created_ns,
+        last_seen_ns: forward.created_ns,
+        expires_ns: forward.created_ns + ct_timeout_ns(key.proto, 0),
     };
     if LB_CONNTRACK
-        .insert(reply_key, reply, BPF_ANY as u64)
+        .insert(reply_key(key, forward), reply, BPF_ANY as u64)
         .is_err()
     {
-        count(Counter::DropCtFull);
+        count(Counter::CtInsertFailed);
     }
 }
 
+/// Sends a translated reply straight out of the interface its flow came in on, with the
+/// request's Ethernet addresses swapped.
 #[inline(always)]
-fn touch(ct: &mut CtValue, now: u64, tcp_flags: u8) {
+fn return_to_sender(ctx: &TcContext, ct: &CtValue) -> Result<i32, ()> {
+    let mut eth = [0u8; 12];
+    eth[..6].copy_from_slice(&ct.return_dst_mac);
+    eth[6..].copy_from_slice(&ct.return_src_mac);
+    ctx.store(0, &eth, 0).map_err(|_| ())?;
+    // SAFETY: plain helper call with an interface index recorded from a real skb.
+    Ok(unsafe { bpf_redirect(ct.return_ifindex, 0) } as i32)
+}
+
+#[inline(always)]
+fn refresh(ct: &mut CtValue, now: u64, pkt: &Packet) {
+    ct.tcp_flags |= pkt.tcp_flags;
     ct.last_seen_ns = now;
-    ct.tcp_flags |= tcp_flags;
-}
-
-#[inline(always)]
-fn rewrite_dst(ctx: &TcContext, pkt: &Packet, addr: [u8; 4], port: u16) -> Result<(), ()> {
-    rewrite(
-        ctx,
-        pkt,
-        IP_DST_OFF,
-        pkt.dst_raw,
-        addr,
-        pkt.l4_off + 2,
-        pkt.dport_raw,
-        port,
-    )
-}
-
-#[inline(always)]
-fn rewrite_src(ctx: &TcContext, pkt: &Packet, addr: [u8; 4], port: u16) -> Result<(), ()> {
-    rewrite(
-        ctx,
-        pkt,
-        IP_SRC_OFF,
-        pkt.src_raw,
-        addr,
-        pkt.l4_off,
-        pkt.sport_raw,
-        port,
-    )
-}
-
-/// Replaces one address and one port, fixing the IPv4 and L4 checksums incrementally.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn rewrite(
-    ctx: &TcContext,
-    pkt: &Packet,
-    addr_off: usize,
-    old_addr: u32,
-    new_addr: [u8; 4],
-    port_off: usize,
-    old_port: u16,
-    new_port: u16,
-) -> Result<(), ()> {
-    let new_addr = u32::from_ne_bytes(new_addr);
-    let new_port = new_port.to_be();
-    let csum_off = pkt.l4_csum_off();
-    let flags = pkt.l4_csum_flags();
-    if new_addr != old_addr {
-        ctx.l4_csum_replace(
-            csum_off,
-            old_addr as u64,
-            new_addr as u64,
-            flags | BPF_F_PSEUDO_HDR as u64 | size_of::<u32>() as u64,
-        )
-        .map_err(|_| ())?;
-        ctx.l3_csum_replace(IP_CSUM_OFF, old_addr as u64, new_addr as u64, 4)
-            .map_err(|_| ())?;
-        ctx.store(addr_off, &new_addr, 0).map_err(|_| ())?;
-    }
-    if new_port != old_port {
-        ctx.l4_csum_replace(
-            csum_off,
-            old_port as u64,
-            new_port as u64,
-            flags | size_of::<u16>() as u64,
-        )
-        .map_err(|_| ())?;
-        ctx.store(port_off, &new_port, 0).map_err(|_| ())?;
-    }
-    Ok(())
-}
-
-#[inline(always)]
-fn count(counter: Counter) {
-    if let Some(slot) = LB_STATS.get_ptr_mut(counter as u32) {
-        // SAFETY: per-CPU slot, no other writer on this CPU while we run.
-        unsafe { *slot += 1 };
-    }
+    ct.expires_ns = now + ct_timeout_ns(pkt.proto, ct.tcp_flags);
 }

@@ -1,13 +1,22 @@
 //! Kernel side of the service load balancer.
 //!
-//! One tc program, `lb_ingress`, attached on ingress of every interface the agent manages. For
-//! each IPv4 TCP/UDP packet it reads top to bottom: parse, conntrack lookup (reply: reverse NAT;
-//! known flow: NAT to its backend), frontend lookup, backend selection, conntrack record, NAT.
+//! One tc program, `lb_ingress`, attached on ingress of every interface the agent manages.
+//! `datapath` holds the packet path top to bottom; `maps` the state it reads; `headers` the
+//! parsing and rewriting; `reject` the TCP resets and ICMP errors it answers with; `icmp` the
+//! translation of ICMP errors about translated flows.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
 mod datapath;
+#[cfg(target_arch = "bpf")]
+mod headers;
+#[cfg(target_arch = "bpf")]
+mod icmp;
+#[cfg(target_arch = "bpf")]
+mod maps;
+#[cfg(target_arch = "bpf")]
+mod reject;
 
 // The kernel object is only built for bpfel-unknown-none; a host build is an empty binary so
 // that workspace-wide commands do not trip over it.

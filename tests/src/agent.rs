@@ -47,6 +47,18 @@ impl Agent {
         interfaces: &[String],
         log: &Path,
     ) -> anyhow::Result<Self> {
+        Self::start_with(ns, pin_dir, manifests, interfaces, log, &[])
+    }
+
+    /// Same, with extra `run` flags.
+    pub fn start_with(
+        ns: &Netns,
+        pin_dir: &Path,
+        manifests: &Path,
+        interfaces: &[String],
+        log: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let binary = agent_binary()?;
         let log_file =
             fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
@@ -59,6 +71,7 @@ impl Agent {
             .arg(manifests)
             .arg("--interface")
             .arg(interfaces.join(","))
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)

@@ -12,7 +12,11 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions},
     Ebpf,
 };
-use lb_agent::{loader, maps::Applier, model::DesiredState};
+use lb_agent::{
+    loader::{self, DatapathSettings},
+    maps::Applier,
+    model::DesiredState,
+};
 
 pub const ETH_HLEN: usize = 14;
 pub const PROTO_TCP: u8 = 6;
@@ -24,18 +28,35 @@ pub const TCP_ACK: u8 = 0x10;
 pub const TC_ACT_UNSPEC: i32 = -1;
 pub const TC_ACT_OK: i32 = 0;
 pub const TC_ACT_SHOT: i32 = 2;
+pub const TC_ACT_REDIRECT: i32 = 7;
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_RST: u8 = 0x04;
 
 /// What goes into (or comes out of) an IPv4 TCP/UDP packet.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Flow {
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
     pub src: Ipv4Addr,
     pub dst: Ipv4Addr,
+    pub ip_id: u16,
+    /// Flags and fragment offset (`0x4000` = DF).
+    pub frag: u16,
+    pub ttl: u8,
+    /// IPv4 options (a multiple of 4 bytes).
+    pub ip_options: Vec<u8>,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
     pub tcp_flags: u8,
+    pub seq: u32,
+    pub ack: u32,
+    pub window: u16,
     pub payload: Vec<u8>,
 }
+
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+pub const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 
 impl Flow {
     pub fn tcp(src: &str, sport: u16, dst: &str, dport: u16, flags: u8) -> Self {
@@ -48,12 +69,21 @@ impl Flow {
 
     fn new(src: &str, sport: u16, dst: &str, dport: u16, proto: u8, tcp_flags: u8) -> Self {
         Self {
+            src_mac: CLIENT_MAC,
+            dst_mac: NODE_MAC,
             src: src.parse().expect("test address"),
             dst: dst.parse().expect("test address"),
+            ip_id: 0x1234,
+            frag: 0x4000,
+            ttl: 64,
+            ip_options: Vec::new(),
             sport,
             dport,
             proto,
             tcp_flags,
+            seq: 1000,
+            ack: if tcp_flags & TCP_ACK != 0 { 5000 } else { 0 },
+            window: 64240,
             payload: b"payload!".to_vec(),
         }
     }
@@ -65,40 +95,53 @@ impl Flow {
             dst: self.src,
             sport: self.dport,
             dport: self.sport,
+            src_mac: self.dst_mac,
+            dst_mac: self.src_mac,
             ..self.clone()
         }
     }
 
-    /// Ethernet + IPv4 (no options) + TCP/UDP with correct checksums.
+    /// The IPv4 packet (no Ethernet header) with correct checksums.
+    pub fn ip_packet(&self) -> Vec<u8> {
+        let mut frame = self.build();
+        frame.drain(..ETH_HLEN);
+        frame
+    }
+
+    /// Ethernet + IPv4 + TCP/UDP with correct checksums.
     pub fn build(&self) -> Vec<u8> {
+        let ihl = 20 + self.ip_options.len();
         let l4_len = if self.proto == PROTO_TCP { 20 } else { 8 } + self.payload.len();
-        let total = 20 + l4_len;
+        let total = ihl + l4_len;
         let mut p = Vec::with_capacity(ETH_HLEN + total);
-        p.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x02]); // dst MAC
-        p.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]); // src MAC
+        p.extend_from_slice(&self.dst_mac);
+        p.extend_from_slice(&self.src_mac);
         p.extend_from_slice(&0x0800u16.to_be_bytes());
-        p.extend_from_slice(&[0x45, 0]);
+        p.push(0x40 | (ihl / 4) as u8);
+        p.push(0);
         p.extend_from_slice(&(total as u16).to_be_bytes());
-        p.extend_from_slice(&[0x12, 0x34, 0x40, 0]); // id, DF
-        p.extend_from_slice(&[64, self.proto, 0, 0]); // ttl, proto, csum
+        p.extend_from_slice(&self.ip_id.to_be_bytes());
+        p.extend_from_slice(&self.frag.to_be_bytes());
+        p.extend_from_slice(&[self.ttl, self.proto, 0, 0]);
         p.extend_from_slice(&self.src.octets());
         p.extend_from_slice(&self.dst.octets());
-        let ip_csum = checksum(&p[ETH_HLEN..ETH_HLEN + 20], 0);
+        p.extend_from_slice(&self.ip_options);
+        let ip_csum = checksum(&p[ETH_HLEN..ETH_HLEN + ihl], 0);
         p[ETH_HLEN + 10..ETH_HLEN + 12].copy_from_slice(&ip_csum.to_be_bytes());
         p.extend_from_slice(&self.sport.to_be_bytes());
         p.extend_from_slice(&self.dport.to_be_bytes());
         if self.proto == PROTO_TCP {
-            p.extend_from_slice(&1000u32.to_be_bytes()); // seq
-            p.extend_from_slice(&0u32.to_be_bytes()); // ack
+            p.extend_from_slice(&self.seq.to_be_bytes());
+            p.extend_from_slice(&self.ack.to_be_bytes());
             p.extend_from_slice(&[0x50, self.tcp_flags]);
-            p.extend_from_slice(&64240u16.to_be_bytes()); // window
+            p.extend_from_slice(&self.window.to_be_bytes());
             p.extend_from_slice(&[0, 0, 0, 0]); // csum, urgent
         } else {
             p.extend_from_slice(&(l4_len as u16).to_be_bytes());
             p.extend_from_slice(&[0, 0]);
         }
         p.extend_from_slice(&self.payload);
-        let l4_off = ETH_HLEN + 20;
+        let l4_off = ETH_HLEN + ihl;
         let csum_off = l4_off + if self.proto == PROTO_TCP { 16 } else { 6 };
         let mut csum = l4_checksum(&p, l4_off);
         if self.proto == PROTO_UDP && csum == 0 {
@@ -108,6 +151,62 @@ impl Flow {
         p
     }
 }
+
+/// An ICMP error frame quoting `quote` (the start of the offending IPv4 packet).
+#[allow(clippy::too_many_arguments)]
+pub fn icmp_error_frame(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    ip_id: u16,
+    icmp_type: u8,
+    code: u8,
+    quote: &[u8],
+) -> Vec<u8> {
+    let total = 20 + 8 + quote.len();
+    let mut p = Vec::new();
+    p.extend_from_slice(&dst_mac);
+    p.extend_from_slice(&src_mac);
+    p.extend_from_slice(&0x0800u16.to_be_bytes());
+    p.extend_from_slice(&[0x45, 0]);
+    p.extend_from_slice(&(total as u16).to_be_bytes());
+    p.extend_from_slice(&ip_id.to_be_bytes());
+    p.extend_from_slice(&0x4000u16.to_be_bytes());
+    p.extend_from_slice(&[64, PROTO_ICMP, 0, 0]);
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    let ip_csum = checksum(&p[ETH_HLEN..ETH_HLEN + 20], 0);
+    p[ETH_HLEN + 10..ETH_HLEN + 12].copy_from_slice(&ip_csum.to_be_bytes());
+    let icmp_off = p.len();
+    p.extend_from_slice(&[icmp_type, code, 0, 0, 0, 0, 0, 0]);
+    p.extend_from_slice(quote);
+    let csum = checksum(&p[icmp_off..], 0);
+    p[icmp_off + 2..icmp_off + 4].copy_from_slice(&csum.to_be_bytes());
+    p
+}
+
+/// Checks an ICMP frame's IPv4 and ICMP checksums; returns (type, code, quote).
+pub fn parse_icmp_checked(p: &[u8]) -> anyhow::Result<(u8, u8, Vec<u8>)> {
+    if p.len() < ETH_HLEN + 28 || p[ETH_HLEN + 9] != PROTO_ICMP {
+        bail!("not an ICMP frame");
+    }
+    let ip = &p[ETH_HLEN..];
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    if checksum(&ip[..ihl], 0) != 0 {
+        bail!("bad IPv4 header checksum");
+    }
+    let icmp = &ip[ihl..];
+    if checksum(icmp, 0) != 0 {
+        bail!("bad ICMP checksum");
+    }
+    if checksum(&icmp[8..28], 0) != 0 {
+        bail!("bad checksum in the quoted IPv4 header");
+    }
+    Ok((icmp[0], icmp[1], icmp[8..].to_vec()))
+}
+
+pub const PROTO_ICMP: u8 = 1;
 
 /// Internet checksum (RFC 1071) of `data`, starting from a partial sum.
 pub fn checksum(data: &[u8], initial: u32) -> u16 {
@@ -156,6 +255,9 @@ pub fn parse_checked(p: &[u8]) -> anyhow::Result<Flow> {
         bail!("bad IPv4 header checksum");
     }
     let proto = ip[9];
+    if ihl < 20 {
+        bail!("IPv4 header length {ihl}");
+    }
     let l4_off = ETH_HLEN + ihl;
     let frame = &p[..ETH_HLEN + total];
     let l4 = &frame[l4_off..];
@@ -175,13 +277,31 @@ pub fn parse_checked(p: &[u8]) -> anyhow::Result<Flow> {
             if proto == PROTO_TCP { "TCP" } else { "UDP" }
         );
     }
+    let (seq, ack, window) = if proto == PROTO_TCP {
+        (
+            u32::from_be_bytes([l4[4], l4[5], l4[6], l4[7]]),
+            u32::from_be_bytes([l4[8], l4[9], l4[10], l4[11]]),
+            u16::from_be_bytes([l4[14], l4[15]]),
+        )
+    } else {
+        (1000, 0, 64240)
+    };
     Ok(Flow {
+        dst_mac: p[..6].try_into().expect("6 bytes"),
+        src_mac: p[6..12].try_into().expect("6 bytes"),
         src: Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
         dst: Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+        ip_id: u16::from_be_bytes([ip[4], ip[5]]),
+        frag: u16::from_be_bytes([ip[6], ip[7]]),
+        ttl: ip[8],
+        ip_options: ip[20..ihl].to_vec(),
         sport,
         dport,
         proto,
         tcp_flags,
+        seq,
+        ack,
+        window,
         payload: l4[payload_off..].to_vec(),
     })
 }
@@ -205,6 +325,10 @@ pub struct Verdict {
 
 impl Harness {
     pub fn new() -> anyhow::Result<Self> {
+        Self::with_settings(&DatapathSettings::default())
+    }
+
+    pub fn with_settings(settings: &DatapathSettings) -> anyhow::Result<Self> {
         crate::lab::sweep(crate::lab::TEST_PREFIX);
         let n = HARNESS_COUNTER.fetch_add(1, Ordering::Relaxed);
         let pin_dir = Path::new("/sys/fs/bpf").join(format!(
@@ -213,7 +337,7 @@ impl Harness {
             std::process::id()
         ));
         let _ = std::fs::remove_dir_all(&pin_dir);
-        let ebpf = loader::load(&pin_dir)?;
+        let ebpf = loader::load(&pin_dir, settings)?;
         let applier = Applier::open(&pin_dir)?;
         Ok(Self {
             ebpf,
@@ -251,6 +375,22 @@ impl Harness {
             action: result.return_value as i32,
             packet: out,
         })
+    }
+}
+
+impl Harness {
+    /// Datapath counter `name` (as `lb-agent stats` names it).
+    pub fn counter(&self, name: &str) -> u64 {
+        lb_agent::maps::read_counters(&self.pin_dir)
+            .expect("read counters")
+            .into_iter()
+            .find(|(c, _)| c.name() == name)
+            .map(|(_, v)| v)
+            .unwrap_or_else(|| panic!("no counter {name}"))
+    }
+
+    pub fn conntrack(&self) -> lb_agent::maps::ConntrackMap {
+        lb_agent::maps::open_conntrack(&self.pin_dir).expect("open conntrack")
     }
 }
 

@@ -86,18 +86,25 @@ fn clusterip_spreads_new_connections_over_all_backends_and_keeps_long_lived_ones
     assert!(table.starts_with("SERVICE"), "{table}");
     let http_row: Vec<&str> = table
         .lines()
-        .find(|l| l.starts_with("default/demo-service:http/TCP"))
-        .expect("http row")
+        .find(|l| l.starts_with("default/demo-service:http/TCP") && l.contains("ClusterIP"))
+        .expect("http ClusterIP row")
         .split_whitespace()
         .collect();
     assert_eq!(
-        http_row,
+        http_row[..5],
         [
             "default/demo-service:http/TCP",
+            "ClusterIP",
             "10.96.0.10:80",
             "3",
             "10.244.1.2:8080,10.244.2.2:8080,10.244.3.2:8080"
         ]
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("NodePort") && l.contains("192.168.77.1:30000")),
+        "the demo Service's NodePort on the node's address: {table}"
     );
     assert!(
         !table.contains("ext-service"),
@@ -115,7 +122,7 @@ fn clusterip_spreads_new_connections_over_all_backends_and_keeps_long_lived_ones
         .unwrap()
         .iter()
         .map(|e| &e["formatted"])
-        .find(|e| e["key"]["proto"] == 6)
+        .find(|e| e["key"]["proto"] == 6 && e["key"]["port"] == 80)
         .expect("TCP frontend in bpftool's dump, formatted by field name");
     assert_eq!(entry["key"]["addr"], serde_json::json!([10, 96, 0, 10]));
     assert_eq!(entry["key"]["port"], 80);

@@ -7,10 +7,9 @@ use std::{
     net::Ipv4Addr,
 };
 
-use lb_agent::model::{Backend, DesiredService, DesiredState, Frontend, Protocol};
+use lb_agent::model::{Backend, DesiredService, DesiredState, Frontend, FrontendKind, Protocol};
 use lb_tests::packet::{
-    parse_checked, Flow, Harness, PROTO_UDP, TCP_ACK, TCP_SYN, TC_ACT_OK, TC_ACT_SHOT,
-    TC_ACT_UNSPEC,
+    parse_checked, Flow, Harness, PROTO_UDP, TCP_ACK, TCP_SYN, TC_ACT_OK, TC_ACT_UNSPEC,
 };
 
 const VIP: &str = "10.96.0.10";
@@ -23,6 +22,7 @@ fn service(protocol: Protocol, backends: &[&str]) -> DesiredService {
             addr: VIP.parse().unwrap(),
             port: 80,
             protocol,
+            kind: FrontendKind::ClusterIP,
         }]
         .into(),
         backends: backends
@@ -33,6 +33,7 @@ fn service(protocol: Protocol, backends: &[&str]) -> DesiredService {
                 protocol,
             })
             .collect(),
+        source_ranges: None,
     }
 }
 
@@ -199,13 +200,4 @@ fn a_flow_whose_backend_is_removed_moves_to_a_live_one() {
     let second = expect_dnat(&mut h, &flow);
     assert_ne!(second, first, "never sent to the removed backend");
     assert!(remaining.contains(&second.to_string().as_str()));
-}
-
-#[test]
-fn a_frontend_without_backends_drops() {
-    let mut h = harness(&[]);
-    let verdict = h
-        .run(&Flow::tcp(CLIENT, 40000, VIP, 80, TCP_SYN).build())
-        .unwrap();
-    assert_eq!(verdict.action, TC_ACT_SHOT);
 }

@@ -1,0 +1,235 @@
+//! Reading and rewriting Ethernet / IPv4 / TCP / UDP headers.
+//!
+//! Reads go through `bpf_skb_load_bytes` (works on non-linear skbs too); writes through
+//! `bpf_skb_store_bytes` with the checksums fixed incrementally by the csum helpers.
+
+use core::mem::size_of;
+
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    programs::TcContext,
+};
+use lb_common::{CtKey, PROTO_TCP, PROTO_UDP};
+
+pub const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+pub const IP_CSUM_OFF: usize = ETH_HLEN + 10;
+pub const IP_SRC_OFF: usize = ETH_HLEN + 12;
+pub const IP_DST_OFF: usize = ETH_HLEN + 16;
+pub const PROTO_ICMP: u8 = 1;
+/// More-fragments flag and fragment offset bits of `frag_off`.
+const IP_FRAG_MASK: u16 = 0x3fff;
+
+#[inline(always)]
+pub fn load<T>(ctx: &TcContext, off: usize) -> Option<T> {
+    ctx.load::<T>(off).ok()
+}
+
+/// An IPv4 header that passed the sanity checks.
+pub struct Ipv4 {
+    pub proto: u8,
+    /// Header length in bytes (20..=60).
+    pub ihl: usize,
+    /// Total length from the header (IP header + payload).
+    pub total_len: usize,
+    /// Addresses exactly as on the wire.
+    pub src_raw: u32,
+    pub dst_raw: u32,
+}
+
+pub enum Parsed {
+    /// Not IPv4 at all (ARP, IPv6, ...).
+    NotIpv4,
+    /// IPv4 whose lengths do not add up, or whose L4 header is cut short.
+    Malformed,
+    /// A fragment: only the first carries ports, so none is translated.
+    Fragment,
+    Ipv4(Ipv4),
+}
+
+#[inline(always)]
+pub fn parse_ipv4(ctx: &TcContext) -> Parsed {
+    let Some(eth_proto) = load::<u16>(ctx, 12) else {
+        return Parsed::NotIpv4;
+    };
+    if u16::from_be(eth_proto) != ETH_P_IP {
+        return Parsed::NotIpv4;
+    }
+    let Some(head) = load::<[u8; 20]>(ctx, ETH_HLEN) else {
+        return Parsed::Malformed;
+    };
+    if head[0] >> 4 != 4 {
+        return Parsed::Malformed;
+    }
+    let ihl = ((head[0] & 0x0f) as usize) * 4;
+    let total_len = u16::from_be_bytes([head[2], head[3]]) as usize;
+    if ihl < 20 || total_len < ihl || ETH_HLEN + total_len > ctx.len() as usize {
+        return Parsed::Malformed;
+    }
+    if u16::from_be_bytes([head[6], head[7]]) & IP_FRAG_MASK != 0 {
+        return Parsed::Fragment;
+    }
+    Parsed::Ipv4(Ipv4 {
+        proto: head[9],
+        ihl,
+        total_len,
+        src_raw: u32::from_ne_bytes([head[12], head[13], head[14], head[15]]),
+        dst_raw: u32::from_ne_bytes([head[16], head[17], head[18], head[19]]),
+    })
+}
+
+/// A TCP or UDP packet the load balancer may translate.
+pub struct Packet {
+    pub l4_off: usize,
+    pub proto: u8,
+    pub src_raw: u32,
+    pub dst_raw: u32,
+    pub sport_raw: u16,
+    pub dport_raw: u16,
+    pub tcp_flags: u8,
+    /// TCP: header length (for building a reset); UDP: 8.
+    pub l4_hlen: usize,
+    pub ip: Ipv4,
+}
+
+/// Reads the TCP/UDP header; `None` when it is cut short or its lengths are impossible.
+#[inline(always)]
+pub fn parse_l4(ctx: &TcContext, ip: Ipv4) -> Option<Packet> {
+    let l4_off = ETH_HLEN + ip.ihl;
+    let l4_len = ip.total_len - ip.ihl;
+    let (ports, tcp_flags, l4_hlen) = if ip.proto == PROTO_TCP {
+        let head = load::<[u8; 20]>(ctx, l4_off)?;
+        let doff = ((head[12] >> 4) as usize) * 4;
+        if doff < 20 || doff > l4_len {
+            return None;
+        }
+        ([head[0], head[1], head[2], head[3]], head[13], doff)
+    } else {
+        let head = load::<[u8; 8]>(ctx, l4_off)?;
+        let udp_len = u16::from_be_bytes([head[4], head[5]]) as usize;
+        if udp_len < 8 || udp_len > l4_len {
+            return None;
+        }
+        ([head[0], head[1], head[2], head[3]], 0, 8)
+    };
+    Some(Packet {
+        l4_off,
+        proto: ip.proto,
+        src_raw: ip.src_raw,
+        dst_raw: ip.dst_raw,
+        sport_raw: u16::from_ne_bytes([ports[0], ports[1]]),
+        dport_raw: u16::from_ne_bytes([ports[2], ports[3]]),
+        tcp_flags,
+        l4_hlen,
+        ip,
+    })
+}
+
+impl Packet {
+    pub fn flow_key(&self) -> CtKey {
+        CtKey {
+            src_addr: self.src_raw.to_ne_bytes(),
+            dst_addr: self.dst_raw.to_ne_bytes(),
+            src_port: u16::from_be(self.sport_raw),
+            dst_port: u16::from_be(self.dport_raw),
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+
+    fn l4_csum_off(&self) -> usize {
+        if self.proto == PROTO_TCP {
+            self.l4_off + 16
+        } else {
+            self.l4_off + 6
+        }
+    }
+
+    /// Flags for bpf_l4_csum_replace: a zero UDP checksum means "none" and must stay zero.
+    fn l4_csum_flags(&self) -> u64 {
+        if self.proto == PROTO_UDP {
+            BPF_F_MARK_MANGLED_0 as u64
+        } else {
+            0
+        }
+    }
+
+    pub fn set_dst(&self, ctx: &TcContext, addr: [u8; 4], port: u16) -> Result<(), ()> {
+        self.set_addr(ctx, IP_DST_OFF, self.dst_raw, addr)?;
+        self.set_port(ctx, self.l4_off + 2, self.dport_raw, port)
+    }
+
+    pub fn set_src(&self, ctx: &TcContext, addr: [u8; 4], port: u16) -> Result<(), ()> {
+        self.set_addr(ctx, IP_SRC_OFF, self.src_raw, addr)?;
+        self.set_port(ctx, self.l4_off, self.sport_raw, port)
+    }
+
+    pub fn set_src_addr(&self, ctx: &TcContext, addr: [u8; 4]) -> Result<(), ()> {
+        self.set_addr(ctx, IP_SRC_OFF, self.src_raw, addr)
+    }
+
+    pub fn set_dst_addr(&self, ctx: &TcContext, addr: [u8; 4]) -> Result<(), ()> {
+        self.set_addr(ctx, IP_DST_OFF, self.dst_raw, addr)
+    }
+
+    /// Replaces an IPv4 address, fixing the IPv4 checksum and the L4 pseudo-header checksum.
+    fn set_addr(&self, ctx: &TcContext, off: usize, old: u32, new: [u8; 4]) -> Result<(), ()> {
+        let new = u32::from_ne_bytes(new);
+        if new == old {
+            return Ok(());
+        }
+        ctx.l4_csum_replace(
+            self.l4_csum_off(),
+            old as u64,
+            new as u64,
+            self.l4_csum_flags() | BPF_F_PSEUDO_HDR as u64 | size_of::<u32>() as u64,
+        )
+        .map_err(|_| ())?;
+        ctx.l3_csum_replace(IP_CSUM_OFF, old as u64, new as u64, 4)
+            .map_err(|_| ())?;
+        ctx.store(off, &new, 0).map_err(|_| ())
+    }
+
+    /// Replaces a port (given in host order), fixing the L4 checksum.
+    fn set_port(&self, ctx: &TcContext, off: usize, old: u16, new: u16) -> Result<(), ()> {
+        let new = new.to_be();
+        if new == old {
+            return Ok(());
+        }
+        ctx.l4_csum_replace(
+            self.l4_csum_off(),
+            old as u64,
+            new as u64,
+            self.l4_csum_flags() | size_of::<u16>() as u64,
+        )
+        .map_err(|_| ())?;
+        ctx.store(off, &new, 0).map_err(|_| ())
+    }
+}
+
+/// One's-complement sum of 16-bit big-endian words (RFC 1071), not yet folded or inverted.
+#[inline(always)]
+pub fn sum_words(bytes: &[u8], mut sum: u32) -> u32 {
+    let mut i = 0;
+    while i + 1 < bytes.len() {
+        sum += u16::from_be_bytes([bytes[i], bytes[i + 1]]) as u32;
+        i += 2;
+    }
+    sum
+}
+
+/// Folds a sum to 16 bits and inverts it: the value to write in a checksum field.
+#[inline(always)]
+pub fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// Incremental update of a checksum for one 16-bit word changing from `old` to `new`
+/// (RFC 1624, eqn. 3); all values big-endian as numbers.
+#[inline(always)]
+pub fn csum_update16(csum: u16, old: u16, new: u16) -> u16 {
+    let sum = (!csum as u32) + (!old as u32) + new as u32;
+    fold(sum)
+}

@@ -1,0 +1,93 @@
+//! The maps and load-time settings the datapath reads (layouts in `lb-common`).
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    btf_maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use lb_common::{
+    capacity, BackendValue, Counter, CtKey, CtValue, FrontendKey, FrontendValue, ServiceStats,
+    ServiceValue, SlotKey, SourceRangeKey, COUNTER_COUNT,
+};
+
+/// Maps written only by the agent allocate entries on demand.
+const ON_DEMAND: usize = BPF_F_NO_PREALLOC as usize;
+
+#[btf_map]
+pub static LB_FRONTENDS: HashMap<
+    FrontendKey,
+    FrontendValue,
+    { capacity::FRONTENDS as usize },
+    ON_DEMAND,
+> = HashMap::new();
+#[btf_map]
+pub static LB_SERVICES: HashMap<u32, ServiceValue, { capacity::SERVICES as usize }, ON_DEMAND> =
+    HashMap::new();
+#[btf_map]
+pub static LB_SLOTS: HashMap<SlotKey, u32, { capacity::SLOTS as usize }, ON_DEMAND> =
+    HashMap::new();
+#[btf_map]
+pub static LB_BACKENDS: HashMap<u32, BackendValue, { capacity::BACKENDS as usize }, ON_DEMAND> =
+    HashMap::new();
+#[btf_map]
+pub static LB_SOURCE_RANGES: LpmTrie<SourceRangeKey, u8, { capacity::SOURCE_RANGES as usize }> =
+    LpmTrie::new();
+#[btf_map]
+pub static LB_CONNTRACK: LruHashMap<CtKey, CtValue, { capacity::CONNTRACK as usize }> =
+    LruHashMap::new();
+#[btf_map]
+pub static LB_SERVICE_STATS: PerCpuArray<ServiceStats, { capacity::SERVICES as usize }> =
+    PerCpuArray::new();
+#[btf_map]
+pub static LB_STATS: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray::new();
+
+/// Set by the agent at load time (see `lb_common::globals`).
+#[unsafe(no_mangle)]
+static LB_NO_BACKEND_DROP: u8 = 0;
+#[unsafe(no_mangle)]
+static LB_HAIRPIN_ADDR: [u8; 4] = [169, 254, 42, 1];
+
+#[inline(always)]
+pub fn no_backend_drop() -> bool {
+    // SAFETY: a read of a global the loader may have patched; volatile so it is not folded.
+    unsafe { core::ptr::read_volatile(&LB_NO_BACKEND_DROP) != 0 }
+}
+
+#[inline(always)]
+pub fn hairpin_addr() -> [u8; 4] {
+    // SAFETY: as above.
+    unsafe { core::ptr::read_volatile(&LB_HAIRPIN_ADDR) }
+}
+
+#[inline(always)]
+pub fn count(counter: Counter) {
+    if let Some(slot) = LB_STATS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot, no other writer on this CPU while we run.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn account(service_id: u32, reply: bool, bytes: u32) {
+    if let Some(stats) = LB_SERVICE_STATS.get_ptr_mut(service_id) {
+        // SAFETY: per-CPU slot, as above.
+        let stats = unsafe { &mut *stats };
+        if reply {
+            stats.reply_packets += 1;
+            stats.reply_bytes += u64::from(bytes);
+        } else {
+            stats.packets += 1;
+            stats.bytes += u64::from(bytes);
+        }
+    }
+}
+
+/// Is `client` allowed on `frontend` by its `loadBalancerSourceRanges`?
+#[inline(always)]
+pub fn source_allowed(frontend: FrontendKey, client: [u8; 4]) -> bool {
+    let key = Key::new(
+        lb_common::SOURCE_RANGE_FRONTEND_BITS + 32,
+        SourceRangeKey { frontend, client },
+    );
+    LB_SOURCE_RANGES.get(&key).is_some()
+}

@@ -1,0 +1,493 @@
+//! Every frontend kind, source ranges, rejection, hairpin, conntrack lifetimes and counters,
+//! through BPF_PROG_TEST_RUN with maps programmed from manifests by the agent's own model and
+//! applier. Expected packets are built from scratch and compared byte for byte.
+
+use std::{collections::BTreeMap, net::Ipv4Addr, path::Path};
+
+use lb_agent::{
+    loader::DatapathSettings,
+    manifest::{parse_into, Manifests},
+    maps::{collect_conntrack_garbage, monotonic_ns, read_services},
+    model::{desired_state, DesiredState, Settings},
+};
+use lb_common::{timeouts, CtKey};
+use lb_tests::packet::{
+    icmp_error_frame, parse_checked, parse_icmp_checked, Flow, Harness, CLIENT_MAC, NODE_MAC,
+    TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC,
+};
+
+const CLIENT: &str = "192.168.77.2";
+const OUTSIDER: &str = "10.1.1.1";
+const NODE_ADDRS: [&str; 2] = ["192.168.77.1", "10.244.1.1"];
+const BACKENDS: [&str; 3] = ["10.244.1.2", "10.244.2.2", "10.244.3.2"];
+
+/// One LoadBalancer Service with every kind of frontend, TCP and UDP, three backends, and a
+/// ClusterIP Service with none.
+const MANIFESTS: &str = "
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.10
+  externalIPs: [198.51.100.10]
+  loadBalancerSourceRanges: [192.168.77.0/24]
+  ports:
+  - {name: http, port: 80, targetPort: 8080, nodePort: 30080}
+  - {name: dns, port: 53, targetPort: 5353, nodePort: 30053, protocol: UDP}
+status:
+  loadBalancer:
+    ingress: [{ip: 203.0.113.10}, {ip: 203.0.113.11, ipMode: Proxy}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: shop
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{name: http, port: 8080}, {name: dns, port: 5353, protocol: UDP}]
+endpoints:
+- addresses: [10.244.1.2]
+- addresses: [10.244.2.2]
+- addresses: [10.244.3.2]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: empty, namespace: shop}
+spec:
+  clusterIP: 10.96.0.20
+  ports: [{name: tcp, port: 80}, {name: udp, port: 53, protocol: UDP}]
+";
+
+fn desired() -> DesiredState {
+    let mut m = Manifests::default();
+    parse_into(Path::new("frontends.yaml"), MANIFESTS, &mut m);
+    assert!(m.errors.is_empty(), "{:?}", m.errors);
+    let settings = Settings {
+        node_addresses: NODE_ADDRS.iter().map(|a| a.parse().unwrap()).collect(),
+    };
+    let state = desired_state(&m.services, &m.endpoint_slices, &settings);
+    assert!(state.errors.is_empty(), "{:?}", state.errors);
+    state
+}
+
+fn harness_with(settings: DatapathSettings) -> Harness {
+    let mut h = Harness::with_settings(&settings).expect("load the program (run as root)");
+    h.program(&desired()).expect("program the maps");
+    h
+}
+
+fn harness() -> Harness {
+    harness_with(DatapathSettings::default())
+}
+
+/// Sends `flow`, expects it DNATed to a backend on `port`; returns the backend.
+fn expect_dnat(h: &mut Harness, flow: &Flow, port: u16) -> Ipv4Addr {
+    let verdict = h.run(&flow.build()).expect("test run");
+    assert_eq!(verdict.action, TC_ACT_OK, "{flow:?} is translated");
+    let out = parse_checked(&verdict.packet).expect("valid checksums");
+    assert!(
+        BACKENDS.contains(&out.dst.to_string().as_str()),
+        "{}",
+        out.dst
+    );
+    let expected = Flow {
+        dst: out.dst,
+        dport: port,
+        ..flow.clone()
+    };
+    assert_eq!(verdict.packet, expected.build(), "byte for byte");
+    out.dst
+}
+
+/// Sends the backend's reply to `flow` and expects it to come from the frontend again.
+fn expect_reverse_nat(h: &mut Harness, flow: &Flow, backend: Ipv4Addr, port: u16) {
+    let reply = Flow {
+        src: backend,
+        sport: port,
+        src_mac: [0x02, 0, 0, 0, 0, 0xbb], // from the backend's link
+        dst_mac: [0x02, 0, 0, 0, 0, 0xcc],
+        ..flow.reversed()
+    };
+    let verdict = h.run(&reply.build()).unwrap();
+    let node_address = NODE_ADDRS.contains(&flow.dst.to_string().as_str());
+    if node_address {
+        // From a node address: sent straight back where the request came from, with the
+        // request's Ethernet addresses swapped (the stack would drop a forwarded packet
+        // whose source is local).
+        assert_eq!(verdict.action, TC_ACT_REDIRECT);
+        assert_eq!(
+            verdict.packet,
+            flow.reversed().build(),
+            "reply shows the frontend"
+        );
+    } else {
+        assert_eq!(verdict.action, TC_ACT_OK);
+        let expected = Flow {
+            src_mac: reply.src_mac,
+            dst_mac: reply.dst_mac,
+            ..flow.reversed()
+        };
+        assert_eq!(verdict.packet, expected.build(), "reply shows the frontend");
+    }
+}
+
+#[test]
+fn every_frontend_kind_translates_tcp_and_udp() {
+    let mut h = harness();
+    let frontends = [
+        ("10.96.0.10", 80, 53),         // ClusterIP
+        ("192.168.77.1", 30080, 30053), // NodePort, first node address
+        ("10.244.1.1", 30080, 30053),   // NodePort, second node address
+        ("203.0.113.10", 80, 53),       // LoadBalancer ingress
+        ("198.51.100.10", 80, 53),      // externalIP
+    ];
+    for (i, (addr, tcp_port, udp_port)) in frontends.into_iter().enumerate() {
+        let sport = 40000 + i as u16;
+        let syn = Flow::tcp(CLIENT, sport, addr, tcp_port, TCP_SYN);
+        let backend = expect_dnat(&mut h, &syn, 8080);
+        expect_reverse_nat(&mut h, &syn, backend, 8080);
+        let datagram = Flow::udp(CLIENT, sport, addr, udp_port);
+        let backend = expect_dnat(&mut h, &datagram, 5353);
+        expect_reverse_nat(&mut h, &datagram, backend, 5353);
+    }
+    // ipMode: Proxy ingress is not a frontend here; nor is a NodePort on a foreign address.
+    for (addr, port) in [("203.0.113.11", 80), ("192.168.77.99", 30080)] {
+        let frame = Flow::tcp(CLIENT, 41000, addr, port, TCP_SYN).build();
+        let verdict = h.run(&frame).unwrap();
+        assert_eq!(
+            (verdict.action, verdict.packet),
+            (TC_ACT_UNSPEC, frame),
+            "{addr}:{port}"
+        );
+    }
+}
+
+#[test]
+fn ip_options_are_kept_and_checksums_still_right() {
+    let mut h = harness();
+    let syn = Flow {
+        ip_options: vec![0x94, 0x04, 0x00, 0x00], // router alert
+        ..Flow::tcp(CLIENT, 42000, "10.96.0.10", 80, TCP_SYN)
+    };
+    let backend = expect_dnat(&mut h, &syn, 8080);
+    expect_reverse_nat(&mut h, &syn, backend, 8080);
+}
+
+#[test]
+fn source_ranges_admit_listed_clients_on_load_balancer_frontends_only() {
+    let mut h = harness();
+    expect_dnat(
+        &mut h,
+        &Flow::tcp(CLIENT, 43000, "203.0.113.10", 80, TCP_SYN),
+        8080,
+    );
+    let outsider = Flow::tcp(OUTSIDER, 43001, "203.0.113.10", 80, TCP_SYN);
+    assert_eq!(h.run(&outsider.build()).unwrap().action, TC_ACT_SHOT);
+    assert_eq!(h.counter("drop_source_range"), 1);
+    // The same Service's other frontends are not restricted.
+    expect_dnat(
+        &mut h,
+        &Flow::tcp(OUTSIDER, 43002, "10.96.0.10", 80, TCP_SYN),
+        8080,
+    );
+    expect_dnat(
+        &mut h,
+        &Flow::tcp(OUTSIDER, 43003, "198.51.100.10", 80, TCP_SYN),
+        8080,
+    );
+    expect_dnat(
+        &mut h,
+        &Flow::tcp(OUTSIDER, 43004, "192.168.77.1", 30080, TCP_SYN),
+        8080,
+    );
+    let services = read_services(&h.pin_dir).unwrap();
+    let web = services
+        .iter()
+        .find(|s| s.name == "shop/web:http/TCP")
+        .unwrap();
+    assert_eq!(web.source_ranges, vec!["192.168.77.0/24".to_string()]);
+}
+
+#[test]
+fn no_backend_rejects_tcp_with_an_exact_reset() {
+    let mut h = harness();
+    // A SYN with 8 bytes of payload: the reset acknowledges seq + 8 + 1 (SYN).
+    let syn = Flow::tcp(CLIENT, 44000, "10.96.0.20", 80, TCP_SYN);
+    let verdict = h.run(&syn.build()).unwrap();
+    assert_eq!(
+        verdict.action, TC_ACT_REDIRECT,
+        "sent back out of the arrival interface"
+    );
+    let expected = Flow {
+        src_mac: NODE_MAC,
+        dst_mac: CLIENT_MAC,
+        ip_id: 0,
+        tcp_flags: TCP_RST | TCP_ACK,
+        seq: 0,
+        ack: syn.seq + 8 + 1,
+        window: 0,
+        payload: Vec::new(),
+        ..syn.reversed()
+    };
+    assert_eq!(parse_checked(&verdict.packet).unwrap(), expected);
+    assert_eq!(verdict.packet, expected.build(), "byte for byte");
+
+    // A segment carrying an ACK gets a bare RST with the sequence number it acknowledged.
+    let ack = Flow::tcp(CLIENT, 44001, "10.96.0.20", 80, TCP_ACK);
+    let verdict = h.run(&ack.build()).unwrap();
+    let expected = Flow {
+        src_mac: NODE_MAC,
+        dst_mac: CLIENT_MAC,
+        ip_id: 0,
+        tcp_flags: TCP_RST,
+        seq: ack.ack,
+        ack: 0,
+        window: 0,
+        payload: Vec::new(),
+        ..ack.reversed()
+    };
+    assert_eq!(verdict.packet, expected.build());
+    // A reset is never answered.
+    let rst = Flow::tcp(CLIENT, 44002, "10.96.0.20", 80, TCP_RST);
+    assert_eq!(h.run(&rst.build()).unwrap().action, TC_ACT_SHOT);
+    assert_eq!(h.counter("reject_no_backend"), 3);
+}
+
+#[test]
+fn no_backend_rejects_udp_with_an_exact_port_unreachable() {
+    let mut h = harness();
+    let datagram = Flow::udp(CLIENT, 45000, "10.96.0.20", 53);
+    let verdict = h.run(&datagram.build()).unwrap();
+    assert_eq!(verdict.action, TC_ACT_REDIRECT);
+    let quote = &datagram.ip_packet()[..28];
+    let expected = icmp_error_frame(
+        NODE_MAC,
+        CLIENT_MAC,
+        "10.96.0.20".parse().unwrap(),
+        CLIENT.parse().unwrap(),
+        0,
+        3,
+        3,
+        quote,
+    );
+    let (icmp_type, code, got_quote) = parse_icmp_checked(&verdict.packet).unwrap();
+    assert_eq!((icmp_type, code, got_quote.as_slice()), (3, 3, quote));
+    assert_eq!(verdict.packet, expected, "byte for byte");
+}
+
+#[test]
+fn drop_mode_drops_silently() {
+    let mut h = harness_with(DatapathSettings {
+        no_backend_drop: true,
+        ..DatapathSettings::default()
+    });
+    for flow in [
+        Flow::tcp(CLIENT, 46000, "10.96.0.20", 80, TCP_SYN),
+        Flow::udp(CLIENT, 46000, "10.96.0.20", 53),
+    ] {
+        assert_eq!(h.run(&flow.build()).unwrap().action, TC_ACT_SHOT);
+    }
+    assert_eq!(h.counter("drop_no_backend"), 2);
+    assert_eq!(h.counter("reject_no_backend"), 0);
+}
+
+#[test]
+fn hairpin_flows_are_source_natted_and_return_to_the_pod() {
+    let mut h = harness();
+    let hairpin: Ipv4Addr = DatapathSettings::default().hairpin_addr;
+    // Send from each backend until one picks itself (at most a few tries).
+    for attempt in 0..200u16 {
+        let pod = BACKENDS[usize::from(attempt) % 3];
+        let syn = Flow::tcp(pod, 47000 + attempt, "10.96.0.10", 80, TCP_SYN);
+        let verdict = h.run(&syn.build()).unwrap();
+        let out = parse_checked(&verdict.packet).unwrap();
+        if out.dst.to_string() != pod {
+            assert_eq!(out.src.to_string(), pod, "no SNAT towards another backend");
+            continue;
+        }
+        let expected = Flow {
+            src: hairpin,
+            dst: pod.parse().unwrap(),
+            dport: 8080,
+            ..syn.clone()
+        };
+        assert_eq!(
+            verdict.packet,
+            expected.build(),
+            "source becomes the hairpin address"
+        );
+        let reply = Flow {
+            src: pod.parse().unwrap(),
+            sport: 8080,
+            dst: hairpin,
+            ..syn.reversed()
+        };
+        let verdict = h.run(&reply.build()).unwrap();
+        assert_eq!(verdict.action, TC_ACT_OK);
+        assert_eq!(
+            verdict.packet,
+            syn.reversed().build(),
+            "the pod sees the VIP answer"
+        );
+        assert_eq!(h.counter("hairpin"), 1);
+        return;
+    }
+    panic!("no backend ever picked itself in 200 flows");
+}
+
+#[test]
+fn established_tcp_whose_backend_left_is_reset_and_a_new_syn_moves() {
+    let mut h = harness();
+    let syn = Flow::tcp(CLIENT, 48000, "10.96.0.10", 80, TCP_SYN);
+    let first = expect_dnat(&mut h, &syn, 8080);
+    let mut state = desired();
+    for service in state.services.values_mut() {
+        service.backends.retain(|b| b.addr != first);
+    }
+    h.program(&state).unwrap();
+
+    let ack = Flow::tcp(CLIENT, 48000, "10.96.0.10", 80, TCP_ACK);
+    let verdict = h.run(&ack.build()).unwrap();
+    assert_eq!(verdict.action, TC_ACT_REDIRECT);
+    let rst = parse_checked(&verdict.packet).unwrap();
+    assert_eq!(
+        (
+            rst.src.to_string().as_str(),
+            rst.sport,
+            rst.tcp_flags,
+            rst.seq
+        ),
+        ("10.96.0.10", 80, TCP_RST, ack.ack),
+        "the client is reset by the frontend it talked to"
+    );
+    assert_eq!(h.counter("reset_backend_gone"), 1);
+    // The flow is forgotten: a new SYN on the same ports is balanced to a live backend.
+    let again = expect_dnat(&mut h, &syn, 8080);
+    assert_ne!(again, first);
+}
+
+#[test]
+fn conntrack_lifetimes_follow_the_protocol_and_state() {
+    let mut h = harness();
+    let ct = |h: &Harness, flow: &Flow| {
+        let key = CtKey {
+            src_addr: flow.src.octets(),
+            dst_addr: flow.dst.octets(),
+            src_port: flow.sport,
+            dst_port: flow.dport,
+            proto: flow.proto,
+            _pad: [0; 3],
+        };
+        let value = h.conntrack().get(&key, 0).expect("entry");
+        value.expires_ns - value.last_seen_ns
+    };
+    let syn = Flow::tcp(CLIENT, 49000, "10.96.0.10", 80, TCP_SYN);
+    expect_dnat(&mut h, &syn, 8080);
+    assert_eq!(ct(&h, &syn), timeouts::TCP_SYN_NS, "handshake not done");
+    let ack = Flow::tcp(CLIENT, 49000, "10.96.0.10", 80, TCP_ACK);
+    expect_dnat(&mut h, &ack, 8080);
+    assert_eq!(ct(&h, &syn), timeouts::TCP_ESTABLISHED_NS, "established");
+    let fin = Flow::tcp(CLIENT, 49000, "10.96.0.10", 80, TCP_FIN | TCP_ACK);
+    expect_dnat(&mut h, &fin, 8080);
+    assert_eq!(ct(&h, &syn), timeouts::TCP_CLOSING_NS, "closing");
+    let datagram = Flow::udp(CLIENT, 49000, "10.96.0.10", 53);
+    expect_dnat(&mut h, &datagram, 5353);
+    assert_eq!(ct(&h, &datagram), timeouts::UDP_NS);
+}
+
+#[test]
+fn expired_entries_are_ignored_by_the_datapath_and_removed_by_the_collector() {
+    let mut h = harness();
+    let datagram = Flow::udp(CLIENT, 50000, "10.96.0.10", 53);
+    expect_dnat(&mut h, &datagram, 5353);
+    let live = Flow::udp(CLIENT, 50001, "10.96.0.10", 53);
+    expect_dnat(&mut h, &live, 5353);
+    let key = CtKey {
+        src_addr: datagram.src.octets(),
+        dst_addr: datagram.dst.octets(),
+        src_port: datagram.sport,
+        dst_port: datagram.dport,
+        proto: datagram.proto,
+        _pad: [0; 3],
+    };
+    let mut ct = h.conntrack();
+    let mut value = ct.get(&key, 0).unwrap();
+    value.expires_ns = monotonic_ns() - 1;
+    ct.insert(key, value, 0).unwrap();
+    expect_dnat(&mut h, &datagram, 5353);
+    assert_eq!(
+        h.counter("conntrack_expired"),
+        1,
+        "stale entry replaced by a new flow"
+    );
+
+    // Age two of the four entries; the collector removes exactly those.
+    let before = ct.keys().count();
+    assert_eq!(before, 4, "two flows, two directions each");
+    let mut aged = 0;
+    for key in ct.keys().collect::<Result<Vec<_>, _>>().unwrap() {
+        if key.src_port == 50000 || key.dst_port == 50000 {
+            let mut v = ct.get(&key, 0).unwrap();
+            v.expires_ns = monotonic_ns() - 1;
+            ct.insert(key, v, 0).unwrap();
+            aged += 1;
+        }
+    }
+    assert_eq!(aged, 2);
+    let (examined, deleted) = collect_conntrack_garbage(&mut ct, 1000);
+    assert_eq!((examined, deleted), (4, 2));
+    assert_eq!(ct.keys().count(), 2);
+}
+
+#[test]
+fn per_service_counters_count_packets_and_bytes_both_ways() {
+    let mut h = harness();
+    let syn = Flow::tcp(CLIENT, 51000, "10.96.0.10", 80, TCP_SYN);
+    let frame_len = syn.build().len() as u64;
+    let backend = expect_dnat(&mut h, &syn, 8080);
+    for _ in 0..4 {
+        expect_dnat(&mut h, &syn, 8080);
+    }
+    expect_reverse_nat(&mut h, &syn, backend, 8080);
+    let services = read_services(&h.pin_dir).unwrap();
+    let by_name: BTreeMap<_, _> = services.iter().map(|s| (s.name.as_str(), s)).collect();
+    let web = by_name["shop/web:http/TCP"];
+    assert_eq!((web.stats.packets, web.stats.bytes), (5, 5 * frame_len));
+    assert_eq!(
+        (web.stats.reply_packets, web.stats.reply_bytes),
+        (1, frame_len)
+    );
+    assert_eq!(by_name["shop/web:dns/UDP"].stats.packets, 0);
+    assert_eq!(h.counter("new_flow"), 1);
+    assert_eq!(h.counter("forward"), 4);
+    assert_eq!(h.counter("reply"), 1);
+}
+
+#[test]
+fn new_flows_are_spread_uniformly() {
+    let mut h = harness();
+    const FLOWS: u32 = 6000;
+    let mut counts: BTreeMap<Ipv4Addr, u32> = BTreeMap::new();
+    for i in 0..FLOWS {
+        let src = Ipv4Addr::from(u32::from(Ipv4Addr::new(172, 16, 0, 0)) + i);
+        let flow = Flow::udp(
+            &src.to_string(),
+            10000 + (i % 50000) as u16,
+            "10.96.0.10",
+            53,
+        );
+        *counts.entry(expect_dnat(&mut h, &flow, 5353)).or_default() += 1;
+    }
+    assert_eq!(counts.len(), 3);
+    // Each share within 10% of a third (200 of 2000 flows): about 5.5 standard deviations
+    // of a fair choice, so it never flakes, yet a biased pick fails it.
+    for (backend, n) in &counts {
+        let expected = f64::from(FLOWS) / 3.0;
+        assert!(
+            (f64::from(*n) - expected).abs() < expected * 0.1,
+            "{backend}: {n} of {FLOWS}"
+        );
+    }
+}
