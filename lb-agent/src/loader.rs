@@ -7,7 +7,7 @@ use aya::{
     programs::{tc::SchedClassifierLinkId, SchedClassifier, TcAttachType},
     Ebpf, EbpfLoader,
 };
-use lb_common::{globals, map_names};
+use lb_common::{capacity, globals, map_names};
 use tracing::info;
 
 /// The kernel programs, built by build.rs from the `lb-ebpf` crate.
@@ -15,6 +15,8 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 
 /// Name of the tc program in the object.
 pub const PROGRAM: &str = "lb_ingress";
+/// A program that does nothing, for benchmarks (the floor).
+pub const PASSTHROUGH: &str = "lb_passthrough";
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
@@ -46,6 +48,33 @@ pub struct DatapathSettings {
     pub no_backend_drop: bool,
     /// Source address for hairpin flows (a pod reaching itself through its Service).
     pub hairpin_addr: Ipv4Addr,
+    /// Map sizes (entries). They apply when the maps are created; pinned maps keep theirs.
+    pub capacity: Capacity,
+}
+
+/// Entries per map; see `lb_common::capacity` for the defaults.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    pub frontends: u32,
+    /// Also bounds service ids, hence the size of the per-service counters.
+    pub services: u32,
+    pub slots: u32,
+    pub backends: u32,
+    pub source_ranges: u32,
+    pub conntrack: u32,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Self {
+            frontends: capacity::FRONTENDS,
+            services: capacity::SERVICES,
+            slots: capacity::SLOTS,
+            backends: capacity::BACKENDS,
+            source_ranges: capacity::SOURCE_RANGES,
+            conntrack: capacity::CONNTRACK,
+        }
+    }
 }
 
 impl Default for DatapathSettings {
@@ -53,6 +82,7 @@ impl Default for DatapathSettings {
         Self {
             no_backend_drop: false,
             hairpin_addr: Ipv4Addr::new(169, 254, 42, 1),
+            capacity: Capacity::default(),
         }
     }
 }
@@ -69,6 +99,15 @@ pub fn load(pin_dir: &Path, settings: &DatapathSettings) -> anyhow::Result<Ebpf>
     loader
         .override_global(globals::NO_BACKEND_DROP, &no_backend_drop, true)
         .override_global(globals::HAIRPIN_ADDR, &hairpin, true);
+    let c = &settings.capacity;
+    loader
+        .map_max_entries(map_names::FRONTENDS, c.frontends)
+        .map_max_entries(map_names::SERVICES, c.services)
+        .map_max_entries(map_names::SERVICE_STATS, c.services)
+        .map_max_entries(map_names::SLOTS, c.slots)
+        .map_max_entries(map_names::BACKENDS, c.backends)
+        .map_max_entries(map_names::SOURCE_RANGES, c.source_ranges)
+        .map_max_entries(map_names::CONNTRACK, c.conntrack);
     for name in map_names::ALL {
         loader.map_pin_path(name, pin_dir.join(name));
     }

@@ -79,6 +79,18 @@ struct RunArgs {
     /// How often expired conntrack entries are removed.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     conntrack_gc_interval: Duration,
+    /// Conntrack entries (two per flow); least recently used ones are evicted when full.
+    #[arg(long, default_value_t = lb_common::capacity::CONNTRACK)]
+    conntrack_max: u32,
+    /// Service ports (one per port and protocol of every Service).
+    #[arg(long, default_value_t = lb_common::capacity::SERVICES)]
+    max_services: u32,
+    /// Frontends (each ClusterIP, NodePort address, LoadBalancer IP and externalIP per port).
+    #[arg(long, default_value_t = lb_common::capacity::FRONTENDS)]
+    max_frontends: u32,
+    /// Distinct backends (address, port, protocol), and backend slots four times that.
+    #[arg(long, default_value_t = lb_common::capacity::BACKENDS)]
+    max_backends: u32,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -163,6 +175,14 @@ fn run(pin_dir: &Path, args: RunArgs) -> anyhow::Result<()> {
     let datapath = loader::DatapathSettings {
         no_backend_drop: args.no_backend == NoBackend::Drop,
         hairpin_addr: args.hairpin_snat_address,
+        capacity: loader::Capacity {
+            frontends: args.max_frontends,
+            services: args.max_services,
+            slots: args.max_backends.saturating_mul(4),
+            backends: args.max_backends,
+            conntrack: args.conntrack_max,
+            ..loader::Capacity::default()
+        },
     };
 
     let mut ebpf = loader::load(pin_dir, &datapath)?;

@@ -732,14 +732,15 @@ pub fn read_services(pin_dir: &Path) -> anyhow::Result<Vec<ServiceView>> {
     Ok(views)
 }
 
-/// Now on the clock the datapath stamps conntrack entries with (`bpf_ktime_get_ns`).
+/// Now on the clock the datapath stamps conntrack entries with (`bpf_ktime_get_coarse_ns`,
+/// CLOCK_MONOTONIC_COARSE).
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: valid out-pointer; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    // SAFETY: valid out-pointer; the clock always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 

@@ -217,7 +217,7 @@ pub struct CtValue {
     pub return_dst_mac: [u8; 6],
     pub return_src_mac: [u8; 6],
     pub _pad: u32,
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) at creation, at the latest packet, and when the
+    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC_COARSE) at creation, at the latest packet, and when the
     /// entry stops counting (latest packet + the protocol's timeout).
     pub created_ns: u64,
     pub last_seen_ns: u64,

@@ -20,10 +20,38 @@ pub const PROTO_ICMP: u8 = 1;
 /// More-fragments flag and fragment offset bits of `frag_off`.
 const IP_FRAG_MASK: u16 = 0x3fff;
 
+/// Copies `T` out of the packet with bpf_skb_load_bytes (cold paths; works on any skb).
 #[inline(always)]
 pub fn load<T>(ctx: &TcContext, off: usize) -> Option<T> {
     ctx.load::<T>(off).ok()
 }
+
+/// Direct packet access: a bounds-checked pointer into the linear data (hot path).
+#[inline(always)]
+fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    if start + off + size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    Some((start + off) as *mut T)
+}
+
+#[inline(always)]
+fn read<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
+    // SAFETY: `ptr_at` checked the bounds; packet bytes may be unaligned.
+    ptr_at::<T>(ctx, off).map(|p| unsafe { core::ptr::read_unaligned(p) })
+}
+
+#[inline(always)]
+fn write<T>(ctx: &TcContext, off: usize, value: T) -> Result<(), ()> {
+    let p = ptr_at::<T>(ctx, off).ok_or(())?;
+    // SAFETY: as above; tc programs that write packets get an uncloned skb from the kernel.
+    unsafe { core::ptr::write_unaligned(p, value) };
+    Ok(())
+}
+
+/// Longest header run the hot path reads: Ethernet, IPv4 with options, TCP.
+const HEADERS_MAX: usize = ETH_HLEN + 60 + 20;
 
 /// An IPv4 header that passed the sanity checks.
 pub struct Ipv4 {
@@ -49,13 +77,19 @@ pub enum Parsed {
 
 #[inline(always)]
 pub fn parse_ipv4(ctx: &TcContext) -> Parsed {
-    let Some(eth_proto) = load::<u16>(ctx, 12) else {
+    // Headers normally sit in the linear part; pull them there when they do not.
+    let len = ctx.len() as usize;
+    let want = if len < HEADERS_MAX { len } else { HEADERS_MAX };
+    if ctx.data_end() - ctx.data() < want && ctx.pull_data(want as u32).is_err() {
+        return Parsed::Malformed;
+    }
+    let Some(eth_proto) = read::<u16>(ctx, 12) else {
         return Parsed::NotIpv4;
     };
     if u16::from_be(eth_proto) != ETH_P_IP {
         return Parsed::NotIpv4;
     }
-    let Some(head) = load::<[u8; 20]>(ctx, ETH_HLEN) else {
+    let Some(head) = read::<[u8; 20]>(ctx, ETH_HLEN) else {
         return Parsed::Malformed;
     };
     if head[0] >> 4 != 4 {
@@ -63,7 +97,7 @@ pub fn parse_ipv4(ctx: &TcContext) -> Parsed {
     }
     let ihl = ((head[0] & 0x0f) as usize) * 4;
     let total_len = u16::from_be_bytes([head[2], head[3]]) as usize;
-    if ihl < 20 || total_len < ihl || ETH_HLEN + total_len > ctx.len() as usize {
+    if ihl < 20 || total_len < ihl || ETH_HLEN + total_len > len {
         return Parsed::Malformed;
     }
     if u16::from_be_bytes([head[6], head[7]]) & IP_FRAG_MASK != 0 {
@@ -98,14 +132,14 @@ pub fn parse_l4(ctx: &TcContext, ip: Ipv4) -> Option<Packet> {
     let l4_off = ETH_HLEN + ip.ihl;
     let l4_len = ip.total_len - ip.ihl;
     let (ports, tcp_flags, l4_hlen) = if ip.proto == PROTO_TCP {
-        let head = load::<[u8; 20]>(ctx, l4_off)?;
+        let head = read::<[u8; 20]>(ctx, l4_off)?;
         let doff = ((head[12] >> 4) as usize) * 4;
         if doff < 20 || doff > l4_len {
             return None;
         }
         ([head[0], head[1], head[2], head[3]], head[13], doff)
     } else {
-        let head = load::<[u8; 8]>(ctx, l4_off)?;
+        let head = read::<[u8; 8]>(ctx, l4_off)?;
         let udp_len = u16::from_be_bytes([head[4], head[5]]) as usize;
         if udp_len < 8 || udp_len > l4_len {
             return None;
@@ -154,56 +188,105 @@ impl Packet {
         }
     }
 
+    /// Rewrites the destination (the backend of a forward packet).
     pub fn set_dst(&self, ctx: &TcContext, addr: [u8; 4], port: u16) -> Result<(), ()> {
-        self.set_addr(ctx, IP_DST_OFF, self.dst_raw, addr)?;
-        self.set_port(ctx, self.l4_off + 2, self.dport_raw, port)
+        self.rewrite(
+            ctx,
+            IP_DST_OFF,
+            self.dst_raw,
+            addr,
+            self.l4_off + 2,
+            self.dport_raw,
+            port,
+        )
     }
 
+    /// Rewrites the source (the frontend of a reply).
     pub fn set_src(&self, ctx: &TcContext, addr: [u8; 4], port: u16) -> Result<(), ()> {
-        self.set_addr(ctx, IP_SRC_OFF, self.src_raw, addr)?;
-        self.set_port(ctx, self.l4_off, self.sport_raw, port)
+        self.rewrite(
+            ctx,
+            IP_SRC_OFF,
+            self.src_raw,
+            addr,
+            self.l4_off,
+            self.sport_raw,
+            port,
+        )
     }
 
     pub fn set_src_addr(&self, ctx: &TcContext, addr: [u8; 4]) -> Result<(), ()> {
-        self.set_addr(ctx, IP_SRC_OFF, self.src_raw, addr)
+        self.rewrite(
+            ctx,
+            IP_SRC_OFF,
+            self.src_raw,
+            addr,
+            self.l4_off,
+            self.sport_raw,
+            u16::from_be(self.sport_raw),
+        )
     }
 
     pub fn set_dst_addr(&self, ctx: &TcContext, addr: [u8; 4]) -> Result<(), ()> {
-        self.set_addr(ctx, IP_DST_OFF, self.dst_raw, addr)
+        self.rewrite(
+            ctx,
+            IP_DST_OFF,
+            self.dst_raw,
+            addr,
+            self.l4_off + 2,
+            self.dport_raw,
+            u16::from_be(self.dport_raw),
+        )
     }
 
-    /// Replaces an IPv4 address, fixing the IPv4 checksum and the L4 pseudo-header checksum.
-    fn set_addr(&self, ctx: &TcContext, off: usize, old: u32, new: [u8; 4]) -> Result<(), ()> {
-        let new = u32::from_ne_bytes(new);
-        if new == old {
-            return Ok(());
+    /// Replaces an address and a port (host order) in place, then fixes the IPv4 checksum and
+    /// the L4 checksum (pseudo header for the address) with the csum helpers, which also keep
+    /// the skb's checksum state right (CHECKSUM_PARTIAL / COMPLETE). All writes come before the
+    /// helpers, which invalidate packet pointers.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn rewrite(
+        &self,
+        ctx: &TcContext,
+        addr_off: usize,
+        old_addr: u32,
+        new_addr: [u8; 4],
+        port_off: usize,
+        old_port: u16,
+        new_port: u16,
+    ) -> Result<(), ()> {
+        let new_addr = u32::from_ne_bytes(new_addr);
+        let new_port = new_port.to_be();
+        let addr_changed = new_addr != old_addr;
+        let port_changed = new_port != old_port;
+        if addr_changed {
+            write(ctx, addr_off, new_addr)?;
         }
-        ctx.l4_csum_replace(
-            self.l4_csum_off(),
-            old as u64,
-            new as u64,
-            self.l4_csum_flags() | BPF_F_PSEUDO_HDR as u64 | size_of::<u32>() as u64,
-        )
-        .map_err(|_| ())?;
-        ctx.l3_csum_replace(IP_CSUM_OFF, old as u64, new as u64, 4)
+        if port_changed {
+            write(ctx, port_off, new_port)?;
+        }
+        let csum_off = self.l4_csum_off();
+        let flags = self.l4_csum_flags();
+        if addr_changed {
+            ctx.l4_csum_replace(
+                csum_off,
+                old_addr as u64,
+                new_addr as u64,
+                flags | BPF_F_PSEUDO_HDR as u64 | size_of::<u32>() as u64,
+            )
             .map_err(|_| ())?;
-        ctx.store(off, &new, 0).map_err(|_| ())
-    }
-
-    /// Replaces a port (given in host order), fixing the L4 checksum.
-    fn set_port(&self, ctx: &TcContext, off: usize, old: u16, new: u16) -> Result<(), ()> {
-        let new = new.to_be();
-        if new == old {
-            return Ok(());
+            ctx.l3_csum_replace(IP_CSUM_OFF, old_addr as u64, new_addr as u64, 4)
+                .map_err(|_| ())?;
         }
-        ctx.l4_csum_replace(
-            self.l4_csum_off(),
-            old as u64,
-            new as u64,
-            self.l4_csum_flags() | size_of::<u16>() as u64,
-        )
-        .map_err(|_| ())?;
-        ctx.store(off, &new, 0).map_err(|_| ())
+        if port_changed {
+            ctx.l4_csum_replace(
+                csum_off,
+                old_port as u64,
+                new_port as u64,
+                flags | size_of::<u16>() as u64,
+            )
+            .map_err(|_| ())?;
+        }
+        Ok(())
     }
 }
 

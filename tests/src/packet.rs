@@ -357,11 +357,25 @@ impl Harness {
 
     /// Runs one frame through `lb_ingress`.
     pub fn run(&mut self, frame: &[u8]) -> anyhow::Result<Verdict> {
+        self.run_program(loader::PROGRAM, frame)
+            .map(|(verdict, _)| verdict)
+    }
+
+    /// Runs one frame through the named program (loading it on first use); also returns the
+    /// run's duration as the kernel measured it.
+    pub fn run_program(
+        &mut self,
+        name: &str,
+        frame: &[u8],
+    ) -> anyhow::Result<(Verdict, std::time::Duration)> {
         let program: &mut SchedClassifier = self
             .ebpf
-            .program_mut(loader::PROGRAM)
-            .context("program missing")?
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing"))?
             .try_into()?;
+        if program.fd().is_err() {
+            program.load().with_context(|| format!("loading {name}"))?;
+        }
         let mut out = vec![0u8; frame.len() + 256];
         let result = program
             .test_run(TestRunOptions {
@@ -371,10 +385,13 @@ impl Harness {
             })
             .context("BPF_PROG_TEST_RUN")?;
         out.truncate(result.data_size_out as usize);
-        Ok(Verdict {
-            action: result.return_value as i32,
-            packet: out,
-        })
+        Ok((
+            Verdict {
+                action: result.return_value as i32,
+                packet: out,
+            },
+            result.duration,
+        ))
     }
 }
 

@@ -26,6 +26,12 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Benchmarks; results go to docs/benchmarks.md.
+    Bench {
+        /// A smoke run with small sizes (what `cargo xtask test` runs); results not written.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Set up, build, and run the demo: a lab of namespaces, the example manifests, traffic.
     Demo {
         /// Leave the lab and the agent running, and print how to explore them.
@@ -49,7 +55,29 @@ fn main() -> anyhow::Result<()> {
             lint()?;
             cmd(Command::new("cargo")
                 .args(["test", "--workspace", "--exclude", "lb-ebpf", "--"])
-                .args(args))
+                .args(args))?;
+            // Keep the benchmark code from rotting: a short run, nothing written.
+            cmd(Command::new("target/debug/lb-bench").arg("--quick"))
+        }
+        Task::Bench { quick } => {
+            setup::run()?;
+            require_root("the benchmarks load BPF programs")?;
+            let mut bench = Command::new("cargo");
+            bench.args([
+                "run",
+                "--release",
+                "--package",
+                "lb-tests",
+                "--bin",
+                "lb-bench",
+                "--",
+            ]);
+            if quick {
+                bench.arg("--quick");
+            } else {
+                bench.args(["--output", "docs/benchmarks.md"]);
+            }
+            cmd(&mut bench)
         }
         Task::Demo { keep } => {
             setup::run()?;

@@ -1,0 +1,231 @@
+//! `cargo xtask bench`: per-packet cost of the tc program through BPF_PROG_TEST_RUN, with a
+//! pass-through program measured in the same run as the floor.
+//!
+//! Every call passes a fresh copy of its packet with repeat = 1, and the kernel's own timing of
+//! that one run is taken. (With repeat > 1 the kernel re-runs the program on the packet the
+//! previous run rewrote, so after the first DNAT it would measure a miss, not a translation.)
+//! Floor, established flow and new flow are interleaved call by call so that noise from the
+//! shared machine lands on all three alike.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    net::Ipv4Addr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use clap::Parser;
+use lb_agent::{
+    loader::{Capacity, DatapathSettings, PASSTHROUGH, PROGRAM},
+    model::{Backend, DesiredService, DesiredState, Frontend, FrontendKind, Protocol},
+};
+use lb_tests::packet::{Flow, Harness, TCP_ACK, TCP_SYN, TC_ACT_OK, TC_ACT_UNSPEC};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+#[derive(Parser)]
+#[command(name = "lb-bench")]
+struct Cli {
+    /// Smoke run: fewer service counts and calls (what `cargo xtask test` runs).
+    #[arg(long)]
+    quick: bool,
+    /// Markdown file whose datapath section is replaced with the results.
+    #[arg(long)]
+    output: Option<PathBuf>,
+}
+
+const START: &str = "<!-- datapath-bench:start -->";
+const END: &str = "<!-- datapath-bench:end -->";
+const BACKEND_POOL: u32 = 1000;
+
+struct Row {
+    services: u32,
+    program_time: Duration,
+    floor: Stats,
+    established: Stats,
+    new_flow: Stats,
+}
+
+#[derive(Clone, Copy)]
+struct Stats {
+    median: f64,
+    p90: f64,
+}
+
+fn stats(mut samples: Vec<u64>) -> Stats {
+    samples.sort_unstable();
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize] as f64;
+    Stats {
+        median: at(0.5),
+        p90: at(0.9),
+    }
+}
+
+fn vip(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i)
+}
+
+fn desired(services: u32) -> DesiredState {
+    let backend = |j: u32| Backend {
+        addr: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 244, 0, 0)) + j),
+        port: 8080,
+        protocol: Protocol::Tcp,
+    };
+    let services = (0..services)
+        .map(|i| {
+            let service = DesiredService {
+                frontends: [Frontend {
+                    addr: vip(i),
+                    port: 80,
+                    protocol: Protocol::Tcp,
+                    kind: FrontendKind::ClusterIP,
+                }]
+                .into(),
+                backends: [backend(i % BACKEND_POOL), backend((i + 1) % BACKEND_POOL)].into(),
+                source_ranges: None,
+            };
+            (format!("bench/svc-{i}:80/TCP"), service)
+        })
+        .collect::<BTreeMap<_, _>>();
+    DesiredState {
+        services,
+        ..Default::default()
+    }
+}
+
+fn client(n: u32) -> String {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(172, 16, 0, 0)) + n).to_string()
+}
+
+fn measure(services: u32, calls: u32) -> anyhow::Result<Row> {
+    let settings = DatapathSettings {
+        capacity: Capacity {
+            frontends: services.max(1024),
+            services: services + 1024,
+            slots: 2 * services + 1024,
+            conntrack: 4 * calls + 4096,
+            ..Capacity::default()
+        },
+        ..DatapathSettings::default()
+    };
+    let mut h = Harness::with_settings(&settings)?;
+    let started = Instant::now();
+    h.program(&desired(services))?;
+    let program_time = started.elapsed();
+    let mut rng = StdRng::seed_from_u64(u64::from(services));
+
+    // Established flows: one packet each first, so that conntrack knows them.
+    let established: Vec<Vec<u8>> = (0..256)
+        .map(|n| {
+            let target = vip(rng.random_range(0..services)).to_string();
+            Flow::tcp(&client(n), 40000, &target, 80, TCP_ACK).build()
+        })
+        .collect();
+    for frame in &established {
+        let (verdict, _) = h.run_program(PROGRAM, frame)?;
+        anyhow::ensure!(verdict.action == TC_ACT_OK, "warm-up packet not translated");
+    }
+
+    let mut floor = Vec::new();
+    let mut hit = Vec::new();
+    let mut fresh = Vec::new();
+    for n in 0..calls {
+        let frame = &established[n as usize % established.len()];
+        let (verdict, took) = h.run_program(PASSTHROUGH, frame)?;
+        anyhow::ensure!(verdict.action == TC_ACT_UNSPEC);
+        floor.push(took.as_nanos() as u64);
+
+        let (verdict, took) = h.run_program(PROGRAM, frame)?;
+        anyhow::ensure!(
+            verdict.action == TC_ACT_OK,
+            "established packet not translated"
+        );
+        hit.push(took.as_nanos() as u64);
+
+        let target = vip(rng.random_range(0..services)).to_string();
+        let syn = Flow::tcp(
+            &client(1000 + n),
+            10000 + (n % 50000) as u16,
+            &target,
+            80,
+            TCP_SYN,
+        );
+        let (verdict, took) = h.run_program(PROGRAM, &syn.build())?;
+        anyhow::ensure!(verdict.action == TC_ACT_OK, "new flow not translated");
+        fresh.push(took.as_nanos() as u64);
+    }
+    Ok(Row {
+        services,
+        program_time,
+        floor: stats(floor),
+        established: stats(hit),
+        new_flow: stats(fresh),
+    })
+}
+
+fn table(rows: &[Row], calls: u32) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "Per-packet cost of `lb_ingress` (BPF_PROG_TEST_RUN, repeat 1, kernel-timed, {calls} calls \
+         per cell, median / p90 in ns). *Floor* is `lb_passthrough`, an empty tc program run the \
+         same way; *over floor* is the median minus the floor's median.\n\n"
+    ));
+    out.push_str("| services | floor | established flow | over floor | new flow | over floor | programming all services |\n");
+    out.push_str("|---:|---:|---:|---:|---:|---:|---:|\n");
+    for r in rows {
+        out.push_str(&format!(
+            "| {} | {:.0} / {:.0} | {:.0} / {:.0} | {:.0} | {:.0} / {:.0} | {:.0} | {:.0} ms |\n",
+            r.services,
+            r.floor.median,
+            r.floor.p90,
+            r.established.median,
+            r.established.p90,
+            r.established.median - r.floor.median,
+            r.new_flow.median,
+            r.new_flow.p90,
+            r.new_flow.median - r.floor.median,
+            r.program_time.as_secs_f64() * 1000.0,
+        ));
+    }
+    if let (Some(first), Some(last)) = (rows.first(), rows.last()) {
+        let growth = |a: f64, b: f64| (b / a - 1.0) * 100.0;
+        out.push_str(&format!(
+            "\nFrom {} to {} services: established flow {:+.1}%, new flow {:+.1}% (median).\n",
+            first.services,
+            last.services,
+            growth(first.established.median, last.established.median),
+            growth(first.new_flow.median, last.new_flow.median),
+        ));
+    }
+    out
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let (counts, calls): (&[u32], u32) = if cli.quick {
+        (&[10, 1000], 500)
+    } else {
+        (&[10, 1_000, 10_000, 100_000], 20_000)
+    };
+    let mut rows = Vec::new();
+    for &services in counts {
+        eprintln!("bench: {services} services ...");
+        rows.push(measure(services, calls).with_context(|| format!("{services} services"))?);
+    }
+    let text = table(&rows, calls);
+    println!("{text}");
+    if let Some(path) = cli.output {
+        let old = fs::read_to_string(&path).unwrap_or_default();
+        let section = format!("{START}\n{text}{END}");
+        let new = match (old.find(START), old.find(END)) {
+            (Some(a), Some(b)) if a < b => {
+                format!("{}{section}{}", &old[..a], &old[b + END.len()..])
+            }
+            _ => format!("{old}\n{section}\n"),
+        };
+        fs::write(&path, new).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("bench: results written to {}", path.display());
+    }
+    Ok(())
+}
