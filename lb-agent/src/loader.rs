@@ -103,6 +103,7 @@ pub fn load(pin_dir: &Path, settings: &DatapathSettings) -> anyhow::Result<Ebpf>
     loader
         .map_max_entries(map_names::FRONTENDS, c.frontends)
         .map_max_entries(map_names::SERVICES, c.services)
+        .map_max_entries(map_names::SERVICE_NAMES, c.services)
         .map_max_entries(map_names::SERVICE_STATS, c.services)
         .map_max_entries(map_names::SLOTS, c.slots)
         .map_max_entries(map_names::BACKENDS, c.backends)

@@ -13,11 +13,11 @@ use std::{
 use anyhow::{anyhow, Context as _};
 use aya::maps::{
     lpm_trie::{Key as LpmKey, LpmTrie},
-    HashMap, Map, MapData, PerCpuArray, PerCpuValues,
+    Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues,
 };
 use lb_common::{
-    map_names, BackendValue, Counter, CtKey, CtValue, FrontendKey, FrontendValue, ServiceStats,
-    ServiceValue, SlotKey, SourceRangeKey, FRONTEND_SOURCE_RANGES, SERVICE_NAME_LEN,
+    map_names, BackendValue, Counter, CtKey, CtValue, FrontendKey, FrontendValue, ServiceName,
+    ServiceStats, ServiceValue, SlotKey, SourceRangeKey, FRONTEND_SOURCE_RANGES, SERVICE_NAME_LEN,
     SOURCE_RANGE_FRONTEND_BITS,
 };
 use serde::Serialize;
@@ -31,7 +31,8 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
 pub type FrontendMap = HashMap<MapData, FrontendKey, FrontendValue>;
 pub type ServiceMap = HashMap<MapData, u32, ServiceValue>;
 pub type SlotMap = HashMap<MapData, SlotKey, u32>;
-pub type BackendMap = HashMap<MapData, u32, BackendValue>;
+pub type BackendMap = Array<MapData, BackendValue>;
+pub type ServiceNameMap = HashMap<MapData, u32, ServiceName>;
 pub type ConntrackMap = HashMap<MapData, CtKey, CtValue>;
 pub type SourceRangeMap = LpmTrie<MapData, SourceRangeKey, u8>;
 pub type ServiceStatsMap = PerCpuArray<MapData, ServiceStats>;
@@ -40,6 +41,7 @@ pub type ServiceStatsMap = PerCpuArray<MapData, ServiceStats>;
 pub struct Maps {
     pub frontends: FrontendMap,
     pub services: ServiceMap,
+    pub service_names: ServiceNameMap,
     pub slots: SlotMap,
     pub backends: BackendMap,
     pub source_ranges: SourceRangeMap,
@@ -71,8 +73,10 @@ impl Maps {
         Ok(Self {
             frontends: open_hash(pin_dir, map_names::FRONTENDS)?,
             services: open_hash(pin_dir, map_names::SERVICES)?,
+            service_names: open_hash(pin_dir, map_names::SERVICE_NAMES)?,
             slots: open_hash(pin_dir, map_names::SLOTS)?,
-            backends: open_hash(pin_dir, map_names::BACKENDS)?,
+            backends: Array::try_from(open_map(pin_dir, map_names::BACKENDS)?)
+                .context("map LB_BACKENDS does not have the layout this agent expects")?,
             source_ranges: LpmTrie::try_from(open_map(pin_dir, map_names::SOURCE_RANGES)?)
                 .context("map LB_SOURCE_RANGES does not have the layout this agent expects")?,
             service_stats: PerCpuArray::try_from(open_map(pin_dir, map_names::SERVICE_STATS)?)
@@ -113,17 +117,33 @@ pub fn read_counters(pin_dir: &Path) -> anyhow::Result<Vec<(Counter, u64)>> {
         .collect()
 }
 
-fn encode_name(name: &str) -> [u8; SERVICE_NAME_LEN] {
-    let mut out = [0u8; SERVICE_NAME_LEN];
+fn encode_name(name: &str) -> ServiceName {
+    let mut out = ServiceName::default();
     let bytes = name.as_bytes();
     let len = bytes.len().min(SERVICE_NAME_LEN);
-    out[..len].copy_from_slice(&bytes[..len]);
+    out.name[..len].copy_from_slice(&bytes[..len]);
     out
 }
 
-fn decode_name(name: &[u8; SERVICE_NAME_LEN]) -> String {
-    let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
-    String::from_utf8_lossy(&name[..end]).into_owned()
+fn decode_name(name: &ServiceName) -> String {
+    let end = name
+        .name
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(name.name.len());
+    String::from_utf8_lossy(&name.name[..end]).into_owned()
+}
+
+/// Reads the `LB_BACKENDS` array: index = backend id, `proto == 0` = unused.
+fn read_backends(map: &BackendMap) -> anyhow::Result<BTreeMap<u32, BackendValue>> {
+    let mut out = BTreeMap::new();
+    for (id, value) in map.iter().enumerate() {
+        let value = value.context("reading LB_BACKENDS")?;
+        if value.proto != 0 {
+            out.insert(id as u32, value);
+        }
+    }
+    Ok(out)
 }
 
 fn source_range_key(frontend: FrontendKey, prefix: &Ipv4Prefix) -> LpmKey<SourceRangeKey> {
@@ -224,8 +244,7 @@ impl Applier {
     pub fn open(pin_dir: &Path) -> anyhow::Result<Self> {
         let mut maps = Maps::open(pin_dir)?;
         let mut backends = BTreeMap::new();
-        for entry in maps.backends.iter() {
-            let (id, value) = entry.context("reading LB_BACKENDS")?;
+        for (id, value) in read_backends(&maps.backends)? {
             match backend_from_value(&value) {
                 Some(backend) => {
                     backends.insert(id, backend);
@@ -237,7 +256,13 @@ impl Applier {
         let mut counts = StdHashMap::new();
         for entry in maps.services.iter() {
             let (id, value) = entry.context("reading LB_SERVICES")?;
-            services.insert(id, (decode_name(&value.name), Vec::new()));
+            // A service without a name cannot be matched to an object: dropped by the sync.
+            let name = maps
+                .service_names
+                .get(&id, 0)
+                .map(|n| decode_name(&n))
+                .unwrap_or_default();
+            services.insert(id, (name, Vec::new()));
             counts.insert(id, value.backend_count);
         }
         let mut slots: Vec<(SlotKey, u32)> = Vec::new();
@@ -305,7 +330,7 @@ impl Applier {
             let id = self.backend_alloc.allocate();
             self.maps
                 .backends
-                .insert(id, backend_value(backend), 0)
+                .set(id, backend_value(backend), 0)
                 .with_context(|| format!("writing backend {}:{}", backend.addr, backend.port))?;
             self.backends.insert(id, *backend);
             self.backend_ids.insert(*backend, id);
@@ -464,7 +489,7 @@ impl Applier {
         for id in stale {
             self.maps
                 .backends
-                .remove(&id)
+                .set(id, BackendValue::default(), 0)
                 .context("removing a backend")?;
             if let Some(backend) = self.backends.remove(&id) {
                 self.backend_ids.remove(&backend);
@@ -519,10 +544,15 @@ impl Applier {
         }
         let is_new = !self.service_ids.contains_key(name);
         if is_new || old.len() != new.len() {
+            if is_new {
+                self.maps
+                    .service_names
+                    .insert(id, encode_name(name), 0)
+                    .context("writing the service name")?;
+            }
             let value = ServiceValue {
                 backend_count: new.len() as u32,
                 flags: 0,
-                name: encode_name(name),
             };
             self.maps
                 .services
@@ -557,6 +587,8 @@ impl Applier {
             .services
             .remove(&id)
             .with_context(|| format!("removing service {name}"))?;
+        // Best effort: a missing name is already what we want.
+        let _ = self.maps.service_names.remove(&id);
         report.deletes += 1;
         for slot in 0..slots.len() {
             let key = SlotKey {
@@ -658,6 +690,8 @@ pub fn read_services(pin_dir: &Path) -> anyhow::Result<Vec<ServiceView>> {
             let backend = maps
                 .backends
                 .get(&backend_id, 0)
+                .ok()
+                .filter(|b| b.proto != 0)
                 .with_context(|| format!("service {id}: backend {backend_id} is missing"))?;
             let protocol = Protocol::from_number(backend.proto).ok_or_else(|| {
                 anyhow!("backend {backend_id}: unknown protocol {}", backend.proto)
@@ -685,7 +719,11 @@ pub fn read_services(pin_dir: &Path) -> anyhow::Result<Vec<ServiceView>> {
             id,
             ServiceView {
                 id,
-                name: decode_name(&value.name),
+                name: maps
+                    .service_names
+                    .get(&id, 0)
+                    .map(|n| decode_name(&n))
+                    .unwrap_or_else(|_| format!("#{id}")),
                 frontends: Vec::new(),
                 backends,
                 source_ranges: Vec::new(),

@@ -10,9 +10,10 @@
 //!
 //! ```text
 //! LB_FRONTENDS      FrontendKey {addr, port, proto}       -> FrontendValue {service_id, kind}
-//! LB_SERVICES       service_id                            -> ServiceValue {backend_count, name}
+//! LB_SERVICES       service_id                            -> ServiceValue {backend_count}
+//! LB_SERVICE_NAMES  service_id                            -> ServiceName (operators only)
 //! LB_SLOTS          SlotKey {service_id, slot}            -> backend_id (slots 0..backend_count)
-//! LB_BACKENDS       backend_id                            -> BackendValue {addr, port}
+//! LB_BACKENDS       backend_id (array index)              -> BackendValue {addr, port}
 //! LB_SOURCE_RANGES  LPM {frontend, client prefix}         -> 1 (allowed)
 //! LB_CONNTRACK      CtKey {src, dst, sport, dport, proto} -> CtValue (LRU)
 //! LB_SERVICE_STATS  service_id                            -> ServiceStats (per CPU)
@@ -25,7 +26,7 @@
 #![no_std]
 
 /// Bumped whenever a key or value layout below changes; stamped into the pinned state.
-pub const MAP_LAYOUT_VERSION: u32 = 2;
+pub const MAP_LAYOUT_VERSION: u32 = 3;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -34,15 +35,17 @@ pub const PROTO_UDP: u8 = 17;
 pub mod map_names {
     pub const FRONTENDS: &str = "LB_FRONTENDS";
     pub const SERVICES: &str = "LB_SERVICES";
+    pub const SERVICE_NAMES: &str = "LB_SERVICE_NAMES";
     pub const SLOTS: &str = "LB_SLOTS";
     pub const BACKENDS: &str = "LB_BACKENDS";
     pub const SOURCE_RANGES: &str = "LB_SOURCE_RANGES";
     pub const CONNTRACK: &str = "LB_CONNTRACK";
     pub const SERVICE_STATS: &str = "LB_SERVICE_STATS";
     pub const STATS: &str = "LB_STATS";
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 9] = [
         FRONTENDS,
         SERVICES,
+        SERVICE_NAMES,
         SLOTS,
         BACKENDS,
         SOURCE_RANGES,
@@ -140,21 +143,25 @@ pub struct ServiceStats {
 /// Room for `namespace/name:port/proto` at Kubernetes maximum lengths (63 + 63 + 15 + 4 + 3).
 pub const SERVICE_NAME_LEN: usize = 160;
 
+/// Kept small: the datapath reads it for every new flow.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ServiceValue {
     /// Number of valid slots in `LB_SLOTS` for this service (0 = no usable backend).
     pub backend_count: u32,
     pub flags: u32,
-    /// `namespace/name:port/proto`, NUL padded; only for operators (the kernel never reads it).
+}
+
+/// `namespace/name:port/proto`, NUL padded; for operators (the kernel never reads it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceName {
     pub name: [u8; SERVICE_NAME_LEN],
 }
 
-impl Default for ServiceValue {
+impl Default for ServiceName {
     fn default() -> Self {
         Self {
-            backend_count: 0,
-            flags: 0,
             name: [0; SERVICE_NAME_LEN],
         }
     }
@@ -167,6 +174,7 @@ pub struct SlotKey {
     pub slot: u32,
 }
 
+/// An entry of the `LB_BACKENDS` array; `proto == 0` marks an unused index.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BackendValue {
@@ -326,6 +334,7 @@ mod pod {
     unsafe impl aya::Pod for FrontendKey {}
     unsafe impl aya::Pod for FrontendValue {}
     unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for ServiceName {}
     unsafe impl aya::Pod for SlotKey {}
     unsafe impl aya::Pod for BackendValue {}
     unsafe impl aya::Pod for CtKey {}
@@ -345,7 +354,8 @@ mod tests {
     fn layouts_have_no_hidden_padding() {
         assert_eq!(size_of::<FrontendKey>(), 8);
         assert_eq!(size_of::<FrontendValue>(), 8);
-        assert_eq!(size_of::<ServiceValue>(), 8 + SERVICE_NAME_LEN);
+        assert_eq!(size_of::<ServiceValue>(), 8);
+        assert_eq!(size_of::<ServiceName>(), SERVICE_NAME_LEN);
         assert_eq!(size_of::<SlotKey>(), 8);
         assert_eq!(size_of::<BackendValue>(), 8);
         assert_eq!(size_of::<CtKey>(), 16);

@@ -194,14 +194,14 @@ fn pick_backend(service_id: u32) -> Option<(u32, BackendValue)> {
     }
     let slot = unsafe { bpf_get_prandom_u32() } % count;
     let backend_id = *unsafe { LB_SLOTS.get(SlotKey { service_id, slot }) }?;
-    let backend = *unsafe { LB_BACKENDS.get(backend_id) }?;
-    Some((backend_id, backend))
+    let backend = *LB_BACKENDS.get(backend_id)?;
+    (backend.proto != 0).then_some((backend_id, backend))
 }
 
 #[inline(always)]
 fn backend_still_there(ct: &CtValue) -> bool {
-    match unsafe { LB_BACKENDS.get(ct.backend_id) } {
-        Some(b) => b.addr == ct.nat_addr && b.port == ct.nat_port,
+    match LB_BACKENDS.get(ct.backend_id) {
+        Some(b) => b.proto != 0 && b.addr == ct.nat_addr && b.port == ct.nat_port,
         None => false,
     }
 }

@@ -2,12 +2,12 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
-    capacity, BackendValue, Counter, CtKey, CtValue, FrontendKey, FrontendValue, ServiceStats,
-    ServiceValue, SlotKey, SourceRangeKey, COUNTER_COUNT,
+    capacity, BackendValue, Counter, CtKey, CtValue, FrontendKey, FrontendValue, ServiceName,
+    ServiceStats, ServiceValue, SlotKey, SourceRangeKey, COUNTER_COUNT,
 };
 
 /// Maps written only by the agent allocate entries on demand.
@@ -23,12 +23,16 @@ pub static LB_FRONTENDS: HashMap<
 #[btf_map]
 pub static LB_SERVICES: HashMap<u32, ServiceValue, { capacity::SERVICES as usize }, ON_DEMAND> =
     HashMap::new();
+/// Never read here; declared so that the object carries it (with BTF) for the agent to pin.
+#[btf_map]
+pub static LB_SERVICE_NAMES: HashMap<u32, ServiceName, { capacity::SERVICES as usize }, ON_DEMAND> =
+    HashMap::new();
 #[btf_map]
 pub static LB_SLOTS: HashMap<SlotKey, u32, { capacity::SLOTS as usize }, ON_DEMAND> =
     HashMap::new();
+/// Indexed by backend id: the established-flow check is an array read, not a hash lookup.
 #[btf_map]
-pub static LB_BACKENDS: HashMap<u32, BackendValue, { capacity::BACKENDS as usize }, ON_DEMAND> =
-    HashMap::new();
+pub static LB_BACKENDS: Array<BackendValue, { capacity::BACKENDS as usize }> = Array::new();
 #[btf_map]
 pub static LB_SOURCE_RANGES: LpmTrie<SourceRangeKey, u8, { capacity::SOURCE_RANGES as usize }> =
     LpmTrie::new();

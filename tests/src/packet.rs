@@ -349,8 +349,8 @@ impl Harness {
     /// Programs the maps with `desired` through the agent's applier.
     pub fn program(&mut self, desired: &DesiredState) -> anyhow::Result<()> {
         let report = self.applier.sync(desired)?;
-        if !report.errors.is_empty() {
-            bail!("applier errors: {:?}", report.errors);
+        if let Some(first) = report.errors.first() {
+            bail!("{} applier errors, the first: {first}", report.errors.len());
         }
         Ok(())
     }

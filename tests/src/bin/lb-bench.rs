@@ -208,6 +208,8 @@ fn main() -> anyhow::Result<()> {
     } else {
         (&[10, 1_000, 10_000, 100_000], 20_000)
     };
+    // Warm the CPU and the allocator up first; the first measurement otherwise pays for it.
+    measure(counts[0], calls / 4).context("warm-up")?;
     let mut rows = Vec::new();
     for &services in counts {
         eprintln!("bench: {services} services ...");
