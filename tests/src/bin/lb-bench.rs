@@ -33,6 +33,9 @@ struct Cli {
     /// Markdown file whose datapath section is replaced with the results.
     #[arg(long)]
     output: Option<PathBuf>,
+    /// Only these service counts (for experiments); default 10, 1,000, 10,000, 100,000.
+    #[arg(long, value_delimiter = ',')]
+    services: Vec<u32>,
 }
 
 const START: &str = "<!-- datapath-bench:start -->";
@@ -215,11 +218,14 @@ fn table(rows: &[Row], calls: u32) -> String {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let (counts, calls): (&[u32], u32) = if cli.quick {
+    let (mut counts, calls): (&[u32], u32) = if cli.quick {
         (&[10, 1000], 500)
     } else {
         (&[10, 1_000, 10_000, 100_000], 20_000)
     };
+    if !cli.services.is_empty() {
+        counts = &cli.services;
+    }
     // Warm the CPU and the allocator up first; the first measurement otherwise pays for it.
     measure(counts[0], calls / 4).context("warm-up")?;
     let mut rows = Vec::new();
