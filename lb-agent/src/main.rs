@@ -39,6 +39,16 @@ enum Command {
         #[arg(short, long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// Print the desired state of a node for a manifest directory, without touching the kernel.
+    Plan {
+        #[arg(long)]
+        manifests: PathBuf,
+        /// The node to plan for (its Node manifest, if present, gives zone and addresses).
+        #[arg(long)]
+        node: String,
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
     /// Show live connection-tracking entries, read from the pinned maps.
     Conntrack {
         #[arg(short, long, value_enum, default_value_t = Output::Table)]
@@ -62,8 +72,12 @@ struct RunArgs {
         required = true
     )]
     interfaces: Vec<String>,
-    /// Addresses NodePorts are served on. Default: every IPv4 address of the node's
-    /// interfaces (except loopback), read at start.
+    /// This node's name (endpoints with this `nodeName` are local; a Node manifest of this
+    /// name gives the zone and addresses).
+    #[arg(long, env = "NODE_NAME", default_value_t = hostname())]
+    node_name: String,
+    /// Addresses NodePorts are served on. Default: the Node manifest's InternalIP/ExternalIP
+    /// addresses, else every IPv4 address of the node's interfaces (except loopback).
     #[arg(long, value_delimiter = ',')]
     node_port_addresses: Vec<Ipv4Addr>,
     /// What a new flow to a frontend without usable backend gets: `reject` (TCP RST / ICMP
@@ -135,6 +149,11 @@ fn main() -> anyhow::Result<()> {
         Command::Run(args) => run(&cli.pin_dir, args),
         Command::Services { output } => show_services(&cli.pin_dir, output),
         Command::Stats { output } => show_stats(&cli.pin_dir, output),
+        Command::Plan {
+            manifests,
+            node,
+            output,
+        } => show_plan(&manifests, &node, output),
         Command::Conntrack { output, service } => {
             show_conntrack(&cli.pin_dir, output, service.as_deref())
         }
@@ -165,13 +184,12 @@ fn init_logging(format: LogFormat) {
 }
 
 fn run(pin_dir: &Path, args: RunArgs) -> anyhow::Result<()> {
-    let node_addresses = if args.node_port_addresses.is_empty() {
-        node_addresses()?
-    } else {
-        args.node_port_addresses.clone()
+    let node = NodeIdentity {
+        name: args.node_name.clone(),
+        node_port_addresses: args.node_port_addresses.clone(),
+        discovered: node_addresses()?,
     };
-    info!(addresses = ?node_addresses, "serving NodePorts on");
-    let settings = model::Settings { node_addresses };
+    info!(node = %node.name, discovered = ?node.discovered, "starting");
     let datapath = loader::DatapathSettings {
         no_backend_drop: args.no_backend == NoBackend::Drop,
         hairpin_addr: args.hairpin_snat_address,
@@ -189,7 +207,7 @@ fn run(pin_dir: &Path, args: RunArgs) -> anyhow::Result<()> {
     let attachments = loader::attach(&mut ebpf, &args.interfaces)?;
     let mut applier = maps::Applier::open(pin_dir)?;
     let mut source = ManifestSource::default();
-    source.sync(&args.manifests, &settings, &mut applier)?;
+    source.sync(&args.manifests, &node, &mut applier)?;
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -207,7 +225,7 @@ fn run(pin_dir: &Path, args: RunArgs) -> anyhow::Result<()> {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
                 _ = poll.tick() => {
-                    if let Err(err) = source.sync(&args.manifests, &settings, &mut applier) {
+                    if let Err(err) = source.sync(&args.manifests, &node, &mut applier) {
                         warn!("sync failed, keeping the current datapath: {err:#}");
                     }
                 }
@@ -234,16 +252,28 @@ struct ManifestSource {
     last_problems: Vec<String>,
 }
 
+/// Who this node is; its zone and addresses may come from a Node manifest.
+struct NodeIdentity {
+    name: String,
+    node_port_addresses: Vec<Ipv4Addr>,
+    discovered: Vec<Ipv4Addr>,
+}
+
 impl ManifestSource {
     fn sync(
         &mut self,
         dir: &Path,
-        settings: &model::Settings,
+        node: &NodeIdentity,
         applier: &mut maps::Applier,
     ) -> anyhow::Result<()> {
         let manifests = manifest::read_dir(dir)?;
-        let desired =
-            model::desired_state(&manifests.services, &manifests.endpoint_slices, settings);
+        let settings = lb_agent::node::settings(
+            &node.name,
+            &manifests.nodes,
+            &node.node_port_addresses,
+            &node.discovered,
+        );
+        let desired = lb_agent::desired_from_manifests(&manifests, &settings);
         if self.last.as_ref() == Some(&desired) {
             return Ok(());
         }
@@ -259,8 +289,9 @@ impl ManifestSource {
                 warn!("skipped: {problem}");
             }
             for (object, reason) in &desired.skipped {
-                info!(%object, "no frontend: {reason}");
+                info!(%object, "left out: {reason}");
             }
+            info!(zone = ?settings.node_zone, node_port_addresses = ?settings.node_addresses, "node");
             self.last_problems = problems;
         }
         let started = std::time::Instant::now();
@@ -331,6 +362,76 @@ fn show_services(pin_dir: &Path, output: Output) -> anyhow::Result<()> {
                 &mut out,
                 [
                     "SERVICE", "KIND", "FRONTEND", "READY", "BACKENDS", "PACKETS", "BYTES",
+                ],
+                &rows,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default()
+}
+
+fn show_plan(dir: &Path, node: &str, output: Output) -> anyhow::Result<()> {
+    let manifests = manifest::read_dir(dir)?;
+    for error in &manifests.errors {
+        warn!("skipped: {error}");
+    }
+    let settings = lb_agent::node::settings(node, &manifests.nodes, &[], &[]);
+    let desired = lb_agent::desired_from_manifests(&manifests, &settings);
+    for error in &desired.errors {
+        warn!("skipped: {error}");
+    }
+    let plan = lb_agent::plan::plan(node, &desired);
+    let mut out = io::stdout().lock();
+    match output {
+        Output::Json => {
+            serde_json::to_writer_pretty(&mut out, &plan)?;
+            writeln!(out)?;
+        }
+        Output::Table => {
+            let rows: Vec<[String; 6]> = plan
+                .frontends
+                .iter()
+                .map(|f| {
+                    let backends = f
+                        .backends
+                        .iter()
+                        .map(|b| {
+                            let t = if b.terminating { " (terminating)" } else { "" };
+                            format!("{}:{}{t}", b.address, b.port)
+                        })
+                        .collect::<Vec<_>>()
+                        .join(",");
+                    [
+                        format!("{}:{}", f.service, f.port_name.as_deref().unwrap_or("")),
+                        f.kind.to_string(),
+                        format!("{}:{}/{}", f.address, f.port, f.protocol),
+                        if backends.is_empty() {
+                            "<none>".into()
+                        } else {
+                            backends
+                        },
+                        format!("{:?}", f.when_empty).to_lowercase(),
+                        f.affinity_timeout_seconds
+                            .map_or_else(|| "-".to_string(), |t| format!("{t}s")),
+                    ]
+                })
+                .collect();
+            write_table(
+                &mut out,
+                [
+                    "SERVICE",
+                    "KIND",
+                    "FRONTEND",
+                    "BACKENDS",
+                    "WHEN-EMPTY",
+                    "AFFINITY",
                 ],
                 &rows,
             )?;

@@ -11,7 +11,10 @@ use std::{
 };
 
 use anyhow::Context as _;
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Endpoints, Node, Service},
+    discovery::v1::EndpointSlice,
+};
 use serde::de::DeserializeOwned;
 
 /// Everything read from a manifest directory.
@@ -19,6 +22,10 @@ use serde::de::DeserializeOwned;
 pub struct Manifests {
     pub services: Vec<Service>,
     pub endpoint_slices: Vec<EndpointSlice>,
+    /// v1 Endpoints, mirrored into slices (see `mirror`).
+    pub endpoints: Vec<Endpoints>,
+    /// Node objects: the agent's own one gives its zone and addresses.
+    pub nodes: Vec<Node>,
     /// Documents that could not be used; the rest loaded regardless.
     pub errors: Vec<ManifestError>,
     /// Documents of kinds this agent does not consume (Deployments, ...), by `Kind ns/name`.
@@ -125,7 +132,18 @@ pub fn parse_into(file: &Path, text: &str, out: &mut Manifests) {
                 }
                 Err(message) => out.errors.push(error(Some(object), message)),
             },
-            (_, "Service" | "EndpointSlice") => out.errors.push(error(
+            ("v1", "Endpoints") => match decode::<Endpoints>(value) {
+                Ok(mut endpoints) => {
+                    default_namespace(&mut endpoints.metadata);
+                    out.endpoints.push(endpoints);
+                }
+                Err(message) => out.errors.push(error(Some(object), message)),
+            },
+            ("v1", "Node") => match decode::<Node>(value) {
+                Ok(node) => out.nodes.push(node),
+                Err(message) => out.errors.push(error(Some(object), message)),
+            },
+            (_, "Service" | "EndpointSlice" | "Endpoints" | "Node") => out.errors.push(error(
                 Some(object),
                 format!("unsupported apiVersion {api_version:?} for kind {kind} (want v1 / discovery.k8s.io/v1)"),
             )),

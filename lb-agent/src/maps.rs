@@ -17,13 +17,15 @@ use aya::maps::{
 };
 use lb_common::{
     map_names, BackendValue, Counter, CtKey, CtValue, FrontendKey, FrontendValue, ServiceName,
-    ServiceStats, ServiceValue, SlotKey, SourceRangeKey, FRONTEND_SOURCE_RANGES, SERVICE_NAME_LEN,
-    SOURCE_RANGE_FRONTEND_BITS,
+    ServiceStats, ServiceValue, SlotKey, SourceRangeKey, FRONTEND_SOURCE_RANGES,
+    SERVICE_DROP_WHEN_EMPTY, SERVICE_NAME_LEN, SOURCE_RANGE_FRONTEND_BITS,
 };
 use serde::Serialize;
 use tracing::{debug, warn};
 
-use crate::model::{Backend, DesiredState, Frontend, FrontendKind, Ipv4Prefix, Protocol};
+use crate::model::{
+    Backend, DesiredState, Frontend, FrontendKind, Ipv4Prefix, Protocol, WhenEmpty,
+};
 
 /// Where the agent pins its maps unless told otherwise.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
@@ -232,6 +234,8 @@ pub struct Applier {
     backend_alloc: IdAllocator,
     /// Service id -> (name, backend ids by slot).
     services: BTreeMap<u32, (String, Vec<u32>)>,
+    /// `ServiceValue::flags` as written, by service id.
+    service_flags: StdHashMap<u32, u32>,
     service_ids: StdHashMap<String, u32>,
     service_alloc: IdAllocator,
     frontends: StdHashMap<FrontendKey, FrontendValue>,
@@ -254,6 +258,7 @@ impl Applier {
         }
         let mut services = BTreeMap::new();
         let mut counts = StdHashMap::new();
+        let mut service_flags = StdHashMap::new();
         for entry in maps.services.iter() {
             let (id, value) = entry.context("reading LB_SERVICES")?;
             // A service without a name cannot be matched to an object: dropped by the sync.
@@ -264,6 +269,7 @@ impl Applier {
                 .unwrap_or_default();
             services.insert(id, (name, Vec::new()));
             counts.insert(id, value.backend_count);
+            service_flags.insert(id, value.flags);
         }
         let mut slots: Vec<(SlotKey, u32)> = Vec::new();
         for entry in maps.slots.iter() {
@@ -306,6 +312,7 @@ impl Applier {
             backends,
             backend_ids,
             services,
+            service_flags,
             service_ids,
             frontends,
             source_ranges,
@@ -347,7 +354,11 @@ impl Applier {
                 .iter()
                 .filter_map(|b| self.backend_ids.get(b).copied())
                 .collect();
-            let service_id = match self.write_service(name, &ids, &mut report) {
+            let flags = match service.when_empty {
+                WhenEmpty::Drop => SERVICE_DROP_WHEN_EMPTY,
+                WhenEmpty::Reject => 0,
+            };
+            let service_id = match self.write_service(name, &ids, flags, &mut report) {
                 Ok(id) => id,
                 Err(err) => {
                     report.errors.push(format!("service {name}: {err:#}"));
@@ -509,6 +520,7 @@ impl Applier {
         &mut self,
         name: &str,
         wanted: &[u32],
+        flags: u32,
         report: &mut SyncReport,
     ) -> anyhow::Result<u32> {
         let (id, old) = match self.service_ids.get(name) {
@@ -543,7 +555,7 @@ impl Applier {
             }
         }
         let is_new = !self.service_ids.contains_key(name);
-        if is_new || old.len() != new.len() {
+        if is_new || old.len() != new.len() || self.service_flags.get(&id) != Some(&flags) {
             if is_new {
                 self.maps
                     .service_names
@@ -552,12 +564,13 @@ impl Applier {
             }
             let value = ServiceValue {
                 backend_count: new.len() as u32,
-                flags: 0,
+                flags,
             };
             self.maps
                 .services
                 .insert(id, value, 0)
                 .context("writing the service entry")?;
+            self.service_flags.insert(id, flags);
             report.writes += 1;
         }
         for slot in new.len()..old.len() {
@@ -602,6 +615,7 @@ impl Applier {
             report.deletes += 1;
         }
         self.services.remove(&id);
+        self.service_flags.remove(&id);
         self.service_ids.remove(&name);
         self.service_alloc.release(id);
         Ok(())

@@ -10,7 +10,7 @@ use std::{
 
 use k8s_openapi::api::{
     core::v1::{Service, ServicePort},
-    discovery::v1::{Endpoint, EndpointSlice},
+    discovery::v1::EndpointSlice,
 };
 use serde::Serialize;
 
@@ -141,11 +141,29 @@ impl fmt::Display for Ipv4Prefix {
     }
 }
 
-/// What the model needs to know about this node and the agent's settings.
+/// What the model needs to know about this node.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Settings {
+    /// This node's name: endpoints whose `nodeName` matches are local.
+    pub node_name: String,
+    /// This node's `topology.kubernetes.io/zone` label, if any.
+    pub node_zone: Option<String>,
     /// Addresses NodePorts are served on (every address of the node by default).
     pub node_addresses: Vec<Ipv4Addr>,
+}
+
+/// Label of the node's zone, matched against endpoints' zone hints.
+pub const LABEL_TOPOLOGY_ZONE: &str = "topology.kubernetes.io/zone";
+
+/// What a new flow gets when a frontend's backend list is empty.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WhenEmpty {
+    /// The Service has no usable endpoint anywhere: TCP reset / ICMP port unreachable.
+    #[default]
+    Reject,
+    /// A Local traffic policy leaves this node without endpoints while others have some.
+    Drop,
 }
 
 /// An endpoint traffic may be sent to.
@@ -156,18 +174,28 @@ pub struct Backend {
     pub protocol: Protocol,
 }
 
-/// One Service port as this node must serve it.
+/// One backend set of a Service port, with the frontends that use it. A Service port has one
+/// (all usable endpoints, topology applied) or, with a Local traffic policy, two (the second
+/// holding this node's endpoints only, keyed with a `#local` suffix).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct DesiredService {
+    /// `namespace/name` of the Service, and the port's name (`None` when unnamed).
+    pub service: String,
+    pub port_name: Option<String>,
     pub frontends: BTreeSet<Frontend>,
     pub backends: BTreeSet<Backend>,
+    /// The subset of `backends` that are terminating (used because nothing else is).
+    pub terminating: BTreeSet<Backend>,
     /// `loadBalancerSourceRanges`: when `Some`, only these clients may use the LoadBalancer
     /// frontends (an empty list then admits nobody: every listed range was invalid).
     pub source_ranges: Option<BTreeSet<Ipv4Prefix>>,
+    pub when_empty: WhenEmpty,
+    /// `sessionAffinity: ClientIP` timeout.
+    pub affinity_timeout_seconds: Option<u32>,
 }
 
 /// The whole desired state, keyed by `namespace/name:port/protocol` (the port's name, or its
-/// number when unnamed).
+/// number when unnamed), plus `#local` for a Local policy's node-local backend set.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct DesiredState {
     pub services: BTreeMap<String, DesiredService>,
@@ -375,6 +403,30 @@ fn add_service(
                 .collect::<BTreeSet<_>>()
         });
 
+    let affinity = match spec.session_affinity.as_deref() {
+        Some("ClientIP") => {
+            let timeout = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_SECONDS);
+            if (1..=MAX_AFFINITY_TIMEOUT_SECONDS).contains(&timeout) {
+                Some(timeout as u32)
+            } else {
+                state.errors.push(ModelError {
+                    object: object.clone(),
+                    field: "spec.sessionAffinityConfig.clientIP.timeoutSeconds".to_string(),
+                    message: format!(
+                        "{timeout} is outside 1-{MAX_AFFINITY_TIMEOUT_SECONDS}; using {DEFAULT_AFFINITY_TIMEOUT_SECONDS}"
+                    ),
+                });
+                Some(DEFAULT_AFFINITY_TIMEOUT_SECONDS as u32)
+            }
+        }
+        _ => None,
+    };
+
     for (index, port) in spec.ports.iter().flatten().enumerate() {
         let (port_number, protocol) = match service_port(port) {
             Ok(p) => p,
@@ -433,15 +485,64 @@ fn add_service(
                 .iter()
                 .map(|&addr| frontend(addr, port_number, FrontendKind::ExternalIP)),
         );
-        let backends = backends_for_port(port.name.as_deref(), protocol, slices, state);
-        state.services.insert(
-            key,
-            DesiredService {
-                frontends,
-                backends,
-                source_ranges: source_ranges.clone(),
-            },
+        let endpoints = endpoints_for_port(port.name.as_deref(), protocol, slices, settings, state);
+        let externally_accessible = frontends.iter().any(|f| f.kind != FrontendKind::ClusterIP);
+        let policy = Policy {
+            internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+            external_local: spec.external_traffic_policy.as_deref() == Some("Local"),
+            externally_accessible,
+        };
+        let sets = categorize(
+            &endpoints,
+            policy,
+            &settings.node_name,
+            settings.node_zone.as_deref(),
         );
+        let (cluster_frontends, local_frontends): (BTreeSet<Frontend>, BTreeSet<Frontend>) =
+            frontends.into_iter().partition(|f| {
+                let local = if f.kind == FrontendKind::ClusterIP {
+                    policy.internal_local
+                } else {
+                    policy.external_local
+                };
+                !local
+            });
+        let backend_set =
+            |chosen: &[&EndpointInfo], frontends: BTreeSet<Frontend>, when_empty| DesiredService {
+                service: name.clone(),
+                port_name: port.name.clone().filter(|n| !n.is_empty()),
+                frontends,
+                backends: chosen.iter().map(|e| e.backend).collect(),
+                terminating: chosen
+                    .iter()
+                    .filter(|e| e.terminating)
+                    .map(|e| e.backend)
+                    .collect(),
+                source_ranges: source_ranges.clone(),
+                when_empty,
+                affinity_timeout_seconds: affinity,
+            };
+        if !cluster_frontends.is_empty() {
+            let chosen = sets.cluster.clone().unwrap_or_default();
+            state.services.insert(
+                key.clone(),
+                backend_set(&chosen, cluster_frontends, WhenEmpty::Reject),
+            );
+        }
+        if !local_frontends.is_empty() {
+            let chosen = sets.local.clone().unwrap_or_default();
+            // No local endpoint, but some elsewhere: drop (the client's load balancer should
+            // not have sent it here); none anywhere: reject, as for any empty Service.
+            let when_empty = if sets.has_any {
+                WhenEmpty::Drop
+            } else {
+                WhenEmpty::Reject
+            };
+            state.services.insert(
+                format!("{key}#local"),
+                backend_set(&chosen, local_frontends, when_empty),
+            );
+        }
     }
 }
 
@@ -484,18 +585,40 @@ fn service_port(port: &ServicePort) -> Result<(u16, Protocol), String> {
     Ok((number, protocol))
 }
 
-/// The backends of one Service port: the union of its slices, deduplicated by address and port,
-/// with the target port resolved through each slice's port of the same name. Ready endpoints
-/// are used; when none is ready, serving and terminating ones take over (graceful termination).
-fn backends_for_port(
+const DEFAULT_AFFINITY_TIMEOUT_SECONDS: i32 = 10_800;
+const MAX_AFFINITY_TIMEOUT_SECONDS: i32 = 86_400;
+
+/// One endpoint of a Service port, as the categorisation needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointInfo {
+    pub backend: Backend,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    /// On this node (`nodeName` equals ours).
+    pub local: bool,
+    pub zone_hints: BTreeSet<String>,
+    pub node_hints: BTreeSet<String>,
+}
+
+impl EndpointInfo {
+    fn serving_terminating(&self) -> bool {
+        self.serving && self.terminating
+    }
+}
+
+/// The endpoints of one Service port: the union of its slices, deduplicated by address and port
+/// (the first copy wins unless a later one is local to this node, as kube-proxy does), with the
+/// target port resolved through each slice's port of the same name.
+fn endpoints_for_port(
     port_name: Option<&str>,
     protocol: Protocol,
     slices: &[&EndpointSlice],
+    settings: &Settings,
     state: &mut DesiredState,
-) -> BTreeSet<Backend> {
+) -> Vec<EndpointInfo> {
     let port_name = port_name.unwrap_or("");
-    let mut ready = BTreeSet::new();
-    let mut terminating = BTreeSet::new();
+    let mut endpoints: Vec<EndpointInfo> = Vec::new();
     for slice in slices {
         if slice.address_type != "IPv4" {
             continue; // IPv6 and FQDN slices carry nothing this IPv4 datapath can use
@@ -520,60 +643,182 @@ fn backends_for_port(
             continue;
         };
         for (endpoint_index, endpoint) in slice.endpoints.iter().enumerate() {
-            let class = classify(endpoint);
-            if class == Readiness::NotUsable {
-                continue;
-            }
+            // Conditions: `ready` unset means ready; `serving` unset equals `ready`;
+            // `terminating` unset means false.
+            let conditions = endpoint.conditions.as_ref();
+            let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+            let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
+            let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+            let local = !settings.node_name.is_empty()
+                && endpoint.node_name.as_deref() == Some(settings.node_name.as_str());
+            let hints = endpoint.hints.as_ref();
+            let zone_hints: BTreeSet<String> = hints
+                .and_then(|h| h.for_zones.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|z| z.name.clone())
+                .collect();
+            let node_hints: BTreeSet<String> = hints
+                .and_then(|h| h.for_nodes.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|n| n.name.clone())
+                .collect();
             for (address_index, address) in endpoint.addresses.iter().enumerate() {
-                let Ok(addr) = address.parse::<Ipv4Addr>() else {
-                    state.errors.push(ModelError {
-                        object: object.clone(),
-                        field: format!("endpoints[{endpoint_index}].addresses[{address_index}]"),
-                        message: format!("{address:?} is not an IPv4 address"),
-                    });
-                    continue;
+                let addr = match address.parse::<Ipv4Addr>() {
+                    Ok(addr) if !addr.is_unspecified() && !addr.is_broadcast() => addr,
+                    _ => {
+                        state.errors.push(ModelError {
+                            object: object.clone(),
+                            field: format!(
+                                "endpoints[{endpoint_index}].addresses[{address_index}]"
+                            ),
+                            message: format!("{address:?} is not a usable IPv4 address"),
+                        });
+                        continue;
+                    }
                 };
-                let backend = Backend {
-                    addr,
-                    port: target_port,
-                    protocol,
+                let info = EndpointInfo {
+                    backend: Backend {
+                        addr,
+                        port: target_port,
+                        protocol,
+                    },
+                    ready: ready && !terminating,
+                    serving,
+                    terminating,
+                    local,
+                    zone_hints: zone_hints.clone(),
+                    node_hints: node_hints.clone(),
                 };
-                match class {
-                    Readiness::Ready => ready.insert(backend),
-                    Readiness::ServingTerminating => terminating.insert(backend),
-                    Readiness::NotUsable => false,
-                };
+                match endpoints.iter_mut().find(|e| e.backend == info.backend) {
+                    Some(existing) if info.local && !existing.local => *existing = info,
+                    Some(_) => {}
+                    None => endpoints.push(info),
+                }
             }
         }
     }
-    if ready.is_empty() {
-        terminating
-    } else {
-        ready
+    endpoints
+}
+
+/// Which traffic policies a Service port applies.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    pub internal_local: bool,
+    pub external_local: bool,
+    /// Has NodePort, LoadBalancer or externalIP frontends.
+    pub externally_accessible: bool,
+}
+
+impl Policy {
+    /// Cluster endpoints serve ClusterIP traffic unless `internalTrafficPolicy: Local`, and
+    /// external traffic unless `externalTrafficPolicy: Local`.
+    pub fn uses_cluster(self) -> bool {
+        !self.internal_local || (self.externally_accessible && !self.external_local)
+    }
+
+    pub fn uses_local(self) -> bool {
+        self.internal_local || (self.externally_accessible && self.external_local)
     }
 }
 
+/// The endpoint sets of a Service port on this node (kube-proxy's `CategorizeEndpoints`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Categorized<'a> {
+    /// Usable endpoints for Cluster policy, topology applied; `None` if the port never uses
+    /// Cluster policy.
+    pub cluster: Option<Vec<&'a EndpointInfo>>,
+    /// This node's usable endpoints for Local policy; `None` if never used.
+    pub local: Option<Vec<&'a EndpointInfo>>,
+    /// Whether the Service has usable endpoints anywhere (even if none here).
+    pub has_any: bool,
+}
+
+/// Ready endpoints by default; serving-and-terminating ones when none is ready (separately for
+/// the Cluster and the Local set). Topology (node then zone hints) narrows the Cluster set when
+/// every ready endpoint carries hints and some are for this node or zone.
+pub fn categorize<'a>(
+    endpoints: &'a [EndpointInfo],
+    policy: Policy,
+    node_name: &str,
+    zone: Option<&str>,
+) -> Categorized<'a> {
+    let mut out = Categorized::default();
+    if policy.uses_cluster() {
+        let mode = topology_mode(endpoints, node_name, zone);
+        let mut cluster: Vec<&EndpointInfo> = endpoints
+            .iter()
+            .filter(|e| e.ready && mode.admits(e, node_name, zone))
+            .collect();
+        if cluster.is_empty() {
+            cluster = endpoints
+                .iter()
+                .filter(|e| e.serving_terminating())
+                .collect();
+        }
+        out.has_any = !cluster.is_empty();
+        out.cluster = Some(cluster);
+    }
+    if policy.uses_local() {
+        out.has_any |= endpoints.iter().any(|e| e.ready || e.serving_terminating());
+        let ready_local: Vec<&EndpointInfo> =
+            endpoints.iter().filter(|e| e.local && e.ready).collect();
+        out.local = Some(if ready_local.is_empty() {
+            endpoints
+                .iter()
+                .filter(|e| e.local && e.serving_terminating())
+                .collect()
+        } else {
+            ready_local
+        });
+    }
+    out
+}
+
+/// Topology-aware routing, from the hints the EndpointSlice controller set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Readiness {
-    Ready,
-    ServingTerminating,
-    NotUsable,
+pub enum TopologyMode {
+    All,
+    SameNode,
+    SameZone,
 }
 
-/// EndpointConditions: `ready` unset means ready; `serving` unset equals `ready`;
-/// `terminating` unset means false.
-fn classify(endpoint: &Endpoint) -> Readiness {
-    let conditions = endpoint.conditions.as_ref();
-    let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
-    let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
-    let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
-    if ready && !terminating {
-        Readiness::Ready
-    } else if serving && terminating {
-        Readiness::ServingTerminating
-    } else {
-        Readiness::NotUsable
+impl TopologyMode {
+    fn admits(self, endpoint: &EndpointInfo, node_name: &str, zone: Option<&str>) -> bool {
+        match self {
+            TopologyMode::All => true,
+            TopologyMode::SameNode => endpoint.node_hints.contains(node_name),
+            TopologyMode::SameZone => zone.is_some_and(|z| endpoint.zone_hints.contains(z)),
+        }
     }
+}
+
+/// Same node if every ready endpoint has node hints and one is for this node; else same zone
+/// if every ready endpoint has zone hints and one is for this zone; else no topology.
+pub fn topology_mode(
+    endpoints: &[EndpointInfo],
+    node_name: &str,
+    zone: Option<&str>,
+) -> TopologyMode {
+    let ready: Vec<&EndpointInfo> = endpoints.iter().filter(|e| e.ready).collect();
+    if ready.is_empty() {
+        return TopologyMode::All;
+    }
+    if !node_name.is_empty()
+        && ready.iter().all(|e| !e.node_hints.is_empty())
+        && ready.iter().any(|e| e.node_hints.contains(node_name))
+    {
+        return TopologyMode::SameNode;
+    }
+    if let Some(zone) = zone.filter(|z| !z.is_empty()) {
+        if ready.iter().all(|e| !e.zone_hints.is_empty())
+            && ready.iter().any(|e| e.zone_hints.contains(zone))
+        {
+            return TopologyMode::SameZone;
+        }
+    }
+    TopologyMode::All
 }
 
 #[cfg(test)]
@@ -778,7 +1023,7 @@ endpoints: [{addresses: [10.244.1.999]}, {addresses: [10.244.1.7]}]
             vec![
                 "Service default/bad-ip: field `spec.clusterIP`: \"10.96.0.300\" is not an IP address",
                 "Service default/bad-port: field `spec.ports[0]`: port 70000 is outside 1-65535",
-                "EndpointSlice default/bad-port-1: field `endpoints[0].addresses[0]`: \"10.244.1.999\" is not an IPv4 address",
+                "EndpointSlice default/bad-port-1: field `endpoints[0].addresses[0]`: \"10.244.1.999\" is not a usable IPv4 address",
                 "Service default/bad-port: field `spec.ports[2]`: protocol \"SCTP\" is not supported (TCP and UDP are)",
             ]
         );
@@ -810,6 +1055,7 @@ endpoints: [{addresses: [10.244.1.999]}, {addresses: [10.244.1.7]}]
         assert!(m.errors.is_empty(), "{:?}", m.errors);
         let settings = Settings {
             node_addresses: vec![Ipv4Addr::new(192, 168, 0, 1), Ipv4Addr::new(10, 0, 0, 1)],
+            ..Settings::default()
         };
         desired_state(&m.services, &m.endpoint_slices, &settings)
     }
@@ -947,5 +1193,372 @@ spec: {clusterIP: 10.96.0.46, loadBalancerSourceRanges: [10.0.0.0/8], ports: [{p
                 "spec.loadBalancerSourceRanges[0]"
             ]
         );
+    }
+
+    /// Endpoint categorisation, case by case after kube-proxy's `TestCategorizeEndpoints`
+    /// (`pkg/proxy/topology_test.go`), rewritten for this model: hints are honoured whenever
+    /// every ready endpoint carries them, as kube-proxy does since `trafficDistribution`.
+    mod categorize_table {
+        use super::super::*;
+
+        struct Ep {
+            addr: &'static str,
+            zones: &'static [&'static str],
+            nodes: &'static [&'static str],
+            ready: bool,
+            serving: bool,
+            terminating: bool,
+            local: bool,
+        }
+
+        const fn ep(addr: &'static str, zones: &'static [&'static str]) -> Ep {
+            Ep {
+                addr,
+                zones,
+                nodes: &[],
+                ready: true,
+                serving: true,
+                terminating: false,
+                local: false,
+            }
+        }
+
+        impl Ep {
+            const fn unready(mut self) -> Self {
+                self.ready = false;
+                self.serving = false;
+                self
+            }
+            const fn terminating(mut self, serving: bool) -> Self {
+                self.ready = false;
+                self.serving = serving;
+                self.terminating = true;
+                self
+            }
+            const fn local(mut self) -> Self {
+                self.local = true;
+                self
+            }
+            const fn nodes(mut self, nodes: &'static [&'static str]) -> Self {
+                self.nodes = nodes;
+                self
+            }
+        }
+
+        struct Case {
+            name: &'static str,
+            zone: Option<&'static str>,
+            policy: Policy,
+            endpoints: Vec<Ep>,
+            cluster: Option<&'static [&'static str]>,
+            local: Option<&'static [&'static str]>,
+            has_any: bool,
+        }
+
+        const CLUSTER: Policy = Policy {
+            internal_local: false,
+            external_local: false,
+            externally_accessible: false,
+        };
+        const ETP_LOCAL: Policy = Policy {
+            internal_local: false,
+            external_local: true,
+            externally_accessible: true,
+        };
+        const ITP_LOCAL: Policy = Policy {
+            internal_local: true,
+            external_local: false,
+            externally_accessible: false,
+        };
+        const ITP_LOCAL_NODEPORT: Policy = Policy {
+            internal_local: true,
+            external_local: false,
+            externally_accessible: true,
+        };
+
+        fn four_zoned() -> Vec<Ep> {
+            vec![
+                ep("10.1.2.3", &["zone-a"]),
+                ep("10.1.2.4", &["zone-b"]),
+                ep("10.1.2.5", &["zone-c"]),
+                ep("10.1.2.6", &["zone-a"]),
+            ]
+        }
+
+        const ALL4: &[&str] = &["10.1.2.3", "10.1.2.4", "10.1.2.5", "10.1.2.6"];
+
+        fn cases() -> Vec<Case> {
+            vec![
+                Case {
+                    name: "zone hints for every endpoint: same zone only",
+                    zone: Some("zone-a"),
+                    policy: CLUSTER,
+                    endpoints: four_zoned(),
+                    cluster: Some(&["10.1.2.3", "10.1.2.6"]),
+                    local: None,
+                    has_any: true,
+                },
+                Case {
+                    name: "one ready endpoint without hints: no filtering",
+                    zone: Some("zone-a"),
+                    policy: CLUSTER,
+                    endpoints: vec![
+                        ep("10.1.2.3", &["zone-a"]),
+                        ep("10.1.2.4", &["zone-b"]),
+                        ep("10.1.2.5", &[]),
+                        ep("10.1.2.6", &["zone-a"]),
+                    ],
+                    cluster: Some(ALL4),
+                    local: None,
+                    has_any: true,
+                },
+                Case {
+                    name: "node in a zone no endpoint is hinted for: no filtering",
+                    zone: Some("zone-d"),
+                    policy: CLUSTER,
+                    endpoints: four_zoned(),
+                    cluster: Some(ALL4),
+                    local: None,
+                    has_any: true,
+                },
+                Case {
+                    name: "node without a zone label: no filtering",
+                    zone: None,
+                    policy: CLUSTER,
+                    endpoints: four_zoned(),
+                    cluster: Some(ALL4),
+                    local: None,
+                    has_any: true,
+                },
+                Case {
+                    name: "empty zone label: no filtering",
+                    zone: Some(""),
+                    policy: CLUSTER,
+                    endpoints: four_zoned(),
+                    cluster: Some(ALL4),
+                    local: None,
+                    has_any: true,
+                },
+                Case {
+                    name: "unready endpoint in the zone is left out",
+                    zone: Some("zone-a"),
+                    policy: CLUSTER,
+                    endpoints: vec![
+                        ep("10.1.2.3", &["zone-a"]),
+                        ep("10.1.2.4", &["zone-b"]),
+                        ep("10.1.2.5", &["zone-c"]),
+                        ep("10.1.2.6", &["zone-a"]).unready(),
+                    ],
+                    cluster: Some(&["10.1.2.3"]),
+                    local: None,
+                    has_any: true,
+                },
+                Case {
+                    name: "only unready endpoints in the zone: no filtering",
+                    zone: Some("zone-a"),
+                    policy: CLUSTER,
+                    endpoints: vec![
+                        ep("10.1.2.3", &["zone-a"]).unready(),
+                        ep("10.1.2.4", &["zone-b"]),
+                        ep("10.1.2.5", &["zone-c"]),
+                        ep("10.1.2.6", &["zone-a"]).unready(),
+                    ],
+                    cluster: Some(&["10.1.2.4", "10.1.2.5"]),
+                    local: None,
+                    has_any: true,
+                },
+                Case {
+                    name: "several hints per endpoint: any match counts",
+                    zone: Some("zone-c"),
+                    policy: CLUSTER,
+                    endpoints: vec![
+                        ep("10.1.2.3", &["zone-a", "zone-b", "zone-c"]),
+                        ep("10.1.2.4", &["zone-b", "zone-c"]),
+                        ep("10.1.2.5", &["zone-b", "zone-d"]),
+                        ep("10.1.2.6", &["zone-c"]),
+                    ],
+                    cluster: Some(&["10.1.2.3", "10.1.2.4", "10.1.2.6"]),
+                    local: None,
+                    has_any: true,
+                },
+                Case {
+                    name: "externalTrafficPolicy Local: topology ignored for the local set",
+                    zone: Some("zone-a"),
+                    policy: ETP_LOCAL,
+                    endpoints: vec![
+                        ep("10.1.2.3", &["zone-a"]).local(),
+                        ep("10.1.2.4", &["zone-b"]).local(),
+                        ep("10.1.2.5", &["zone-c"]),
+                        ep("10.1.2.6", &["zone-a"]),
+                    ],
+                    cluster: Some(&["10.1.2.3", "10.1.2.6"]),
+                    local: Some(&["10.1.2.3", "10.1.2.4"]),
+                    has_any: true,
+                },
+                Case {
+                    name: "internalTrafficPolicy Local with a NodePort: both sets",
+                    zone: Some("zone-a"),
+                    policy: ITP_LOCAL_NODEPORT,
+                    endpoints: vec![
+                        ep("10.1.2.3", &["zone-a"]).local(),
+                        ep("10.1.2.4", &["zone-b"]).local(),
+                        ep("10.1.2.5", &["zone-c"]),
+                        ep("10.1.2.6", &["zone-a"]),
+                    ],
+                    cluster: Some(&["10.1.2.3", "10.1.2.6"]),
+                    local: Some(&["10.1.2.3", "10.1.2.4"]),
+                    has_any: true,
+                },
+                Case {
+                    name: "internalTrafficPolicy Local, no endpoints at all",
+                    zone: None,
+                    policy: ITP_LOCAL,
+                    endpoints: vec![],
+                    cluster: None,
+                    local: Some(&[]),
+                    has_any: false,
+                },
+                Case {
+                    name: "internalTrafficPolicy Local, all endpoints remote",
+                    zone: None,
+                    policy: ITP_LOCAL,
+                    endpoints: vec![ep("10.0.0.0", &[]), ep("10.0.0.1", &[])],
+                    cluster: None,
+                    local: Some(&[]),
+                    has_any: true,
+                },
+                Case {
+                    name: "internalTrafficPolicy Local, all endpoints local",
+                    zone: None,
+                    policy: ITP_LOCAL,
+                    endpoints: vec![ep("10.0.0.0", &[]).local(), ep("10.0.0.1", &[]).local()],
+                    cluster: None,
+                    local: Some(&["10.0.0.0", "10.0.0.1"]),
+                    has_any: true,
+                },
+                Case {
+                    name: "no ready endpoint: serving terminating ones, not the non-serving",
+                    zone: None,
+                    policy: CLUSTER,
+                    endpoints: vec![
+                        ep("10.0.0.0", &[]).terminating(true),
+                        ep("10.0.0.1", &[]).terminating(false),
+                        ep("10.0.0.2", &[]).unready(),
+                    ],
+                    cluster: Some(&["10.0.0.0"]),
+                    local: None,
+                    has_any: true,
+                },
+                Case {
+                    name: "ready endpoints win over terminating ones",
+                    zone: None,
+                    policy: CLUSTER,
+                    endpoints: vec![ep("10.0.0.0", &[]).terminating(true), ep("10.0.0.1", &[])],
+                    cluster: Some(&["10.0.0.1"]),
+                    local: None,
+                    has_any: true,
+                },
+                Case {
+                    name: "local fallback to terminating is independent of the cluster set",
+                    zone: None,
+                    policy: ETP_LOCAL,
+                    endpoints: vec![
+                        ep("10.0.0.0", &[]).terminating(true).local(),
+                        ep("10.0.0.1", &[]),
+                    ],
+                    cluster: Some(&["10.0.0.1"]),
+                    local: Some(&["10.0.0.0"]),
+                    has_any: true,
+                },
+                Case {
+                    name: "only non-serving terminating endpoints: nothing anywhere",
+                    zone: None,
+                    policy: ETP_LOCAL,
+                    endpoints: vec![ep("10.0.0.0", &[]).terminating(false).local()],
+                    cluster: Some(&[]),
+                    local: Some(&[]),
+                    has_any: false,
+                },
+                Case {
+                    name: "PreferSameNode: node hints for every endpoint, one for this node",
+                    zone: Some("zone-a"),
+                    policy: CLUSTER,
+                    endpoints: vec![
+                        ep("10.0.0.0", &["zone-a"]).nodes(&["node-1"]),
+                        ep("10.0.0.1", &["zone-a"]).nodes(&["node-2"]),
+                        ep("10.0.0.2", &["zone-b"]).nodes(&["node-3"]),
+                    ],
+                    cluster: Some(&["10.0.0.0"]),
+                    local: None,
+                    has_any: true,
+                },
+                Case {
+                    name: "PreferSameNode with no hint for this node falls back to the zone",
+                    zone: Some("zone-a"),
+                    policy: CLUSTER,
+                    endpoints: vec![
+                        ep("10.0.0.1", &["zone-a"]).nodes(&["node-2"]),
+                        ep("10.0.0.2", &["zone-b"]).nodes(&["node-3"]),
+                    ],
+                    cluster: Some(&["10.0.0.1"]),
+                    local: None,
+                    has_any: true,
+                },
+                Case {
+                    name: "node hints on some endpoints only: zone hints decide",
+                    zone: Some("zone-b"),
+                    policy: CLUSTER,
+                    endpoints: vec![
+                        ep("10.0.0.0", &["zone-a"]).nodes(&["node-1"]),
+                        ep("10.0.0.2", &["zone-b"]),
+                    ],
+                    cluster: Some(&["10.0.0.2"]),
+                    local: None,
+                    has_any: true,
+                },
+            ]
+        }
+
+        fn addrs(set: &Option<Vec<&EndpointInfo>>) -> Option<Vec<String>> {
+            set.as_ref().map(|v| {
+                let mut a: Vec<String> = v.iter().map(|e| e.backend.addr.to_string()).collect();
+                a.sort();
+                a
+            })
+        }
+
+        #[test]
+        fn categorize_endpoints() {
+            for case in cases() {
+                let endpoints: Vec<EndpointInfo> = case
+                    .endpoints
+                    .iter()
+                    .map(|e| EndpointInfo {
+                        backend: Backend {
+                            addr: e.addr.parse().unwrap(),
+                            port: 80,
+                            protocol: Protocol::Tcp,
+                        },
+                        ready: e.ready,
+                        serving: e.serving,
+                        terminating: e.terminating,
+                        local: e.local,
+                        zone_hints: e.zones.iter().map(|z| z.to_string()).collect(),
+                        node_hints: e.nodes.iter().map(|n| n.to_string()).collect(),
+                    })
+                    .collect();
+                let got = categorize(&endpoints, case.policy, "node-1", case.zone);
+                let want =
+                    |s: Option<&[&str]>| s.map(|s| s.iter().map(|a| a.to_string()).collect());
+                assert_eq!(
+                    addrs(&got.cluster),
+                    want(case.cluster),
+                    "{}: cluster",
+                    case.name
+                );
+                assert_eq!(addrs(&got.local), want(case.local), "{}: local", case.name);
+                assert_eq!(got.has_any, case.has_any, "{}: has_any", case.name);
+            }
+        }
     }
 }

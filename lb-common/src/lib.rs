@@ -152,6 +152,10 @@ pub struct ServiceValue {
     pub flags: u32,
 }
 
+/// `ServiceValue::flags`: a new flow finding no backend is dropped, not rejected (a Local
+/// traffic policy leaves this node without endpoints while other nodes have some).
+pub const SERVICE_DROP_WHEN_EMPTY: u32 = 1;
+
 /// `namespace/name:port/proto`, NUL padded; for operators (the kernel never reads it).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

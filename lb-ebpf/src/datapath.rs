@@ -9,7 +9,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     ct_timeout_ns, BackendValue, Counter, CtKey, CtValue, FrontendKey, SlotKey, CT_FORWARD,
-    CT_REPLY, FRONTEND_SOURCE_RANGES, KIND_NODE_PORT, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_SYN,
+    CT_REPLY, FRONTEND_SOURCE_RANGES, KIND_NODE_PORT, PROTO_TCP, PROTO_UDP,
+    SERVICE_DROP_WHEN_EMPTY, TCP_ACK, TCP_SYN,
 };
 
 use crate::{
@@ -126,8 +127,13 @@ fn try_lb_ingress(ctx: &TcContext) -> Result<i32, ()> {
         return Ok(TC_ACT_SHOT);
     }
     let service_id = frontend.service_id;
-    let Some((backend_id, backend)) = pick_backend(service_id) else {
-        if no_backend_drop() {
+    // SAFETY: read-only copy of a value the agent replaces atomically.
+    let service = unsafe { LB_SERVICES.get(service_id) }.copied();
+    let Some((backend_id, backend)) =
+        service.and_then(|s| pick_backend(service_id, s.backend_count))
+    else {
+        let drop_when_empty = service.is_some_and(|s| s.flags & SERVICE_DROP_WHEN_EMPTY != 0);
+        if no_backend_drop() || drop_when_empty {
             count(Counter::DropNoBackend);
             return Ok(TC_ACT_SHOT);
         }
@@ -185,10 +191,7 @@ fn try_lb_ingress(ctx: &TcContext) -> Result<i32, ()> {
 }
 
 #[inline(always)]
-fn pick_backend(service_id: u32) -> Option<(u32, BackendValue)> {
-    // SAFETY: read-only use of values the agent replaces atomically.
-    let service = unsafe { LB_SERVICES.get(service_id) }?;
-    let count = service.backend_count;
+fn pick_backend(service_id: u32, count: u32) -> Option<(u32, BackendValue)> {
     if count == 0 {
         return None;
     }

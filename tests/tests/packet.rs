@@ -33,7 +33,7 @@ fn service(protocol: Protocol, backends: &[&str]) -> DesiredService {
                 protocol,
             })
             .collect(),
-        source_ranges: None,
+        ..DesiredService::default()
     }
 }
 

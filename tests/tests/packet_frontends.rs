@@ -66,6 +66,7 @@ fn desired() -> DesiredState {
     assert!(m.errors.is_empty(), "{:?}", m.errors);
     let settings = Settings {
         node_addresses: NODE_ADDRS.iter().map(|a| a.parse().unwrap()).collect(),
+        ..Settings::default()
     };
     let state = desired_state(&m.services, &m.endpoint_slices, &settings);
     assert!(state.errors.is_empty(), "{:?}", state.errors);

@@ -30,7 +30,7 @@ fn harness() -> Harness {
             protocol,
         }]
         .into(),
-        source_ranges: None,
+        ..DesiredService::default()
     };
     let state = DesiredState {
         services: BTreeMap::from([

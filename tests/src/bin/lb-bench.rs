@@ -86,7 +86,7 @@ fn desired(services: u32) -> DesiredState {
                 }]
                 .into(),
                 backends: [backend(i % BACKEND_POOL), backend((i + 1) % BACKEND_POOL)].into(),
-                source_ranges: None,
+                ..DesiredService::default()
             };
             (format!("bench/svc-{i}:80/TCP"), service)
         })
