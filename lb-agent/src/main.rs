@@ -122,10 +122,13 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     let number: u64 = number
         .parse()
         .map_err(|_| format!("{text:?} does not start with a number"))?;
+    if number == 0 {
+        return Err(format!("{text:?}: must be more than zero"));
+    }
     match unit {
         "ms" => Ok(Duration::from_millis(number)),
         "s" => Ok(Duration::from_secs(number)),
-        "m" => Ok(Duration::from_secs(number * 60)),
+        "m" => Ok(Duration::from_secs(number.saturating_mul(60))),
         _ => Err(format!("{text:?}: unknown unit {unit:?} (ms, s or m)")),
     }
 }
@@ -299,6 +302,7 @@ impl ManifestSource {
         for error in &report.errors {
             warn!("{error}");
         }
+        let complete = report.errors.is_empty();
         info!(
             services = report.services,
             frontends = report.frontends,
@@ -308,7 +312,8 @@ impl ManifestSource {
             elapsed_us = started.elapsed().as_micros() as u64,
             "datapath programmed"
         );
-        self.last = Some(desired);
+        // Anything left undone is tried again at the next poll.
+        self.last = complete.then_some(desired);
         Ok(())
     }
 }

@@ -17,15 +17,13 @@ use aya::maps::{
 };
 use lb_common::{
     map_names, BackendValue, Counter, CtKey, CtValue, FrontendKey, FrontendValue, ServiceName,
-    ServiceStats, ServiceValue, SlotKey, SourceRangeKey, FRONTEND_SOURCE_RANGES,
-    SERVICE_DROP_WHEN_EMPTY, SERVICE_NAME_LEN, SOURCE_RANGE_FRONTEND_BITS,
+    ServiceStats, ServiceValue, SlotKey, SourceRangeKey, FRONTEND_LOCAL_ADDRESS,
+    FRONTEND_SOURCE_RANGES, SERVICE_DROP_WHEN_EMPTY, SERVICE_NAME_LEN, SOURCE_RANGE_FRONTEND_BITS,
 };
 use serde::Serialize;
 use tracing::{debug, warn};
 
-use crate::model::{
-    Backend, DesiredState, Frontend, FrontendKind, Ipv4Prefix, Protocol, WhenEmpty,
-};
+use crate::model::{Backend, DesiredState, Frontend, FrontendKind, Protocol, WhenEmpty};
 
 /// Where the agent pins its maps unless told otherwise.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
@@ -148,16 +146,6 @@ fn read_backends(map: &BackendMap) -> anyhow::Result<BTreeMap<u32, BackendValue>
     Ok(out)
 }
 
-fn source_range_key(frontend: FrontendKey, prefix: &Ipv4Prefix) -> LpmKey<SourceRangeKey> {
-    LpmKey::new(
-        SOURCE_RANGE_FRONTEND_BITS + u32::from(prefix.len),
-        SourceRangeKey {
-            frontend,
-            client: prefix.addr.octets(),
-        },
-    )
-}
-
 fn frontend_key(frontend: &Frontend) -> FrontendKey {
     FrontendKey {
         addr: frontend.addr.octets(),
@@ -199,13 +187,18 @@ impl IdAllocator {
         Self { next, free }
     }
 
-    fn allocate(&mut self) -> u32 {
-        match self.free.pop_first() {
-            Some(id) => id,
-            None => {
-                self.next += 1;
-                self.next - 1
+    /// The lowest free id below `limit` (the map's capacity), if any.
+    fn allocate(&mut self, limit: u32) -> Option<u32> {
+        match self.free.first().copied() {
+            Some(id) if id < limit => {
+                self.free.remove(&id);
+                Some(id)
             }
+            _ if self.next < limit => {
+                self.next += 1;
+                Some(self.next - 1)
+            }
+            _ => None,
         }
     }
 
@@ -320,70 +313,95 @@ impl Applier {
     }
 
     /// Makes the maps hold `desired`, writing only what differs. A service whose entries cannot
-    /// be written is reported in [`SyncReport::errors`]; the others are still programmed.
+    /// be written (a full map, say) is reported in [`SyncReport::errors`] and keeps what it had;
+    /// the others are still programmed. Callers retry on the next sync.
     pub fn sync(&mut self, desired: &DesiredState) -> anyhow::Result<SyncReport> {
         let mut report = SyncReport::default();
 
-        // 1. Backends first, so that no slot ever points at a missing backend.
+        // 1. Backends first, so that no slot ever points at a missing backend. Endpoints that
+        //    are known but not chosen (terminating, not ready) stay too: established flows to
+        //    them keep going, as with kube-proxy, until they leave their slice.
         let wanted_backends: BTreeSet<Backend> = desired
             .services
             .values()
             .flat_map(|s| s.backends.iter().copied())
+            .chain(desired.known_backends.iter().copied())
             .collect();
+        let capacity = self.maps.backends.len();
+        let mut missing = BTreeSet::new();
         for backend in &wanted_backends {
             if self.backend_ids.contains_key(backend) {
                 continue;
             }
-            let id = self.backend_alloc.allocate();
-            self.maps
-                .backends
-                .set(id, backend_value(backend), 0)
-                .with_context(|| format!("writing backend {}:{}", backend.addr, backend.port))?;
+            let Some(id) = self.backend_alloc.allocate(capacity) else {
+                missing.insert(*backend);
+                continue;
+            };
+            if let Err(err) = self.maps.backends.set(id, backend_value(backend), 0) {
+                self.backend_alloc.release(id);
+                report
+                    .errors
+                    .push(format!("backend {}:{}: {err}", backend.addr, backend.port));
+                missing.insert(*backend);
+                continue;
+            }
             self.backends.insert(id, *backend);
             self.backend_ids.insert(*backend, id);
             report.writes += 1;
         }
 
-        // 2. Each service's slots and backend count.
+        // 2. Each service's slots and backend count. A service that cannot be written whole
+        //    keeps its previous entries (and frontends) rather than being half programmed.
         let mut wanted_frontends: StdHashMap<FrontendKey, (FrontendValue, &str)> =
             StdHashMap::new();
-        let mut wanted_ranges: BTreeSet<(FrontendKey, &Ipv4Prefix)> = BTreeSet::new();
+        let mut wanted_ranges: BTreeSet<(FrontendKey, u32, [u8; 4])> = BTreeSet::new();
+        let mut kept: BTreeSet<u32> = BTreeSet::new();
         for (name, service) in &desired.services {
-            let ids: Vec<u32> = service
-                .backends
-                .iter()
-                .filter_map(|b| self.backend_ids.get(b).copied())
-                .collect();
-            let flags = match service.when_empty {
-                WhenEmpty::Drop => SERVICE_DROP_WHEN_EMPTY,
-                WhenEmpty::Reject => 0,
+            let result = if let Some(b) = service.backends.iter().find(|b| missing.contains(b)) {
+                Err(anyhow!(
+                    "backend {}:{} could not be stored (LB_BACKENDS full? see --max-backends)",
+                    b.addr,
+                    b.port
+                ))
+            } else {
+                let ids: Vec<u32> = service
+                    .backends
+                    .iter()
+                    .filter_map(|b| self.backend_ids.get(b).copied())
+                    .collect();
+                let flags = match service.when_empty {
+                    WhenEmpty::Drop => SERVICE_DROP_WHEN_EMPTY,
+                    WhenEmpty::Reject => 0,
+                };
+                self.write_service(name, &ids, flags, &mut report)
             };
-            let service_id = match self.write_service(name, &ids, flags, &mut report) {
+            let service_id = match result {
                 Ok(id) => id,
                 Err(err) => {
                     report.errors.push(format!("service {name}: {err:#}"));
+                    // Keep serving whatever this service had.
+                    if let Some(&id) = self.service_ids.get(name) {
+                        kept.insert(id);
+                        for (key, value) in &self.frontends {
+                            if value.service_id == id {
+                                wanted_frontends.insert(*key, (*value, name));
+                            }
+                        }
+                        for entry in &self.source_ranges {
+                            if self
+                                .frontends
+                                .get(&entry.0)
+                                .is_some_and(|v| v.service_id == id)
+                            {
+                                wanted_ranges.insert(*entry);
+                            }
+                        }
+                    }
                     continue;
                 }
             };
             for frontend in &service.frontends {
                 let key = frontend_key(frontend);
-                let restricted =
-                    frontend.kind == FrontendKind::LoadBalancer && service.source_ranges.is_some();
-                let value = FrontendValue {
-                    service_id,
-                    kind: frontend.kind.number(),
-                    flags: if restricted {
-                        FRONTEND_SOURCE_RANGES
-                    } else {
-                        0
-                    },
-                    _pad: 0,
-                };
-                if restricted {
-                    for prefix in service.source_ranges.iter().flatten() {
-                        wanted_ranges.insert((key, prefix));
-                    }
-                }
                 if let Some((_, owner)) = wanted_frontends.get(&key) {
                     report.errors.push(format!(
                         "service {name}: frontend {}:{}/{} is already used by {owner}; kept there",
@@ -391,43 +409,57 @@ impl Applier {
                     ));
                     continue;
                 }
+                let restricted =
+                    frontend.kind == FrontendKind::LoadBalancer && service.source_ranges.is_some();
+                let local = frontend.kind == FrontendKind::NodePort
+                    || desired.node_addresses.contains(&frontend.addr);
+                let mut flags = 0;
+                if restricted {
+                    flags |= FRONTEND_SOURCE_RANGES;
+                    for prefix in service.source_ranges.iter().flatten() {
+                        wanted_ranges.insert((
+                            key,
+                            SOURCE_RANGE_FRONTEND_BITS + u32::from(prefix.len),
+                            prefix.addr.octets(),
+                        ));
+                    }
+                }
+                if local {
+                    flags |= FRONTEND_LOCAL_ADDRESS;
+                }
+                let value = FrontendValue {
+                    service_id,
+                    kind: frontend.kind.number(),
+                    flags,
+                    _pad: 0,
+                };
                 wanted_frontends.insert(key, (value, name));
             }
         }
 
         // 3. Source ranges before the frontends that check them (a restricted frontend never
         //    appears with an empty allow-list), removals after.
-        let wanted_range_keys: BTreeSet<(FrontendKey, u32, [u8; 4])> = wanted_ranges
-            .iter()
-            .map(|(frontend, prefix)| {
-                (
-                    *frontend,
-                    SOURCE_RANGE_FRONTEND_BITS + u32::from(prefix.len),
-                    prefix.addr.octets(),
-                )
-            })
-            .collect();
-        for (frontend, prefix) in &wanted_ranges {
-            let entry = (
-                *frontend,
-                SOURCE_RANGE_FRONTEND_BITS + u32::from(prefix.len),
-                prefix.addr.octets(),
-            );
-            if self.source_ranges.contains(&entry) {
+        for entry @ (frontend, prefix_len, client) in &wanted_ranges {
+            if self.source_ranges.contains(entry) {
                 continue;
             }
-            match self
-                .maps
-                .source_ranges
-                .insert(&source_range_key(*frontend, prefix), 1, 0)
-            {
+            let key = LpmKey::new(
+                *prefix_len,
+                SourceRangeKey {
+                    frontend: *frontend,
+                    client: *client,
+                },
+            );
+            match self.maps.source_ranges.insert(&key, 1, 0) {
                 Ok(()) => {
-                    self.source_ranges.insert(entry);
+                    self.source_ranges.insert(*entry);
                     report.writes += 1;
                 }
-                Err(err) => report
-                    .errors
-                    .push(format!("writing source range {prefix}: {err}")),
+                Err(err) => report.errors.push(format!(
+                    "writing source range {}/{}: {err}",
+                    Ipv4Addr::from(*client),
+                    prefix_len.saturating_sub(SOURCE_RANGE_FRONTEND_BITS)
+                )),
             }
         }
 
@@ -460,10 +492,9 @@ impl Applier {
             self.frontends.remove(&key);
             report.deletes += 1;
         }
-
         let stale: Vec<(FrontendKey, u32, [u8; 4])> = self
             .source_ranges
-            .difference(&wanted_range_keys)
+            .difference(&wanted_ranges)
             .copied()
             .collect();
         for entry @ (frontend, prefix_len, client) in stale {
@@ -476,11 +507,17 @@ impl Applier {
             report.deletes += 1;
         }
 
-        // 5. Services nobody points at any more, then backends no slot uses.
+        // 5. Services nobody points at any more (never one a frontend still names, so an id is
+        //    not reused under a live frontend), then backends nothing uses.
+        let referenced: BTreeSet<u32> = self.frontends.values().map(|v| v.service_id).collect();
         let stale: Vec<u32> = self
             .services
             .iter()
-            .filter(|(_, (name, _))| !desired.services.contains_key(name))
+            .filter(|(id, (name, _))| {
+                !desired.services.contains_key(name)
+                    && !kept.contains(id)
+                    && !referenced.contains(id)
+            })
             .map(|(&id, _)| id)
             .collect();
         for id in stale {
@@ -490,6 +527,11 @@ impl Applier {
             .services
             .values()
             .flat_map(|(_, ids)| ids.iter().copied())
+            .chain(
+                wanted_backends
+                    .iter()
+                    .filter_map(|b| self.backend_ids.get(b).copied()),
+            )
             .collect();
         let stale: Vec<u32> = self
             .backends
@@ -526,7 +568,12 @@ impl Applier {
         let (id, old) = match self.service_ids.get(name) {
             Some(&id) => (id, self.services[&id].1.clone()),
             None => {
-                let id = self.service_alloc.allocate();
+                // Ids index LB_SERVICE_STATS, so they must stay below its size.
+                let limit = self.maps.service_stats.len();
+                let id = self
+                    .service_alloc
+                    .allocate(limit)
+                    .ok_or_else(|| anyhow!("no free service id (see --max-services)"))?;
                 // A reused id starts with clean traffic counters.
                 let cpus = aya::util::nr_cpus().map_err(|(what, err)| anyhow!("{what}: {err}"))?;
                 let zeros = PerCpuValues::try_from(vec![ServiceStats::default(); cpus])
@@ -850,7 +897,10 @@ pub fn read_conntrack(pin_dir: &Path) -> anyhow::Result<Vec<FlowView>> {
 }
 
 /// Deletes expired conntrack entries, at most `budget` per call so that a full map is cleaned
-/// over several rounds and no round holds the CPU for long. Returns (examined, deleted).
+/// over several rounds and no round holds the CPU for long. An entry goes only when the other
+/// direction of its connection has expired too (as the datapath judges), and only if it is
+/// still the entry that was seen (a new flow may have reused the 5-tuple meanwhile).
+/// Returns (examined, deleted).
 pub fn collect_conntrack_garbage(map: &mut ConntrackMap, budget: usize) -> (usize, usize) {
     let now = monotonic_ns();
     let mut expired = Vec::new();
@@ -859,14 +909,26 @@ pub fn collect_conntrack_garbage(map: &mut ConntrackMap, budget: usize) -> (usiz
         examined += 1;
         if let Ok((key, value)) = entry {
             if value.expires_ns < now {
-                expired.push(key);
+                expired.push((key, value));
                 if expired.len() >= budget {
                     break;
                 }
             }
         }
     }
-    let deleted = expired.iter().filter(|k| map.remove(k).is_ok()).count();
+    let mut deleted = 0;
+    for (key, seen) in expired {
+        let other = lb_common::ct_other_half(&key, &seen);
+        if map.get(&other, 0).is_ok_and(|o| o.expires_ns >= now) {
+            continue; // the connection lives on in the other direction
+        }
+        let unchanged = map
+            .get(&key, 0)
+            .is_ok_and(|v| v.created_ns == seen.created_ns);
+        if unchanged && map.remove(&key).is_ok() {
+            deleted += 1;
+        }
+    }
     (examined, deleted)
 }
 
@@ -909,15 +971,17 @@ mod tests {
     }
 
     #[test]
-    fn ids_are_reused_lowest_first() {
+    fn ids_are_reused_lowest_first_and_stay_below_the_limit() {
         let mut ids = IdAllocator::from_used([1, 2, 5].into_iter());
-        assert_eq!(ids.allocate(), 3);
-        assert_eq!(ids.allocate(), 4);
-        assert_eq!(ids.allocate(), 6);
+        assert_eq!(ids.allocate(100), Some(3));
+        assert_eq!(ids.allocate(100), Some(4));
+        assert_eq!(ids.allocate(100), Some(6));
         ids.release(2);
-        assert_eq!(ids.allocate(), 2);
+        assert_eq!(ids.allocate(100), Some(2));
+        assert_eq!(ids.allocate(7), None, "ids index arrays of the map's size");
         let mut empty = IdAllocator::from_used(std::iter::empty());
-        assert_eq!(empty.allocate(), 1);
+        assert_eq!(empty.allocate(2), Some(1));
+        assert_eq!(empty.allocate(2), None);
     }
 
     #[test]

@@ -199,6 +199,11 @@ pub struct DesiredService {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct DesiredState {
     pub services: BTreeMap<String, DesiredService>,
+    /// Every endpoint of every served Service port, chosen or not (terminating, not ready):
+    /// the datapath keeps knowing them so established flows to them are not cut.
+    pub known_backends: BTreeSet<Backend>,
+    /// This node's addresses: frontends on them answer from the node itself.
+    pub node_addresses: BTreeSet<Ipv4Addr>,
     /// Objects or parts of objects that were left out, with the reason (bad field values).
     pub errors: Vec<ModelError>,
     /// Services that rightly get no frontend (headless, ExternalName, other proxy), with why.
@@ -231,7 +236,10 @@ pub fn desired_state(
     slices: &[EndpointSlice],
     settings: &Settings,
 ) -> DesiredState {
-    let mut state = DesiredState::default();
+    let mut state = DesiredState {
+        node_addresses: settings.node_addresses.iter().copied().collect(),
+        ..DesiredState::default()
+    };
     let slices_by_service = group_slices(slices);
     for service in services {
         add_service(service, &slices_by_service, settings, &mut state);
@@ -345,8 +353,9 @@ fn add_service(
         .map(Vec::as_slice)
         .unwrap_or_default();
     let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
-    let wants_node_port = type_ == "NodePort"
-        || (type_ == "LoadBalancer" && spec.allocate_load_balancer_node_ports != Some(false));
+    // kube-proxy serves a NodePort whenever one is set on a NodePort or LoadBalancer Service;
+    // `allocateLoadBalancerNodePorts: false` only means none is allocated automatically.
+    let wants_node_port = type_ == "NodePort" || type_ == "LoadBalancer";
     let external_ips = parse_addresses(
         spec.external_ips
             .iter()
@@ -381,26 +390,39 @@ fn add_service(
     } else {
         Vec::new()
     };
+    // Ranges are per family: IPv6 ones say nothing about IPv4 clients, so a list of IPv6
+    // ranges only leaves IPv4 unrestricted; invalid entries narrow, never widen.
     let source_ranges = spec
         .load_balancer_source_ranges
         .as_ref()
         .filter(|r| !r.is_empty() && type_ == "LoadBalancer")
-        .map(|ranges| {
-            ranges
-                .iter()
-                .enumerate()
-                .filter_map(|(i, r)| match Ipv4Prefix::parse(r) {
-                    Ok(p) => Some(p),
+        .and_then(|ranges| {
+            let mut v4 = BTreeSet::new();
+            let mut invalid = false;
+            for (i, range) in ranges.iter().enumerate() {
+                let is_v6 = range
+                    .split_once('/')
+                    .map_or(range.as_str(), |(a, _)| a)
+                    .parse::<std::net::Ipv6Addr>()
+                    .is_ok();
+                if is_v6 {
+                    continue;
+                }
+                match Ipv4Prefix::parse(range) {
+                    Ok(p) => {
+                        v4.insert(p);
+                    }
                     Err(message) => {
+                        invalid = true;
                         state.errors.push(ModelError {
                             object: object.clone(),
                             field: format!("spec.loadBalancerSourceRanges[{i}]"),
                             message,
                         });
-                        None
                     }
-                })
-                .collect::<BTreeSet<_>>()
+                }
+            }
+            (!v4.is_empty() || invalid).then_some(v4)
         });
 
     let affinity = match spec.session_affinity.as_deref() {
@@ -486,6 +508,9 @@ fn add_service(
                 .map(|&addr| frontend(addr, port_number, FrontendKind::ExternalIP)),
         );
         let endpoints = endpoints_for_port(port.name.as_deref(), protocol, slices, settings, state);
+        state
+            .known_backends
+            .extend(endpoints.iter().map(|e| e.backend));
         let externally_accessible = frontends.iter().any(|f| f.kind != FrontendKind::ClusterIP);
         let policy = Policy {
             internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
@@ -664,7 +689,9 @@ fn endpoints_for_port(
                 .flatten()
                 .map(|n| n.name.clone())
                 .collect();
-            for (address_index, address) in endpoint.addresses.iter().enumerate() {
+            // Like kube-proxy, only the first address: the others are the same pod in other
+            // families or aliases, not more endpoints.
+            for (address_index, address) in endpoint.addresses.iter().enumerate().take(1) {
                 let addr = match address.parse::<Ipv4Addr>() {
                     Ok(addr) if !addr.is_unspecified() && !addr.is_broadcast() => addr,
                     _ => {
@@ -1099,7 +1126,7 @@ status:
     }
 
     #[test]
-    fn node_ports_only_for_node_port_and_allocating_load_balancers() {
+    fn node_ports_only_for_node_port_and_load_balancer_services() {
         let yaml = "apiVersion: v1
 kind: Service
 metadata: {name: plain}
@@ -1124,9 +1151,14 @@ spec: {type: NodePort, clusterIP: 10.96.0.43, ports: [{port: 80, nodePort: 70000
             frontends(&state, "default/plain:80/TCP"),
             vec!["ClusterIP 10.96.0.41:80"]
         );
+        // Not allocated automatically, but set by hand: served, as kube-proxy does.
         assert_eq!(
             frontends(&state, "default/no-alloc:80/TCP"),
-            vec!["ClusterIP 10.96.0.42:80"]
+            vec![
+                "NodePort 10.0.0.1:30002",
+                "ClusterIP 10.96.0.42:80",
+                "NodePort 192.168.0.1:30002"
+            ]
         );
         assert_eq!(
             frontends(&state, "default/np:80/TCP"),
@@ -1193,6 +1225,60 @@ spec: {clusterIP: 10.96.0.46, loadBalancerSourceRanges: [10.0.0.0/8], ports: [{p
                 "spec.loadBalancerSourceRanges[0]"
             ]
         );
+    }
+
+    #[test]
+    fn ipv6_source_ranges_leave_ipv4_unrestricted() {
+        let yaml = "apiVersion: v1
+kind: Service
+metadata: {name: v6}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.47
+  loadBalancerSourceRanges: [2001:db8::/32]
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: mixed}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.48
+  loadBalancerSourceRanges: [2001:db8::/32, 192.0.2.0/24]
+  ports: [{port: 80}]
+";
+        let state = state_with_nodes(yaml);
+        assert!(state.errors.is_empty(), "{:?}", state.errors);
+        assert_eq!(state.services["default/v6:80/TCP"].source_ranges, None);
+        assert_eq!(
+            state.services["default/mixed:80/TCP"]
+                .source_ranges
+                .as_ref()
+                .map(|r| r.iter().map(ToString::to_string).collect::<Vec<_>>()),
+            Some(vec!["192.0.2.0/24".to_string()])
+        );
+    }
+
+    #[test]
+    fn only_the_first_address_counts_and_every_endpoint_is_known() {
+        let eps = "[{addresses: [10.244.1.2, 10.244.1.99]},
+                    {addresses: [10.244.1.3], conditions: {ready: false, serving: true, terminating: true}},
+                    {addresses: [10.244.1.4], conditions: {ready: false}}]";
+        let state = state_of(&format!(
+            "{WEB}{}",
+            slice("web-a", "[{name: http, port: 8080}]", eps)
+        ));
+        assert_eq!(
+            backends(&state, "shop/web:http/TCP"),
+            vec!["10.244.1.2:8080"]
+        );
+        let known: Vec<String> = state
+            .known_backends
+            .iter()
+            .filter(|b| b.port == 8080)
+            .map(|b| b.addr.to_string())
+            .collect();
+        assert_eq!(known, vec!["10.244.1.2", "10.244.1.3", "10.244.1.4"]);
     }
 
     /// Endpoint categorisation, case by case after kube-proxy's `TestCategorizeEndpoints`

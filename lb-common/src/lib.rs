@@ -116,6 +116,9 @@ pub const KIND_EXTERNAL_IP: u8 = 3;
 
 /// Only clients listed in `LB_SOURCE_RANGES` for this frontend may use it.
 pub const FRONTEND_SOURCE_RANGES: u8 = 1;
+/// The frontend address is one of the node's own (NodePort, or a LoadBalancer IP / externalIP
+/// assigned to the node): replies go straight back out of the arrival interface.
+pub const FRONTEND_LOCAL_ADDRESS: u8 = 2;
 
 /// LPM trie data of `LB_SOURCE_RANGES`: the frontend (exact, 64 bits) then the client prefix.
 #[repr(C)]
@@ -221,7 +224,7 @@ pub struct CtValue {
     pub backend_id: u32,
     pub service_id: u32,
     /// Reply entries of flows to a frontend that is one of the node's own addresses
-    /// (NodePort): the interface the request came in on, where the reply is sent straight
+    /// (`FRONTEND_LOCAL_ADDRESS`): the interface the request came in on, where the reply is sent straight
     /// back (the stack would drop a forwarded packet whose source is a local address).
     /// 0 = let the stack route the reply.
     pub return_ifindex: u32,
@@ -234,6 +237,33 @@ pub struct CtValue {
     pub created_ns: u64,
     pub last_seen_ns: u64,
     pub expires_ns: u64,
+}
+
+/// The key of the other direction of the connection that `key` (with entry `ct`) belongs to.
+#[inline(always)]
+pub fn ct_other_half(key: &CtKey, ct: &CtValue) -> CtKey {
+    let snat = ct.snat_addr != [0; 4];
+    if ct.direction == CT_FORWARD {
+        // Client -> frontend; the backend answers to the client (or the hairpin address).
+        CtKey {
+            src_addr: ct.nat_addr,
+            dst_addr: if snat { ct.snat_addr } else { key.src_addr },
+            src_port: ct.nat_port,
+            dst_port: key.src_port,
+            proto: key.proto,
+            _pad: [0; 3],
+        }
+    } else {
+        // Backend -> client (or hairpin address); the client's key goes to the frontend.
+        CtKey {
+            src_addr: if snat { ct.snat_addr } else { key.dst_addr },
+            dst_addr: ct.nat_addr,
+            src_port: key.dst_port,
+            dst_port: ct.nat_port,
+            proto: key.proto,
+            _pad: [0; 3],
+        }
+    }
 }
 
 pub const TCP_FIN: u8 = 0x01;

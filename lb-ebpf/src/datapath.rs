@@ -8,8 +8,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    ct_timeout_ns, BackendValue, Counter, CtKey, CtValue, FrontendKey, SlotKey, CT_FORWARD,
-    CT_REPLY, FRONTEND_SOURCE_RANGES, KIND_NODE_PORT, PROTO_TCP, PROTO_UDP,
+    ct_other_half, ct_timeout_ns, BackendValue, Counter, CtKey, CtValue, FrontendKey, SlotKey,
+    CT_FORWARD, CT_REPLY, FRONTEND_LOCAL_ADDRESS, FRONTEND_SOURCE_RANGES, PROTO_TCP, PROTO_UDP,
     SERVICE_DROP_WHEN_EMPTY, TCP_ACK, TCP_SYN,
 };
 
@@ -69,12 +69,22 @@ fn try_lb_ingress(ctx: &TcContext) -> Result<i32, ()> {
     if let Some(ct) = LB_CONNTRACK.get_ptr_mut(key) {
         // SAFETY: the pointer comes from a successful lookup; only plain integers are touched.
         let ct = unsafe { &mut *ct };
-        if now > ct.expires_ns {
-            // Stale: as if it were not there (its reply half goes with it).
-            count(Counter::CtExpired);
-            if ct.direction == CT_FORWARD {
-                let _ = LB_CONNTRACK.remove(reply_key(&key, ct));
+        // A connection lives while either direction does (a half-closed TCP stream, a UDP
+        // server that answers rarely): an expired half whose other half is alive carries on.
+        let expired = now > ct.expires_ns && {
+            let other = ct_other_half(&key, ct);
+            // SAFETY: read-only copy.
+            match unsafe { LB_CONNTRACK.get(other) }.copied() {
+                Some(o) if now <= o.expires_ns => false,
+                _ => {
+                    let _ = LB_CONNTRACK.remove(other);
+                    true
+                }
             }
+        };
+        if expired {
+            // Stale: as if it were not there.
+            count(Counter::CtExpired);
             let _ = LB_CONNTRACK.remove(key);
         } else if ct.direction == CT_REPLY {
             refresh(ct, now, &pkt);
@@ -101,8 +111,7 @@ fn try_lb_ingress(ctx: &TcContext) -> Result<i32, ()> {
             // The backend is gone (or its id now names another endpoint). Forget the flow;
             // a TCP connection in progress cannot move, so it is reset, while a datagram
             // flow (or a fresh SYN reusing the ports) is balanced again below.
-            let reply_key = reply_key(&key, ct);
-            let _ = LB_CONNTRACK.remove(reply_key);
+            let _ = LB_CONNTRACK.remove(ct_other_half(&key, ct));
             let _ = LB_CONNTRACK.remove(key);
             let fresh_syn = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
             if pkt.proto == PROTO_TCP && !fresh_syn {
@@ -167,7 +176,12 @@ fn try_lb_ingress(ctx: &TcContext) -> Result<i32, ()> {
     };
     let chosen = match LB_CONNTRACK.insert(key, forward, BPF_NOEXIST as u64) {
         Ok(()) => {
-            record_reply(ctx, &key, &forward, frontend.kind == KIND_NODE_PORT);
+            record_reply(
+                ctx,
+                &key,
+                &forward,
+                frontend.flags & FRONTEND_LOCAL_ADDRESS != 0,
+            );
             count(Counter::NewFlow);
             forward
         }
@@ -196,7 +210,16 @@ fn pick_backend(service_id: u32, count: u32) -> Option<(u32, BackendValue)> {
         return None;
     }
     let slot = unsafe { bpf_get_prandom_u32() } % count;
-    let backend_id = *unsafe { LB_SLOTS.get(SlotKey { service_id, slot }) }?;
+    // A slot beyond a count that just shrank may be gone already: slot 0 always exists.
+    let backend_id = match unsafe { LB_SLOTS.get(SlotKey { service_id, slot }) } {
+        Some(id) => *id,
+        None => *unsafe {
+            LB_SLOTS.get(SlotKey {
+                service_id,
+                slot: 0,
+            })
+        }?,
+    };
     let backend = *LB_BACKENDS.get(backend_id)?;
     (backend.proto != 0).then_some((backend_id, backend))
 }
@@ -206,23 +229,6 @@ fn backend_still_there(ct: &CtValue) -> bool {
     match LB_BACKENDS.get(ct.backend_id) {
         Some(b) => b.proto != 0 && b.addr == ct.nat_addr && b.port == ct.nat_port,
         None => false,
-    }
-}
-
-/// The key under which the backend's answers to the flow `key` arrive.
-#[inline(always)]
-fn reply_key(key: &CtKey, forward: &CtValue) -> CtKey {
-    CtKey {
-        src_addr: forward.nat_addr,
-        dst_addr: if forward.snat_addr != NO_ADDR {
-            forward.snat_addr
-        } else {
-            key.src_addr
-        },
-        src_port: forward.nat_port,
-        dst_port: key.src_port,
-        proto: key.proto,
-        _pad: [0; 3],
     }
 }
 
@@ -261,7 +267,7 @@ fn record_reply(ctx: &TcContext, key: &CtKey, forward: &CtValue, local_frontend:
         expires_ns: forward.created_ns + ct_timeout_ns(key.proto, 0),
     };
     if LB_CONNTRACK
-        .insert(reply_key(key, forward), reply, BPF_ANY as u64)
+        .insert(ct_other_half(key, forward), reply, BPF_ANY as u64)
         .is_err()
     {
         count(Counter::CtInsertFailed);
@@ -271,7 +277,7 @@ fn record_reply(ctx: &TcContext, key: &CtKey, forward: &CtValue, local_frontend:
 /// Sends a translated reply straight out of the interface its flow came in on, with the
 /// request's Ethernet addresses swapped.
 #[inline(always)]
-fn return_to_sender(ctx: &TcContext, ct: &CtValue) -> Result<i32, ()> {
+pub fn return_to_sender(ctx: &TcContext, ct: &CtValue) -> Result<i32, ()> {
     let mut eth = [0u8; 12];
     eth[..6].copy_from_slice(&ct.return_dst_mac);
     eth[6..].copy_from_slice(&ct.return_src_mac);

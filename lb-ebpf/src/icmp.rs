@@ -99,6 +99,10 @@ pub fn translate_error(ctx: &TcContext, ip: &Ipv4) -> Result<i32, ()> {
         }
     }
     count(Counter::IcmpTranslated);
+    if ct.direction == CT_REPLY && ct.return_ifindex != 0 {
+        // From a node address: back the way the flow came, like the flow's own replies.
+        return crate::datapath::return_to_sender(ctx, &ct);
+    }
     Ok(TC_ACT_OK)
 }
 

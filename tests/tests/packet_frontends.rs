@@ -343,10 +343,12 @@ fn established_tcp_whose_backend_left_is_reset_and_a_new_syn_moves() {
     let mut h = harness();
     let syn = Flow::tcp(CLIENT, 48000, "10.96.0.10", 80, TCP_SYN);
     let first = expect_dnat(&mut h, &syn, 8080);
+    // The endpoint leaves its slice.
     let mut state = desired();
     for service in state.services.values_mut() {
         service.backends.retain(|b| b.addr != first);
     }
+    state.known_backends.retain(|b| b.addr != first);
     h.program(&state).unwrap();
 
     let ack = Flow::tcp(CLIENT, 48000, "10.96.0.10", 80, TCP_ACK);
@@ -367,6 +369,33 @@ fn established_tcp_whose_backend_left_is_reset_and_a_new_syn_moves() {
     // The flow is forgotten: a new SYN on the same ports is balanced to a live backend.
     let again = expect_dnat(&mut h, &syn, 8080);
     assert_ne!(again, first);
+}
+
+#[test]
+fn established_flows_to_a_terminating_backend_carry_on_while_new_ones_avoid_it() {
+    let mut h = harness();
+    let syn = Flow::tcp(CLIENT, 48500, "10.96.0.10", 80, TCP_SYN);
+    let first = expect_dnat(&mut h, &syn, 8080);
+    // The endpoint turns terminating: still in its slice (known), no longer chosen.
+    let mut state = desired();
+    for service in state.services.values_mut() {
+        service.backends.retain(|b| b.addr != first);
+    }
+    assert!(state.known_backends.iter().any(|b| b.addr == first));
+    h.program(&state).unwrap();
+    let ack = Flow::tcp(CLIENT, 48500, "10.96.0.10", 80, TCP_ACK);
+    for _ in 0..5 {
+        assert_eq!(
+            expect_dnat(&mut h, &ack, 8080),
+            first,
+            "graceful: the flow stays"
+        );
+    }
+    assert_eq!(h.counter("reset_backend_gone"), 0);
+    for port in 0..30 {
+        let new = Flow::tcp(CLIENT, 48600 + port, "10.96.0.10", 80, TCP_SYN);
+        assert_ne!(expect_dnat(&mut h, &new, 8080), first, "new flows avoid it");
+    }
 }
 
 #[test]
@@ -414,15 +443,32 @@ fn expired_entries_are_ignored_by_the_datapath_and_removed_by_the_collector() {
         _pad: [0; 3],
     };
     let mut ct = h.conntrack();
-    let mut value = ct.get(&key, 0).unwrap();
-    value.expires_ns = monotonic_ns() - 1;
-    ct.insert(key, value, 0).unwrap();
+    let age = |ct: &mut lb_agent::maps::ConntrackMap, key: &CtKey| {
+        let mut value = ct.get(key, 0).unwrap();
+        value.expires_ns = monotonic_ns() - 1;
+        ct.insert(key, value, 0).unwrap();
+        value
+    };
+    // One direction expired, the other alive (a server still answering): the flow goes on.
+    let forward = age(&mut ct, &key);
+    let first = expect_dnat(&mut h, &datagram, 5353);
+    assert_eq!(
+        h.counter("conntrack_expired"),
+        0,
+        "alive in the other direction"
+    );
+    assert_eq!(h.counter("new_flow"), 2);
+    // Both directions expired: the flow is gone and the packet starts a new one.
+    age(&mut ct, &key);
+    age(&mut ct, &lb_common::ct_other_half(&key, &forward));
     expect_dnat(&mut h, &datagram, 5353);
     assert_eq!(
         h.counter("conntrack_expired"),
         1,
         "stale entry replaced by a new flow"
     );
+    assert_eq!(h.counter("new_flow"), 3);
+    let _ = first;
 
     // Age two of the four entries; the collector removes exactly those.
     let before = ct.keys().count();

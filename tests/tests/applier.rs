@@ -1,0 +1,188 @@
+//! The applier against real pinned maps: partial failures and conflicts leave every other
+//! Service as it should be.
+
+use std::{collections::BTreeMap, net::Ipv4Addr, path::Path};
+
+use lb_agent::{
+    loader::{Capacity, DatapathSettings},
+    manifest::{parse_into, Manifests},
+    maps::read_services,
+    model::{
+        desired_state, Backend, DesiredService, DesiredState, Frontend, FrontendKind, Protocol,
+        Settings,
+    },
+};
+use lb_tests::packet::Harness;
+
+fn service(vip: &str, backends: &[&str]) -> DesiredService {
+    DesiredService {
+        frontends: [Frontend {
+            addr: vip.parse().unwrap(),
+            port: 80,
+            protocol: Protocol::Tcp,
+            kind: FrontendKind::ClusterIP,
+        }]
+        .into(),
+        backends: backends
+            .iter()
+            .map(|b| Backend {
+                addr: b.parse().unwrap(),
+                port: 8080,
+                protocol: Protocol::Tcp,
+            })
+            .collect(),
+        ..DesiredService::default()
+    }
+}
+
+fn backends_of(pin_dir: &Path, name: &str) -> Vec<Ipv4Addr> {
+    read_services(pin_dir)
+        .unwrap()
+        .into_iter()
+        .find(|s| s.name == name)
+        .map(|s| s.backends.iter().map(|b| b.addr).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_service_that_does_not_fit_keeps_what_it_had_and_others_are_programmed() {
+    // Backend ids 1..=3 only.
+    let mut h = Harness::with_settings(&DatapathSettings {
+        capacity: Capacity {
+            backends: 4,
+            ..Capacity::default()
+        },
+        ..DatapathSettings::default()
+    })
+    .unwrap();
+    let before = DesiredState {
+        services: BTreeMap::from([(
+            "ns/a:80/TCP".to_string(),
+            service("10.96.0.1", &["10.0.1.1", "10.0.1.2"]),
+        )]),
+        ..Default::default()
+    };
+    h.program(&before).unwrap();
+
+    let after = DesiredState {
+        services: BTreeMap::from([
+            (
+                "ns/a:80/TCP".to_string(),
+                service(
+                    "10.96.0.1",
+                    &["10.0.1.1", "10.0.1.2", "10.0.1.3", "10.0.1.4", "10.0.1.5"],
+                ),
+            ),
+            (
+                "ns/b:80/TCP".to_string(),
+                service("10.96.0.2", &["10.0.0.1"]),
+            ),
+        ]),
+        ..Default::default()
+    };
+    let report = h.applier.sync(&after).unwrap();
+    assert!(
+        report
+            .errors
+            .iter()
+            .any(|e| e.starts_with("service ns/a:80/TCP") && e.contains("--max-backends")),
+        "{:?}",
+        report.errors
+    );
+    assert!(
+        !report.errors.iter().any(|e| e.contains("ns/b")),
+        "{:?}",
+        report.errors
+    );
+    let a = backends_of(&h.pin_dir, "ns/a:80/TCP");
+    assert_eq!(
+        a,
+        vec![Ipv4Addr::new(10, 0, 1, 1), Ipv4Addr::new(10, 0, 1, 2)],
+        "a unchanged"
+    );
+    assert_eq!(
+        backends_of(&h.pin_dir, "ns/b:80/TCP"),
+        vec![Ipv4Addr::new(10, 0, 0, 1)]
+    );
+    let frontends: Vec<String> = read_services(&h.pin_dir)
+        .unwrap()
+        .iter()
+        .flat_map(|s| s.frontends.iter().map(|f| f.addr.to_string()))
+        .collect();
+    assert!(
+        frontends.contains(&"10.96.0.1".to_string()),
+        "a keeps its frontend: {frontends:?}"
+    );
+
+    // Once b goes, a fits: b's backend id is freed at the end of that sync (make before
+    // break), so a is programmed in full by the retry the agent makes at its next poll.
+    let later = DesiredState {
+        services: BTreeMap::from([(
+            "ns/a:80/TCP".to_string(),
+            service("10.96.0.1", &["10.0.1.1", "10.0.1.2", "10.0.1.3"]),
+        )]),
+        ..Default::default()
+    };
+    let first = h.applier.sync(&later).unwrap();
+    assert_eq!(
+        backends_of(&h.pin_dir, "ns/a:80/TCP").len(),
+        2,
+        "{:?}",
+        first.errors
+    );
+    let retry = h.applier.sync(&later).unwrap();
+    assert!(retry.errors.is_empty(), "{:?}", retry.errors);
+    assert_eq!(backends_of(&h.pin_dir, "ns/a:80/TCP").len(), 3);
+    assert!(backends_of(&h.pin_dir, "ns/b:80/TCP").is_empty());
+}
+
+#[test]
+fn a_frontend_claimed_twice_keeps_its_first_owners_source_ranges_only() {
+    let yaml = "apiVersion: v1
+kind: Service
+metadata: {name: a}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.1
+  loadBalancerSourceRanges: [10.0.0.0/8]
+  ports: [{port: 443}]
+status: {loadBalancer: {ingress: [{ip: 203.0.113.4}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: b}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.2
+  loadBalancerSourceRanges: [0.0.0.0/0]
+  ports: [{port: 443}]
+status: {loadBalancer: {ingress: [{ip: 203.0.113.4}]}}
+";
+    let mut m = Manifests::default();
+    parse_into(Path::new("t.yaml"), yaml, &mut m);
+    let state = desired_state(&m.services, &m.endpoint_slices, &Settings::default());
+    let mut h = Harness::new().unwrap();
+    let report = h.applier.sync(&state).unwrap();
+    assert!(
+        report
+            .errors
+            .iter()
+            .any(|e| e.contains("already used by default/a")),
+        "{:?}",
+        report.errors
+    );
+    let services = read_services(&h.pin_dir).unwrap();
+    let a = services
+        .iter()
+        .find(|s| s.name == "default/a:443/TCP")
+        .unwrap();
+    assert_eq!(
+        a.source_ranges,
+        vec!["10.0.0.0/8".to_string()],
+        "b's 0.0.0.0/0 did not leak"
+    );
+    assert!(a
+        .frontends
+        .iter()
+        .any(|f| f.addr.to_string() == "203.0.113.4"));
+}
