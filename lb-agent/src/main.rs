@@ -387,7 +387,12 @@ fn show_plan(dir: &Path, node: &str, output: Output) -> anyhow::Result<()> {
     for error in &manifests.errors {
         warn!("skipped: {error}");
     }
-    let settings = lb_agent::node::settings(node, &manifests.nodes, &[], &[]);
+    let settings = lb_agent::node::settings(
+        node,
+        &manifests.nodes,
+        &[],
+        &lb_agent::plan::ANY_NODE_ADDRESS,
+    );
     let desired = lb_agent::desired_from_manifests(&manifests, &settings);
     for error in &desired.errors {
         warn!("skipped: {error}");

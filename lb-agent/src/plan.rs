@@ -36,6 +36,10 @@ pub struct PlanBackend {
     pub terminating: bool,
 }
 
+/// The node addresses to plan with when none is known: NodePorts are shown as `*` anyway, so
+/// one placeholder is enough for them to appear.
+pub const ANY_NODE_ADDRESS: [Ipv4Addr; 1] = [Ipv4Addr::UNSPECIFIED];
+
 pub fn plan(node: &str, state: &DesiredState) -> Plan {
     let mut frontends = BTreeSet::new();
     for service in state.services.values() {

@@ -538,3 +538,88 @@ fn new_flows_are_spread_uniformly() {
         );
     }
 }
+
+/// externalTrafficPolicy: Local, endpoints on node-a (10.244.1.2) and node-b (10.244.2.2).
+const LOCAL_POLICY: &str = "
+apiVersion: v1
+kind: Service
+metadata: {name: edge, namespace: shop}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.30
+  externalTrafficPolicy: Local
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30090}]
+status: {loadBalancer: {ingress: [{ip: 203.0.113.30}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: edge-1, namespace: shop, labels: {kubernetes.io/service-name: edge}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- {addresses: [10.244.1.2], nodeName: node-a}
+- {addresses: [10.244.2.2], nodeName: node-b}
+";
+
+fn local_policy_harness(node: &str) -> Harness {
+    let mut m = Manifests::default();
+    parse_into(Path::new("local.yaml"), LOCAL_POLICY, &mut m);
+    let settings = Settings {
+        node_name: node.to_string(),
+        node_addresses: vec!["192.168.77.1".parse().unwrap()],
+        ..Settings::default()
+    };
+    let state = desired_state(&m.services, &m.endpoint_slices, &settings);
+    let mut h = Harness::new().unwrap();
+    h.program(&state).unwrap();
+    h
+}
+
+#[test]
+fn local_policy_uses_only_this_nodes_endpoints_for_external_frontends() {
+    let mut h = local_policy_harness("node-a");
+    for port in 0..20 {
+        for (frontend, fport) in [("203.0.113.30", 80), ("192.168.77.1", 30090)] {
+            let syn = Flow::tcp(CLIENT, 52000 + port, frontend, fport, TCP_SYN);
+            let out = parse_checked(&h.run(&syn.build()).unwrap().packet).unwrap();
+            assert_eq!(
+                out.dst.to_string(),
+                "10.244.1.2",
+                "{frontend}: local endpoint only"
+            );
+            assert_eq!(out.src.to_string(), CLIENT, "client address kept");
+        }
+    }
+    // The ClusterIP is not external: every endpoint.
+    let mut seen = std::collections::BTreeSet::new();
+    for port in 0..40 {
+        let syn = Flow::tcp(CLIENT, 53000 + port, "10.96.0.30", 80, TCP_SYN);
+        seen.insert(
+            parse_checked(&h.run(&syn.build()).unwrap().packet)
+                .unwrap()
+                .dst,
+        );
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+}
+
+#[test]
+fn local_policy_on_a_node_without_endpoints_drops_external_traffic_and_serves_the_cluster_ip() {
+    let mut h = local_policy_harness("node-c");
+    for (frontend, port) in [("203.0.113.30", 80), ("192.168.77.1", 30090)] {
+        let syn = Flow::tcp(CLIENT, 54000, frontend, port, TCP_SYN);
+        assert_eq!(
+            h.run(&syn.build()).unwrap().action,
+            TC_ACT_SHOT,
+            "{frontend}: dropped"
+        );
+    }
+    assert_eq!(h.counter("drop_no_backend"), 2);
+    assert_eq!(
+        h.counter("reject_no_backend"),
+        0,
+        "dropped, not rejected: others have endpoints"
+    );
+    let syn = Flow::tcp(CLIENT, 54001, "10.96.0.30", 80, TCP_SYN);
+    assert_eq!(h.run(&syn.build()).unwrap().action, TC_ACT_OK);
+}
