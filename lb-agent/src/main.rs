@@ -61,9 +61,26 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct RunArgs {
-    /// Standalone mode: directory of Service / EndpointSlice manifests.
+    /// Standalone mode: a directory of Service / EndpointSlice / Endpoints / Node manifests,
+    /// re-read every --manifest-poll-interval. Without it the agent watches the Kubernetes API.
     #[arg(long)]
-    manifests: PathBuf,
+    manifests: Option<PathBuf>,
+    /// Kubeconfig for the API server. Default: in-cluster service account, `$KUBECONFIG`,
+    /// or `~/.kube/config`.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// API requests per second the agent allows itself (sustained).
+    #[arg(long, default_value_t = 5.0)]
+    kube_api_qps: f32,
+    /// API requests the agent may make at once above the sustained rate.
+    #[arg(long, default_value_t = 10)]
+    kube_api_burst: u32,
+    /// Shortest time between two syncs: a burst of changes is applied together.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    min_sync_period: Duration,
+    /// Everything is re-applied this often, repairing any drift in the maps.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    sync_period: Duration,
     /// Interfaces to attach to (ingress); repeat the flag or separate with commas.
     #[arg(
         long = "interface",
@@ -208,9 +225,13 @@ fn run(pin_dir: &Path, args: RunArgs) -> anyhow::Result<()> {
 
     let mut ebpf = loader::load(pin_dir, &datapath)?;
     let attachments = loader::attach(&mut ebpf, &args.interfaces)?;
-    let mut applier = maps::Applier::open(pin_dir)?;
-    let mut source = ManifestSource::default();
-    source.sync(&args.manifests, &node, &mut applier)?;
+    let applier = maps::Applier::open(pin_dir)?;
+    let mut programmer = Programmer {
+        node,
+        applier,
+        last: None,
+        last_problems: Vec::new(),
+    };
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -220,56 +241,150 @@ fn run(pin_dir: &Path, args: RunArgs) -> anyhow::Result<()> {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-        let mut poll = tokio::time::interval(args.manifest_poll_interval);
-        let mut gc = tokio::time::interval(args.conntrack_gc_interval);
-        let mut conntrack = maps::open_conntrack(pin_dir)?;
-        loop {
+        let stop = async move {
             tokio::select! {
-                _ = term.recv() => break,
-                _ = int.recv() => break,
-                _ = poll.tick() => {
-                    if let Err(err) = source.sync(&args.manifests, &node, &mut applier) {
-                        warn!("sync failed, keeping the current datapath: {err:#}");
-                    }
-                }
-                _ = gc.tick() => {
-                    let (examined, deleted) = maps::collect_conntrack_garbage(&mut conntrack, 65_536);
-                    if deleted > 0 {
-                        debug!(examined, deleted, "conntrack garbage collected");
-                    }
-                }
+                _ = term.recv() => {},
+                _ = int.recv() => {},
             }
+        };
+        match &args.manifests {
+            Some(dir) => run_standalone(dir, &args, pin_dir, &mut programmer, stop).await,
+            None => run_kubernetes(&args, pin_dir, &mut programmer, stop).await,
         }
-        anyhow::Ok(())
     })?;
     info!("signalled: detaching");
     attachments.detach(&mut ebpf)?;
     Ok(())
 }
 
-/// Standalone mode: the manifest directory, re-read on every poll and applied when the
-/// desired state changed.
-#[derive(Default)]
-struct ManifestSource {
-    last: Option<model::DesiredState>,
-    last_problems: Vec<String>,
+/// Standalone mode: the manifest directory, re-read every poll and applied when the desired
+/// state changed.
+async fn run_standalone(
+    dir: &Path,
+    args: &RunArgs,
+    pin_dir: &Path,
+    programmer: &mut Programmer,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    tokio::pin!(stop);
+    let mut poll = tokio::time::interval(args.manifest_poll_interval);
+    let mut gc = tokio::time::interval(args.conntrack_gc_interval);
+    let mut conntrack = maps::open_conntrack(pin_dir)?;
+    loop {
+        tokio::select! {
+            _ = &mut stop => return Ok(()),
+            _ = poll.tick() => {
+                match manifest::read_dir(dir) {
+                    Ok(manifests) => programmer.apply(manifests, false, None),
+                    Err(err) => warn!("keeping the current datapath: {err:#}"),
+                }
+            }
+            _ = gc.tick() => collect_garbage(&mut conntrack),
+        }
+    }
 }
 
-/// Who this node is; its zone and addresses may come from a Node manifest.
+/// Kubernetes mode: watchers fill stores; changes are applied at most every
+/// `--min-sync-period` (bursts batched), and everything is re-applied every `--sync-period`
+/// to repair drift.
+async fn run_kubernetes(
+    args: &RunArgs,
+    pin_dir: &Path,
+    programmer: &mut Programmer,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    use futures::StreamExt as _;
+    use lb_agent::kubernetes::{self, Signal};
+
+    tokio::pin!(stop);
+    let client = kubernetes::client(&kubernetes::ClientOptions {
+        kubeconfig: args.kubeconfig.as_deref(),
+        qps: args.kube_api_qps,
+        burst: args.kube_api_burst,
+    })
+    .await?;
+    let (stores, mut signals) = kubernetes::watch(client, &programmer.node.name);
+
+    // Nothing is programmed until every watch has its first full list: a partial view would
+    // delete what is merely not listed yet.
+    {
+        let ready = stores.wait_until_ready();
+        tokio::pin!(ready);
+        loop {
+            tokio::select! {
+                _ = &mut stop => return Ok(()),
+                ready = &mut ready => { ready?; break; }
+                signal = signals.next() => if signal.is_none() {
+                    anyhow::bail!("the watch streams ended before the first list");
+                },
+            }
+        }
+    }
+    info!("initial lists complete");
+    programmer.apply(stores.snapshot(), true, None);
+
+    let mut resync = tokio::time::interval(args.sync_period);
+    resync.reset(); // the first tick would fire at once
+    let mut gc = tokio::time::interval(args.conntrack_gc_interval);
+    let mut conntrack = maps::open_conntrack(pin_dir)?;
+    let mut pending_since: Option<std::time::Instant> = None;
+    let mut last_sync = tokio::time::Instant::now();
+    loop {
+        let next_allowed = last_sync + args.min_sync_period;
+        tokio::select! {
+            _ = &mut stop => return Ok(()),
+            signal = signals.next() => match signal {
+                Some(Signal::Changed) => {
+                    pending_since.get_or_insert_with(std::time::Instant::now);
+                }
+                Some(Signal::Restarted) => {}
+                None => anyhow::bail!("the watch streams ended"),
+            },
+            _ = tokio::time::sleep_until(next_allowed), if pending_since.is_some() => {
+                programmer.apply(stores.snapshot(), false, pending_since.take());
+                last_sync = tokio::time::Instant::now();
+            }
+            _ = resync.tick() => {
+                programmer.apply(stores.snapshot(), true, pending_since.take());
+                last_sync = tokio::time::Instant::now();
+            }
+            _ = gc.tick() => collect_garbage(&mut conntrack),
+        }
+    }
+}
+
+fn collect_garbage(conntrack: &mut maps::ConntrackMap) {
+    let (examined, deleted) = maps::collect_conntrack_garbage(conntrack, 65_536);
+    if deleted > 0 {
+        debug!(examined, deleted, "conntrack garbage collected");
+    }
+}
+
+/// Who this node is; its zone and addresses may come from its Node object.
 struct NodeIdentity {
     name: String,
     node_port_addresses: Vec<Ipv4Addr>,
     discovered: Vec<Ipv4Addr>,
 }
 
-impl ManifestSource {
-    fn sync(
+/// Objects in, maps out: the model, then the applier, with change detection and logging.
+struct Programmer {
+    node: NodeIdentity,
+    applier: maps::Applier,
+    last: Option<model::DesiredState>,
+    last_problems: Vec<String>,
+}
+
+impl Programmer {
+    /// Applies the objects. Unless `force`, nothing happens when the desired state is what was
+    /// last applied in full. `seen` is when the oldest unapplied change arrived.
+    fn apply(
         &mut self,
-        dir: &Path,
-        node: &NodeIdentity,
-        applier: &mut maps::Applier,
-    ) -> anyhow::Result<()> {
-        let manifests = manifest::read_dir(dir)?;
+        manifests: manifest::Manifests,
+        force: bool,
+        seen: Option<std::time::Instant>,
+    ) {
+        let node = &self.node;
         let settings = lb_agent::node::settings(
             &node.name,
             &manifests.nodes,
@@ -277,8 +392,8 @@ impl ManifestSource {
             &node.discovered,
         );
         let desired = lb_agent::desired_from_manifests(&manifests, &settings);
-        if self.last.as_ref() == Some(&desired) {
-            return Ok(());
+        if !force && self.last.as_ref() == Some(&desired) {
+            return;
         }
         // Report problems when they change, not on every poll.
         let problems: Vec<String> = manifests
@@ -298,11 +413,17 @@ impl ManifestSource {
             self.last_problems = problems;
         }
         let started = std::time::Instant::now();
-        let report = applier.sync(&desired)?;
+        let report = match self.applier.sync(&desired) {
+            Ok(report) => report,
+            Err(err) => {
+                warn!("sync failed, keeping the current datapath: {err:#}");
+                self.last = None;
+                return;
+            }
+        };
         for error in &report.errors {
             warn!("{error}");
         }
-        let complete = report.errors.is_empty();
         info!(
             services = report.services,
             frontends = report.frontends,
@@ -310,11 +431,11 @@ impl ManifestSource {
             writes = report.writes,
             deletes = report.deletes,
             elapsed_us = started.elapsed().as_micros() as u64,
+            latency_us = seen.map(|s| s.elapsed().as_micros() as u64),
             "datapath programmed"
         );
-        // Anything left undone is tried again at the next poll.
-        self.last = complete.then_some(desired);
-        Ok(())
+        // Anything left undone is tried again at the next change, poll or resync.
+        self.last = report.errors.is_empty().then_some(desired);
     }
 }
 

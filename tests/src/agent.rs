@@ -59,6 +59,20 @@ impl Agent {
         log: &Path,
         extra: &[&str],
     ) -> anyhow::Result<Self> {
+        let manifests = manifests.to_string_lossy().to_string();
+        let mut args = vec!["--manifests", manifests.as_str()];
+        args.extend_from_slice(extra);
+        Self::start_run(ns, pin_dir, interfaces, log, &args)
+    }
+
+    /// `lb-agent --pin-dir P run --interface I <args>` in `ns`, logging to `log`.
+    pub fn start_run(
+        ns: &Netns,
+        pin_dir: &Path,
+        interfaces: &[String],
+        log: &Path,
+        args: &[&str],
+    ) -> anyhow::Result<Self> {
         let binary = agent_binary()?;
         let log_file =
             fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
@@ -67,11 +81,9 @@ impl Agent {
             .arg("--pin-dir")
             .arg(pin_dir)
             .arg("run")
-            .arg("--manifests")
-            .arg(manifests)
             .arg("--interface")
             .arg(interfaces.join(","))
-            .args(extra)
+            .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)

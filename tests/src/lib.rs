@@ -6,5 +6,6 @@
 
 pub mod agent;
 pub mod echo;
+pub mod fake_api;
 pub mod lab;
 pub mod packet;

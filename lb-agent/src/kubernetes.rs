@@ -1,0 +1,164 @@
+//! The Kubernetes source: kube-rs watchers on Services, EndpointSlices and this agent's own
+//! Node, each kept in a reflector store.
+//!
+//! The reflector swaps a relisted store in whole once the new list is complete, so a dropped
+//! watch or a `410 Gone` never empties the state in between: nothing is deleted until a fresh
+//! list proves it gone.
+
+use std::{path::Path, pin::Pin, time::Duration};
+
+use anyhow::Context as _;
+use futures::{Stream, StreamExt as _};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{
+        reflector::{self, Store},
+        watcher, WatchStreamExt as _,
+    },
+    Api, Client, Config,
+};
+use tracing::warn;
+
+/// How the agent reaches the API server.
+#[derive(Clone, Debug)]
+pub struct ClientOptions<'a> {
+    /// A kubeconfig file; otherwise `$KUBECONFIG`, `~/.kube/config` or the in-cluster
+    /// service account, as kube-rs infers.
+    pub kubeconfig: Option<&'a Path>,
+    /// Client-side rate limit: sustained requests per second, and how many may go at once.
+    pub qps: f32,
+    pub burst: u32,
+}
+
+pub async fn client(options: &ClientOptions<'_>) -> anyhow::Result<Client> {
+    let config = match options.kubeconfig {
+        Some(path) => {
+            let kubeconfig = Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("kubeconfig {}", path.display()))?
+        }
+        None => Config::infer()
+            .await
+            .context("finding the API server (in-cluster, $KUBECONFIG or ~/.kube/config)")?,
+    };
+    // A window of `burst` requests every `burst / qps` seconds: `qps` on average, bursts of
+    // `burst` (what kube-proxy's --kube-api-qps / --kube-api-burst bound).
+    let burst = options.burst.max(1);
+    let qps = if options.qps > 0.0 { options.qps } else { 5.0 };
+    let window = Duration::from_secs_f64(f64::from(burst) / f64::from(qps));
+    let client = kube::client::ClientBuilder::try_from(config)
+        .context("building the API client")?
+        .with_layer(&tower::limit::RateLimitLayer::new(u64::from(burst), window))
+        .build();
+    Ok(client)
+}
+
+/// The three stores, filled by [`watch`].
+#[derive(Clone)]
+pub struct Stores {
+    pub services: Store<Service>,
+    pub endpoint_slices: Store<EndpointSlice>,
+    pub nodes: Store<Node>,
+}
+
+/// What a watch stream reports to the agent's loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// A store changed.
+    Changed,
+    /// A watch failed and is being retried with backoff (the stores keep their contents).
+    Restarted,
+}
+
+pub type Signals = Pin<Box<dyn Stream<Item = Signal> + Send>>;
+
+/// Starts the watchers; the returned stream must be polled for the stores to fill.
+pub fn watch(client: Client, node_name: &str) -> (Stores, Signals) {
+    let (services, services_writer) = reflector::store();
+    let (endpoint_slices, slices_writer) = reflector::store();
+    let (nodes, nodes_writer) = reflector::store();
+    let config = watcher::Config::default();
+    let services_stream = signals(reflector::reflector(
+        services_writer,
+        watcher(Api::<Service>::all(client.clone()), config.clone()),
+    ));
+    let slices_stream = signals(reflector::reflector(
+        slices_writer,
+        watcher(Api::<EndpointSlice>::all(client.clone()), config.clone()),
+    ));
+    let nodes_stream = signals(reflector::reflector(
+        nodes_writer,
+        watcher(
+            Api::<Node>::all(client),
+            config.fields(&format!("metadata.name={node_name}")),
+        ),
+    ));
+    let merged = futures::stream::select_all([services_stream, slices_stream, nodes_stream]);
+    (
+        Stores {
+            services,
+            endpoint_slices,
+            nodes,
+        },
+        Box::pin(merged),
+    )
+}
+
+fn signals<K, S>(stream: S) -> Signals
+where
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+    K: Send + 'static,
+{
+    Box::pin(stream.default_backoff().map(|event| match event {
+        Ok(_) => Signal::Changed,
+        Err(err) => {
+            warn!("watch failed, retrying (state kept): {err}");
+            Signal::Restarted
+        }
+    }))
+}
+
+impl Stores {
+    /// Waits until every store has its first complete list.
+    pub async fn wait_until_ready(&self) -> anyhow::Result<()> {
+        self.services
+            .wait_until_ready()
+            .await
+            .context("Service watch ended")?;
+        self.endpoint_slices
+            .wait_until_ready()
+            .await
+            .context("EndpointSlice watch ended")?;
+        self.nodes
+            .wait_until_ready()
+            .await
+            .context("Node watch ended")?;
+        Ok(())
+    }
+
+    /// The current objects, as owned values for the model.
+    pub fn snapshot(&self) -> crate::manifest::Manifests {
+        crate::manifest::Manifests {
+            services: self
+                .services
+                .state()
+                .iter()
+                .map(|s| (**s).clone())
+                .collect(),
+            endpoint_slices: self
+                .endpoint_slices
+                .state()
+                .iter()
+                .map(|s| (**s).clone())
+                .collect(),
+            nodes: self.nodes.state().iter().map(|n| (**n).clone()).collect(),
+            ..Default::default()
+        }
+    }
+}

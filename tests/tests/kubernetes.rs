@@ -1,0 +1,199 @@
+//! The agent against a fake Kubernetes API server speaking the real list/watch protocol to the
+//! real kube-rs client: initial list, watch events, dropped watches, `410 Gone` and relist,
+//! bookmarks, an outage. The agent drives real maps and real traffic flows meanwhile.
+
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddr},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use lb_agent::maps::read_services;
+use lb_tests::{
+    agent::Agent,
+    echo::{tcp_request, EchoServer},
+    fake_api::FakeApi,
+    lab::{backend_addr, NodeLab, TEST_PREFIX},
+};
+
+const SERVICE: &str = "apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-a, labels: {topology.kubernetes.io/zone: zone-a}}
+status: {addresses: [{type: InternalIP, address: 192.168.77.1}]}
+";
+
+fn slice(backends: &[usize]) -> String {
+    let endpoints: String = backends
+        .iter()
+        .map(|&i| format!("\n- {{addresses: [{}], nodeName: node-a}}", backend_addr(i)))
+        .collect();
+    format!(
+        "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-1, namespace: default, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints:{endpoints}
+"
+    )
+}
+
+fn programmed(pin_dir: &Path) -> BTreeSet<Ipv4Addr> {
+    read_services(pin_dir)
+        .map(|s| {
+            s.iter()
+                .flat_map(|s| s.backends.iter().map(|b| b.addr))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn lab_backends(indices: &[usize]) -> BTreeSet<Ipv4Addr> {
+    indices
+        .iter()
+        .map(|&i| backend_addr(i).parse().unwrap())
+        .collect()
+}
+
+fn programming_lines(agent: &Agent) -> usize {
+    agent.log_text().matches("datapath programmed").count()
+}
+
+#[test]
+fn agent_follows_the_api_through_watch_drops_gone_relists_bookmarks_and_an_outage() {
+    let lab = NodeLab::new(TEST_PREFIX, 3).expect("lab");
+    let _servers: Vec<EchoServer> = lab
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, ns)| EchoServer::start(ns, &format!("backend-{}", i + 1), 8080).unwrap())
+        .collect();
+    let api = FakeApi::start(&lab.node).expect("fake API server");
+    api.apply_yaml(SERVICE).unwrap();
+    api.apply_yaml(&slice(&[1, 2])).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let kubeconfig = tmp.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    let pin_dir = lab.lab.pin_dir();
+    let kubeconfig_arg = kubeconfig.to_string_lossy().to_string();
+    let mut agent = Agent::start_run(
+        &lab.node,
+        &pin_dir,
+        &lab.node_interfaces(),
+        &tmp.path().join("agent.log"),
+        &[
+            "--kubeconfig",
+            &kubeconfig_arg,
+            "--node-name",
+            "node-a",
+            "--min-sync-period",
+            "100ms",
+            "--sync-period",
+            "10m",
+        ],
+    )
+    .expect("agent");
+    let wait_for = |agent: &mut Agent, want: &[usize], what: &str| {
+        let want = lab_backends(want);
+        agent
+            .wait_until(Duration::from_secs(20), || programmed(&pin_dir) == want)
+            .unwrap_or_else(|e| panic!("{what}: {e:#}"));
+    };
+
+    // 1. Initial list.
+    wait_for(&mut agent, &[1, 2], "initial list programmed");
+    let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
+    let traffic = |lab: &NodeLab| {
+        lab.client
+            .run(move || {
+                (0..20)
+                    .map(|_| tcp_request(vip, Duration::from_secs(2)))
+                    .collect::<anyhow::Result<Vec<_>>>()
+            })
+            .expect("traffic")
+    };
+    let servers: BTreeSet<String> = traffic(&lab).into_iter().map(|r| r.server).collect();
+    assert!(
+        servers.is_subset(&["backend-1".into(), "backend-2".into()].into()),
+        "{servers:?}"
+    );
+
+    // 2. A watch event.
+    api.apply_yaml(&slice(&[1, 2, 3])).unwrap();
+    wait_for(&mut agent, &[1, 2, 3], "watch event applied");
+
+    // 3. The watch is dropped; the client resumes from its resource version and sees the next
+    //    change.
+    let (_, watches_before) = api.requests();
+    api.drop_watches();
+    api.apply_yaml(&slice(&[2, 3])).unwrap();
+    wait_for(&mut agent, &[2, 3], "change after a dropped watch");
+    assert!(
+        api.requests().1 > watches_before,
+        "the watches were reopened"
+    );
+
+    // 4. Bookmarks (every 500 ms) change nothing: no programming while only they arrive.
+    let lines = programming_lines(&agent);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        programming_lines(&agent),
+        lines,
+        "bookmarks are not changes"
+    );
+
+    // 5. History expires: resuming gets 410 Gone and the client relists. The relist neither
+    //    flushes nor loses state: the maps never go empty meanwhile, and the next change lands.
+    let (lists_before, _) = api.requests();
+    api.expire_history();
+    api.drop_watches();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while api.requests().0 == lists_before && Instant::now() < deadline {
+        assert_eq!(
+            programmed(&pin_dir),
+            lab_backends(&[2, 3]),
+            "state kept while relisting"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(api.requests().0 > lists_before, "410 Gone led to a relist");
+    assert_eq!(
+        programmed(&pin_dir),
+        lab_backends(&[2, 3]),
+        "state kept after the relist"
+    );
+    api.apply_yaml(&slice(&[1, 2, 3])).unwrap();
+    wait_for(&mut agent, &[1, 2, 3], "change after the relist");
+
+    // 6. An outage: the API server is gone for a while; forwarding goes on, nothing is
+    //    deleted, and the agent catches up when it returns.
+    api.set_down(true);
+    let outage_end = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < outage_end {
+        assert_eq!(
+            programmed(&pin_dir),
+            lab_backends(&[1, 2, 3]),
+            "nothing deleted in the outage"
+        );
+        assert_eq!(traffic(&lab).len(), 20, "traffic flows in the outage");
+    }
+    api.apply_yaml(&slice(&[3])).unwrap(); // a change made while the agent could not see it
+    api.set_down(false);
+    wait_for(&mut agent, &[3], "caught up after the outage");
+
+    let log = agent.log_text();
+    assert!(
+        log.contains("watch failed"),
+        "the outage and the 410 were seen:\n{log}"
+    );
+    let status = agent.stop().expect("agent stops");
+    assert!(status.success(), "{status}\n{}", agent.log_text());
+}
