@@ -1281,6 +1281,219 @@ spec:
         assert_eq!(known, vec!["10.244.1.2", "10.244.1.3", "10.244.1.4"]);
     }
 
+    /// Slice merging, case by case after kube-proxy's `TestEndpointsMapFromESC`
+    /// (`pkg/proxy/endpointslicecache_test.go`), rewritten against this model.
+    mod slice_merging_table {
+        use super::super::*;
+        use crate::manifest::{parse_into, Manifests};
+
+        /// `count` endpoints 10.0.<n>.1.., on `hosts` in turn, every `unready`-th not ready.
+        fn slice(
+            service: &str,
+            ns: &str,
+            n: u32,
+            count: u32,
+            unready: u32,
+            hosts: &[&str],
+            ports: &[Option<i32>],
+        ) -> String {
+            let endpoints: String = (1..=count)
+                .map(|i| {
+                    let host = if hosts.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", nodeName: {}", hosts[(i as usize - 1) % hosts.len()])
+                    };
+                    format!(
+                        "\n- {{addresses: [10.0.{n}.{i}], conditions: {{ready: {}}}{host}}}",
+                        i % unready != 0
+                    )
+                })
+                .collect();
+            let ports: Vec<String> = ports
+                .iter()
+                .enumerate()
+                .map(|(i, p)| match p {
+                    Some(p) => format!("{{name: port-{i}, port: {p}}}"),
+                    None => format!("{{name: port-{i}}}"),
+                })
+                .collect();
+            format!(
+                "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {service}-{n}, namespace: {ns}, labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: IPv4\nports: [{}]\nendpoints:{endpoints}\n",
+                ports.join(", ")
+            )
+        }
+
+        /// `(address:port, ready, local)` of one port of ns1/svc1, as kube-proxy lists them.
+        fn merged(slices: &[String], host: &str, port: usize) -> Vec<(String, bool, bool)> {
+            let mut m = Manifests::default();
+            parse_into(std::path::Path::new("t.yaml"), &slices.concat(), &mut m);
+            assert!(m.errors.is_empty(), "{:?}", m.errors);
+            let settings = Settings {
+                node_name: host.to_string(),
+                ..Settings::default()
+            };
+            let grouped = group_slices(&m.endpoint_slices);
+            let mine = grouped
+                .get("ns1/svc1")
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            let mut state = DesiredState::default();
+            let name = format!("port-{port}");
+            let mut got: Vec<(String, bool, bool)> =
+                endpoints_for_port(Some(&name), Protocol::Tcp, mine, &settings, &mut state)
+                    .into_iter()
+                    .map(|e| {
+                        (
+                            format!("{}:{}", e.backend.addr, e.backend.port),
+                            e.ready,
+                            e.local,
+                        )
+                    })
+                    .collect();
+            got.sort();
+            got
+        }
+
+        fn eps(list: &[(&str, bool, bool)]) -> Vec<(String, bool, bool)> {
+            let mut v: Vec<_> = list
+                .iter()
+                .map(|(a, r, l)| (a.to_string(), *r, *l))
+                .collect();
+            v.sort();
+            v
+        }
+
+        const ALL_READY: u32 = 999;
+
+        #[test]
+        fn one_slice_two_hosts_two_ports() {
+            let slices = [slice(
+                "svc1",
+                "ns1",
+                1,
+                3,
+                ALL_READY,
+                &["host1", "host2"],
+                &[Some(80), Some(443)],
+            )];
+            // Endpoints alternate host1, host2, host1; this node is host2, so 10.0.1.2 is local.
+            assert_eq!(
+                merged(&slices, "host2", 0),
+                eps(&[
+                    ("10.0.1.1:80", true, false),
+                    ("10.0.1.2:80", true, true),
+                    ("10.0.1.3:80", true, false)
+                ])
+            );
+            assert_eq!(
+                merged(&slices, "host2", 1),
+                eps(&[
+                    ("10.0.1.1:443", true, false),
+                    ("10.0.1.2:443", true, true),
+                    ("10.0.1.3:443", true, false)
+                ])
+            );
+        }
+
+        #[test]
+        fn two_slices_same_port_are_a_union() {
+            let slices = [
+                slice("svc1", "ns1", 1, 3, ALL_READY, &[], &[Some(80)]),
+                slice("svc1", "ns1", 2, 3, ALL_READY, &[], &[Some(80)]),
+            ];
+            let got: Vec<String> = merged(&slices, "", 0).into_iter().map(|e| e.0).collect();
+            assert_eq!(
+                got,
+                [
+                    "10.0.1.1:80",
+                    "10.0.1.2:80",
+                    "10.0.1.3:80",
+                    "10.0.2.1:80",
+                    "10.0.2.2:80",
+                    "10.0.2.3:80"
+                ]
+            );
+        }
+
+        #[test]
+        fn overlapping_slices_are_deduplicated() {
+            let mut second = slice("svc1", "ns1", 1, 4, ALL_READY, &[], &[Some(80)]);
+            second = second.replace("name: svc1-1,", "name: svc1-1b,");
+            let slices = [
+                slice("svc1", "ns1", 1, 3, ALL_READY, &[], &[Some(80)]),
+                second,
+            ];
+            let got: Vec<String> = merged(&slices, "", 0).into_iter().map(|e| e.0).collect();
+            assert_eq!(
+                got,
+                ["10.0.1.1:80", "10.0.1.2:80", "10.0.1.3:80", "10.0.1.4:80"]
+            );
+        }
+
+        #[test]
+        fn overlapping_copies_first_wins_unless_a_later_one_is_local() {
+            // The same address in two slices (the controller moving it): the first copy's
+            // conditions hold, but a later local copy replaces a remote one.
+            let first = slice("svc1", "ns1", 1, 3, 3, &["host2"], &[Some(80)]);
+            let second = slice("svc1", "ns1", 1, 3, ALL_READY, &["host1"], &[Some(80)])
+                .replace("name: svc1-1,", "name: svc1-2,");
+            let got = merged(&[first.clone(), second.clone()], "host1", 0);
+            assert_eq!(
+                got,
+                eps(&[
+                    ("10.0.1.1:80", true, true),
+                    ("10.0.1.2:80", true, true),
+                    ("10.0.1.3:80", true, true)
+                ])
+            );
+            // From another node neither copy is local: the first one (3 not ready) stays.
+            let got = merged(&[first, second], "host9", 0);
+            assert_eq!(
+                got,
+                eps(&[
+                    ("10.0.1.1:80", true, false),
+                    ("10.0.1.2:80", true, false),
+                    ("10.0.1.3:80", false, false)
+                ])
+            );
+        }
+
+        #[test]
+        fn other_services_and_namespaces_are_not_merged_in() {
+            let slices = [
+                slice("svc1", "ns1", 1, 3, ALL_READY, &[], &[Some(80)]),
+                slice("svc2", "ns1", 2, 3, ALL_READY, &[], &[Some(80)]),
+                slice("svc1", "ns2", 3, 3, ALL_READY, &[], &[Some(80)]),
+            ];
+            let got: Vec<String> = merged(&slices, "", 0).into_iter().map(|e| e.0).collect();
+            assert_eq!(got, ["10.0.1.1:80", "10.0.1.2:80", "10.0.1.3:80"]);
+        }
+
+        #[test]
+        fn a_slice_port_without_a_number_gives_nothing() {
+            let slices = [slice("svc1", "ns1", 1, 3, ALL_READY, &["host1"], &[None])];
+            assert!(merged(&slices, "host1", 0).is_empty());
+        }
+
+        #[test]
+        fn same_address_on_different_ports_is_two_endpoints() {
+            let a = slice("svc1", "ns1", 1, 2, ALL_READY, &[], &[Some(80)]);
+            let b = slice("svc1", "ns1", 1, 2, ALL_READY, &[], &[Some(8080)])
+                .replace("name: svc1-1,", "name: svc1-2,");
+            let got: Vec<String> = merged(&[a, b], "", 0).into_iter().map(|e| e.0).collect();
+            assert_eq!(
+                got,
+                [
+                    "10.0.1.1:80",
+                    "10.0.1.1:8080",
+                    "10.0.1.2:80",
+                    "10.0.1.2:8080"
+                ]
+            );
+        }
+    }
+
     /// Endpoint categorisation, case by case after kube-proxy's `TestCategorizeEndpoints`
     /// (`pkg/proxy/topology_test.go`), rewritten for this model: hints are honoured whenever
     /// every ready endpoint carries them, as kube-proxy does since `trafficDistribution`.

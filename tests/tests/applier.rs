@@ -186,3 +186,44 @@ status: {loadBalancer: {ingress: [{ip: 203.0.113.4}]}}
         .iter()
         .any(|f| f.addr.to_string() == "203.0.113.4"));
 }
+
+#[test]
+fn one_endpoint_change_in_a_thousand_endpoint_service_costs_a_handful_of_map_operations() {
+    let mut h = Harness::with_settings(&DatapathSettings {
+        capacity: Capacity {
+            backends: 4096,
+            slots: 8192,
+            ..Capacity::default()
+        },
+        ..DatapathSettings::default()
+    })
+    .unwrap();
+    let addrs: Vec<String> = (0..1000u32)
+        .map(|i| Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i).to_string())
+        .collect();
+    let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    let state = |backends: &[&str]| DesiredState {
+        services: BTreeMap::from([("ns/big:80/TCP".to_string(), service("10.96.0.9", backends))]),
+        ..Default::default()
+    };
+    let report = h.applier.sync(&state(&refs)).unwrap();
+    assert_eq!(
+        report.writes,
+        1000 + 1000 + 1 + 1,
+        "backends, slots, service, frontend"
+    );
+
+    // A pod rescheduled: one address out, another in.
+    let mut changed = refs.clone();
+    changed[500] = "10.200.0.1";
+    let report = h.applier.sync(&state(&changed)).unwrap();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    // New backend, its slot, the old backend's removal: nothing else.
+    assert_eq!((report.writes, report.deletes), (2, 1), "{report:?}");
+
+    // Scale down by one: the tail moves into the hole, the count drops, the tail slot and the
+    // backend go.
+    let report = h.applier.sync(&state(&changed[..999])).unwrap();
+    assert!(report.writes + report.deletes <= 4, "{report:?}");
+    assert_eq!(backends_of(&h.pin_dir, "ns/big:80/TCP").len(), 999);
+}

@@ -233,7 +233,32 @@ fn main() -> anyhow::Result<()> {
         eprintln!("bench: {services} services ...");
         rows.push(measure(services, calls).with_context(|| format!("{services} services"))?);
     }
-    let text = table(&rows, calls);
+    let mut text = table(&rows, calls);
+    let sizes: &[u32] = if cli.quick { &[100] } else { &[1_000, 10_000] };
+    text.push_str(
+        "\nControl plane: N Services x 10 endpoints from Service and EndpointSlice objects, model \
+         and applier, from empty; then one endpoint of one Service replaced. *Ops* are map \
+         writes plus deletes; RSS is this process holding the objects, the desired state and \
+         the applier's view (what the agent holds).\n\n\
+         | services | program all | of which model | ops | one endpoint change | of which model | ops | RSS |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for &n in sizes {
+        eprintln!("bench: control plane, {n} services ...");
+        let r =
+            control_plane::measure(n).with_context(|| format!("control plane, {n} services"))?;
+        text.push_str(&format!(
+            "| {} | {:.1} ms | {:.1} ms | {} | {:.2} ms | {:.2} ms | {} | {:.0} MB |\n",
+            r.services,
+            r.full_ms,
+            r.full_model_ms,
+            r.full_ops,
+            r.change_ms,
+            r.change_model_ms,
+            r.change_ops,
+            r.rss_mb
+        ));
+    }
     println!("{text}");
     if let Some(path) = cli.output {
         let old = fs::read_to_string(&path).unwrap_or_default();
@@ -248,4 +273,142 @@ fn main() -> anyhow::Result<()> {
         eprintln!("bench: results written to {}", path.display());
     }
     Ok(())
+}
+
+/// Control plane: N Services x 10 endpoints from objects (model + applier) from empty, then one
+/// endpoint changed, with map operations and the resident memory of this process (which then
+/// holds what the agent holds: the objects, the desired state and the applier's view).
+pub mod control_plane {
+    use std::{collections::BTreeMap, time::Instant};
+
+    use k8s_openapi::{
+        api::{
+            core::v1::{Service, ServicePort, ServiceSpec},
+            discovery::v1::{Endpoint, EndpointPort, EndpointSlice},
+        },
+        apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
+    };
+    use lb_agent::{
+        loader::{Capacity, DatapathSettings},
+        model::{desired_state, Settings},
+    };
+    use lb_tests::packet::Harness;
+
+    pub struct Result {
+        pub services: u32,
+        pub full_ms: f64,
+        pub full_model_ms: f64,
+        pub full_ops: usize,
+        pub change_ms: f64,
+        pub change_model_ms: f64,
+        pub change_ops: usize,
+        pub rss_mb: f64,
+    }
+
+    fn objects(n: u32) -> (Vec<Service>, Vec<EndpointSlice>) {
+        let mut services = Vec::new();
+        let mut slices = Vec::new();
+        for i in 0..n {
+            let name = format!("svc-{i}");
+            let meta = |name: &str| ObjectMeta {
+                name: Some(name.to_string()),
+                namespace: Some("bench".into()),
+                ..ObjectMeta::default()
+            };
+            services.push(Service {
+                metadata: meta(&name),
+                spec: Some(ServiceSpec {
+                    cluster_ip: Some(super::vip(i).to_string()),
+                    ports: Some(vec![ServicePort {
+                        name: Some("http".into()),
+                        port: 80,
+                        target_port: Some(IntOrString::Int(8080)),
+                        ..ServicePort::default()
+                    }]),
+                    ..ServiceSpec::default()
+                }),
+                ..Service::default()
+            });
+            let mut slice_meta = meta(&format!("{name}-1"));
+            slice_meta.labels = Some(BTreeMap::from([(
+                lb_agent::model::LABEL_SERVICE_NAME.to_string(),
+                name.clone(),
+            )]));
+            slices.push(EndpointSlice {
+                metadata: slice_meta,
+                address_type: "IPv4".into(),
+                endpoints: (0..10)
+                    .map(|j| Endpoint {
+                        addresses: vec![std::net::Ipv4Addr::from(
+                            u32::from(std::net::Ipv4Addr::new(10, 128, 0, 0)) + i * 10 + j,
+                        )
+                        .to_string()],
+                        ..Endpoint::default()
+                    })
+                    .collect(),
+                ports: Some(vec![EndpointPort {
+                    name: Some("http".into()),
+                    port: Some(8080),
+                    ..EndpointPort::default()
+                }]),
+            });
+        }
+        (services, slices)
+    }
+
+    fn rss_mb() -> f64 {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|kb| kb.parse::<f64>().ok())
+            })
+            .map_or(0.0, |kb| kb / 1024.0)
+    }
+
+    pub fn measure(n: u32) -> anyhow::Result<Result> {
+        let settings = DatapathSettings {
+            capacity: Capacity {
+                frontends: n + 1024,
+                services: n + 1024,
+                slots: 10 * n + 1024,
+                backends: 10 * n + 1024,
+                ..Capacity::default()
+            },
+            ..DatapathSettings::default()
+        };
+        let mut h = Harness::with_settings(&settings)?;
+        let (services, mut slices) = objects(n);
+        let node = Settings::default();
+
+        let started = Instant::now();
+        let desired = desired_state(&services, &slices, &node);
+        let full_model_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let report = h.applier.sync(&desired)?;
+        let full_ms = started.elapsed().as_secs_f64() * 1000.0;
+        anyhow::ensure!(report.errors.is_empty(), "{:?}", report.errors.first());
+        let full_ops = report.writes + report.deletes;
+
+        // One endpoint of one Service replaced (a pod rescheduled).
+        let target = (n / 2) as usize;
+        slices[target].endpoints[3].addresses = vec!["10.255.255.1".into()];
+        let started = Instant::now();
+        let desired = desired_state(&services, &slices, &node);
+        let change_model_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let report = h.applier.sync(&desired)?;
+        let change_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let change_ops = report.writes + report.deletes;
+        Ok(Result {
+            services: n,
+            full_ms,
+            full_model_ms,
+            full_ops,
+            change_ms,
+            change_model_ms,
+            change_ops,
+            rss_mb: rss_mb(),
+        })
+    }
 }
