@@ -36,6 +36,10 @@ struct Cli {
     /// Only these service counts (for experiments); default 10, 1,000, 10,000, 100,000.
     #[arg(long, value_delimiter = ',')]
     services: Vec<u32>,
+    /// (internal) Run one control-plane measurement in this fresh process, print it as a
+    /// table row.
+    #[arg(long, hide = true)]
+    control_plane_child: Option<u32>,
 }
 
 const START: &str = "<!-- datapath-bench:start -->";
@@ -218,6 +222,21 @@ fn table(rows: &[Row], calls: u32) -> String {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(n) = cli.control_plane_child {
+        let r = control_plane::measure(n)?;
+        println!(
+            "| {} | {:.1} ms | {:.1} ms | {} | {:.2} ms | {:.2} ms | {} | {:.0} MB |",
+            r.services,
+            r.full_ms,
+            r.full_model_ms,
+            r.full_ops,
+            r.change_ms,
+            r.change_model_ms,
+            r.change_ops,
+            r.rss_mb
+        );
+        return Ok(());
+    }
     let (mut counts, calls): (&[u32], u32) = if cli.quick {
         (&[10, 1000], 500)
     } else {
@@ -245,19 +264,17 @@ fn main() -> anyhow::Result<()> {
     );
     for &n in sizes {
         eprintln!("bench: control plane, {n} services ...");
-        let r =
-            control_plane::measure(n).with_context(|| format!("control plane, {n} services"))?;
-        text.push_str(&format!(
-            "| {} | {:.1} ms | {:.1} ms | {} | {:.2} ms | {:.2} ms | {} | {:.0} MB |\n",
-            r.services,
-            r.full_ms,
-            r.full_model_ms,
-            r.full_ops,
-            r.change_ms,
-            r.change_model_ms,
-            r.change_ops,
-            r.rss_mb
-        ));
+        // A fresh process per size, so its resident memory is that state's alone.
+        let output = std::process::Command::new(std::env::current_exe()?)
+            .args(["--control-plane-child", &n.to_string()])
+            .output()
+            .context("running the control-plane measurement")?;
+        anyhow::ensure!(
+            output.status.success(),
+            "control plane, {n} services: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        text.push_str(&String::from_utf8_lossy(&output.stdout));
     }
     println!("{text}");
     if let Some(path) = cli.output {
