@@ -181,9 +181,13 @@ fn main() -> anyhow::Result<()> {
     match result {
         // `lb-agent services | head` is not an error.
         Err(err)
-            if err
-                .downcast_ref::<io::Error>()
-                .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe) =>
+            if err.chain().any(|e| {
+                e.downcast_ref::<io::Error>().map(io::Error::kind)
+                    == Some(io::ErrorKind::BrokenPipe)
+                    || e.downcast_ref::<serde_json::Error>()
+                        .and_then(serde_json::Error::io_error_kind)
+                        == Some(io::ErrorKind::BrokenPipe)
+            }) =>
         {
             Ok(())
         }
@@ -454,46 +458,38 @@ fn node_addresses() -> anyhow::Result<Vec<Ipv4Addr>> {
 
 fn show_services(pin_dir: &Path, output: Output) -> anyhow::Result<()> {
     let services = maps::read_services(pin_dir)?;
-    let mut out = io::stdout().lock();
-    match output {
-        Output::Json => {
-            serde_json::to_writer_pretty(&mut out, &services)?;
-            writeln!(out)?;
-        }
-        Output::Table => {
-            let mut rows: Vec<[String; 7]> = Vec::new();
-            for s in &services {
-                let backends = if s.backends.is_empty() {
-                    "<none>".to_string()
-                } else {
-                    s.backends
-                        .iter()
-                        .map(|b| format!("{}:{}", b.addr, b.port))
-                        .collect::<Vec<_>>()
-                        .join(",")
-                };
-                for f in &s.frontends {
-                    rows.push([
-                        s.name.clone(),
-                        f.kind.to_string(),
-                        format!("{}:{}", f.addr, f.port),
-                        s.backends.len().to_string(),
-                        backends.clone(),
-                        s.stats.packets.to_string(),
-                        s.stats.bytes.to_string(),
-                    ]);
-                }
+    emit(output, &services, |out| {
+        let mut rows: Vec<[String; 7]> = Vec::new();
+        for s in &services {
+            let backends = if s.backends.is_empty() {
+                "<none>".to_string()
+            } else {
+                s.backends
+                    .iter()
+                    .map(|b| format!("{}:{}", b.addr, b.port))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            for f in &s.frontends {
+                rows.push([
+                    s.name.clone(),
+                    f.kind.to_string(),
+                    format!("{}:{}", f.addr, f.port),
+                    s.backends.len().to_string(),
+                    backends.clone(),
+                    s.stats.packets.to_string(),
+                    s.stats.bytes.to_string(),
+                ]);
             }
-            write_table(
-                &mut out,
-                [
-                    "SERVICE", "KIND", "FRONTEND", "READY", "BACKENDS", "PACKETS", "BYTES",
-                ],
-                &rows,
-            )?;
         }
-    }
-    Ok(())
+        write_table(
+            out,
+            [
+                "SERVICE", "KIND", "FRONTEND", "READY", "BACKENDS", "PACKETS", "BYTES",
+            ],
+            &rows,
+        )
+    })
 }
 
 fn hostname() -> String {
@@ -519,56 +515,48 @@ fn show_plan(dir: &Path, node: &str, output: Output) -> anyhow::Result<()> {
         warn!("skipped: {error}");
     }
     let plan = lb_agent::plan::plan(node, &desired);
-    let mut out = io::stdout().lock();
-    match output {
-        Output::Json => {
-            serde_json::to_writer_pretty(&mut out, &plan)?;
-            writeln!(out)?;
-        }
-        Output::Table => {
-            let rows: Vec<[String; 6]> = plan
-                .frontends
-                .iter()
-                .map(|f| {
-                    let backends = f
-                        .backends
-                        .iter()
-                        .map(|b| {
-                            let t = if b.terminating { " (terminating)" } else { "" };
-                            format!("{}:{}{t}", b.address, b.port)
-                        })
-                        .collect::<Vec<_>>()
-                        .join(",");
-                    [
-                        format!("{}:{}", f.service, f.port_name.as_deref().unwrap_or("")),
-                        f.kind.to_string(),
-                        format!("{}:{}/{}", f.address, f.port, f.protocol),
-                        if backends.is_empty() {
-                            "<none>".into()
-                        } else {
-                            backends
-                        },
-                        format!("{:?}", f.when_empty).to_lowercase(),
-                        f.affinity_timeout_seconds
-                            .map_or_else(|| "-".to_string(), |t| format!("{t}s")),
-                    ]
-                })
-                .collect();
-            write_table(
-                &mut out,
+    emit(output, &plan, |out| {
+        let rows: Vec<[String; 6]> = plan
+            .frontends
+            .iter()
+            .map(|f| {
+                let backends = f
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        let t = if b.terminating { " (terminating)" } else { "" };
+                        format!("{}:{}{t}", b.address, b.port)
+                    })
+                    .collect::<Vec<_>>()
+                    .join(",");
                 [
-                    "SERVICE",
-                    "KIND",
-                    "FRONTEND",
-                    "BACKENDS",
-                    "WHEN-EMPTY",
-                    "AFFINITY",
-                ],
-                &rows,
-            )?;
-        }
-    }
-    Ok(())
+                    format!("{}:{}", f.service, f.port_name.as_deref().unwrap_or("")),
+                    f.kind.to_string(),
+                    format!("{}:{}/{}", f.address, f.port, f.protocol),
+                    if backends.is_empty() {
+                        "<none>".into()
+                    } else {
+                        backends
+                    },
+                    format!("{:?}", f.when_empty).to_lowercase(),
+                    f.affinity_timeout_seconds
+                        .map_or_else(|| "-".to_string(), |t| format!("{t}s")),
+                ]
+            })
+            .collect();
+        write_table(
+            out,
+            [
+                "SERVICE",
+                "KIND",
+                "FRONTEND",
+                "BACKENDS",
+                "WHEN-EMPTY",
+                "AFFINITY",
+            ],
+            &rows,
+        )
+    })
 }
 
 fn show_conntrack(pin_dir: &Path, output: Output, service: Option<&str>) -> anyhow::Result<()> {
@@ -580,69 +568,70 @@ fn show_conntrack(pin_dir: &Path, output: Output, service: Option<&str>) -> anyh
     if let Some(filter) = service {
         flows.retain(|f| names.get(&f.service_id).is_some_and(|n| n.contains(filter)));
     }
-    let mut out = io::stdout().lock();
-    match output {
-        Output::Json => {
-            serde_json::to_writer_pretty(&mut out, &flows)?;
-            writeln!(out)?;
-        }
-        Output::Table => {
-            let rows: Vec<[String; 8]> = flows
-                .iter()
-                .map(|f| {
-                    [
-                        names
-                            .get(&f.service_id)
-                            .cloned()
-                            .unwrap_or_else(|| format!("#{}", f.service_id)),
-                        f.direction.to_string(),
-                        f.protocol.clone(),
-                        f.source.clone(),
-                        f.destination.clone(),
-                        f.translated.clone(),
-                        format!("{}s", f.age_seconds),
-                        format!("{}s", f.expires_in_seconds),
-                    ]
-                })
-                .collect();
-            write_table(
-                &mut out,
+    emit(output, &flows, |out| {
+        let rows: Vec<[String; 8]> = flows
+            .iter()
+            .map(|f| {
                 [
-                    "SERVICE",
-                    "DIRECTION",
-                    "PROTO",
-                    "SOURCE",
-                    "DESTINATION",
-                    "NAT-TO",
-                    "AGE",
-                    "EXPIRES",
-                ],
-                &rows,
-            )?;
-        }
-    }
-    Ok(())
+                    names
+                        .get(&f.service_id)
+                        .cloned()
+                        .unwrap_or_else(|| format!("#{}", f.service_id)),
+                    f.direction.to_string(),
+                    f.protocol.clone(),
+                    f.source.clone(),
+                    f.destination.clone(),
+                    f.translated.clone(),
+                    format!("{}s", f.age_seconds),
+                    format!("{}s", f.expires_in_seconds),
+                ]
+            })
+            .collect();
+        write_table(
+            out,
+            [
+                "SERVICE",
+                "DIRECTION",
+                "PROTO",
+                "SOURCE",
+                "DESTINATION",
+                "NAT-TO",
+                "AGE",
+                "EXPIRES",
+            ],
+            &rows,
+        )
+    })
 }
 
 fn show_stats(pin_dir: &Path, output: Output) -> anyhow::Result<()> {
     let counters = maps::read_counters(pin_dir)?;
+    let by_name: serde_json::Map<String, serde_json::Value> = counters
+        .iter()
+        .map(|(c, v)| (c.name().to_string(), (*v).into()))
+        .collect();
+    emit(output, &by_name, |out| {
+        let rows: Vec<[String; 2]> = counters
+            .iter()
+            .map(|(c, v)| [c.name().to_string(), v.to_string()])
+            .collect();
+        write_table(out, ["COUNTER", "PACKETS"], &rows)
+    })
+}
+
+/// Prints `value` as JSON, or as the table `table` writes.
+fn emit<T: serde::Serialize>(
+    output: Output,
+    value: &T,
+    table: impl FnOnce(&mut io::StdoutLock<'static>) -> io::Result<()>,
+) -> anyhow::Result<()> {
     let mut out = io::stdout().lock();
     match output {
         Output::Json => {
-            let map: serde_json::Map<String, serde_json::Value> = counters
-                .iter()
-                .map(|(c, v)| (c.name().to_string(), (*v).into()))
-                .collect();
-            serde_json::to_writer_pretty(&mut out, &map)?;
+            serde_json::to_writer_pretty(&mut out, value)?;
             writeln!(out)?;
         }
-        Output::Table => {
-            let rows: Vec<[String; 2]> = counters
-                .iter()
-                .map(|(c, v)| [c.name().to_string(), v.to_string()])
-                .collect();
-            write_table(&mut out, ["COUNTER", "PACKETS"], &rows)?;
-        }
+        Output::Table => table(&mut out)?,
     }
     Ok(())
 }

@@ -9,3 +9,33 @@ pub mod echo;
 pub mod fake_api;
 pub mod lab;
 pub mod packet;
+
+use lb_agent::model::{Backend, DesiredService, Frontend, FrontendKind, Protocol};
+
+/// A ClusterIP backend set for tests that program the maps directly.
+pub fn cluster_ip_service(
+    vip: &str,
+    port: u16,
+    target_port: u16,
+    protocol: Protocol,
+    backends: &[&str],
+) -> DesiredService {
+    DesiredService {
+        frontends: [Frontend {
+            addr: vip.parse().expect("test VIP"),
+            port,
+            protocol,
+            kind: FrontendKind::ClusterIP,
+        }]
+        .into(),
+        backends: backends
+            .iter()
+            .map(|b| Backend {
+                addr: b.parse().expect("test backend"),
+                port: target_port,
+                protocol,
+            })
+            .collect(),
+        ..DesiredService::default()
+    }
+}

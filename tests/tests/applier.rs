@@ -7,33 +7,9 @@ use lb_agent::{
     loader::{Capacity, DatapathSettings},
     manifest::{parse_into, Manifests},
     maps::read_services,
-    model::{
-        desired_state, Backend, DesiredService, DesiredState, Frontend, FrontendKind, Protocol,
-        Settings,
-    },
+    model::{desired_state, DesiredState, Protocol, Settings},
 };
-use lb_tests::packet::Harness;
-
-fn service(vip: &str, backends: &[&str]) -> DesiredService {
-    DesiredService {
-        frontends: [Frontend {
-            addr: vip.parse().unwrap(),
-            port: 80,
-            protocol: Protocol::Tcp,
-            kind: FrontendKind::ClusterIP,
-        }]
-        .into(),
-        backends: backends
-            .iter()
-            .map(|b| Backend {
-                addr: b.parse().unwrap(),
-                port: 8080,
-                protocol: Protocol::Tcp,
-            })
-            .collect(),
-        ..DesiredService::default()
-    }
-}
+use lb_tests::{cluster_ip_service, packet::Harness};
 
 fn backends_of(pin_dir: &Path, name: &str) -> Vec<Ipv4Addr> {
     read_services(pin_dir)
@@ -58,7 +34,13 @@ fn a_service_that_does_not_fit_keeps_what_it_had_and_others_are_programmed() {
     let before = DesiredState {
         services: BTreeMap::from([(
             "ns/a:80/TCP".to_string(),
-            service("10.96.0.1", &["10.0.1.1", "10.0.1.2"]),
+            cluster_ip_service(
+                "10.96.0.1",
+                80,
+                8080,
+                Protocol::Tcp,
+                &["10.0.1.1", "10.0.1.2"],
+            ),
         )]),
         ..Default::default()
     };
@@ -68,14 +50,17 @@ fn a_service_that_does_not_fit_keeps_what_it_had_and_others_are_programmed() {
         services: BTreeMap::from([
             (
                 "ns/a:80/TCP".to_string(),
-                service(
+                cluster_ip_service(
                     "10.96.0.1",
+                    80,
+                    8080,
+                    Protocol::Tcp,
                     &["10.0.1.1", "10.0.1.2", "10.0.1.3", "10.0.1.4", "10.0.1.5"],
                 ),
             ),
             (
                 "ns/b:80/TCP".to_string(),
-                service("10.96.0.2", &["10.0.0.1"]),
+                cluster_ip_service("10.96.0.2", 80, 8080, Protocol::Tcp, &["10.0.0.1"]),
             ),
         ]),
         ..Default::default()
@@ -119,7 +104,13 @@ fn a_service_that_does_not_fit_keeps_what_it_had_and_others_are_programmed() {
     let later = DesiredState {
         services: BTreeMap::from([(
             "ns/a:80/TCP".to_string(),
-            service("10.96.0.1", &["10.0.1.1", "10.0.1.2", "10.0.1.3"]),
+            cluster_ip_service(
+                "10.96.0.1",
+                80,
+                8080,
+                Protocol::Tcp,
+                &["10.0.1.1", "10.0.1.2", "10.0.1.3"],
+            ),
         )]),
         ..Default::default()
     };
@@ -203,7 +194,10 @@ fn one_endpoint_change_in_a_thousand_endpoint_service_costs_a_handful_of_map_ope
         .collect();
     let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
     let state = |backends: &[&str]| DesiredState {
-        services: BTreeMap::from([("ns/big:80/TCP".to_string(), service("10.96.0.9", backends))]),
+        services: BTreeMap::from([(
+            "ns/big:80/TCP".to_string(),
+            cluster_ip_service("10.96.0.9", 80, 8080, Protocol::Tcp, backends),
+        )]),
         ..Default::default()
     };
     let report = h.applier.sync(&state(&refs)).unwrap();

@@ -7,46 +7,26 @@ use std::{
     net::Ipv4Addr,
 };
 
-use lb_agent::model::{Backend, DesiredService, DesiredState, Frontend, FrontendKind, Protocol};
-use lb_tests::packet::{
-    parse_checked, Flow, Harness, PROTO_UDP, TCP_ACK, TCP_SYN, TC_ACT_OK, TC_ACT_UNSPEC,
+use lb_agent::model::{DesiredState, Protocol};
+use lb_tests::{
+    cluster_ip_service,
+    packet::{parse_checked, Flow, Harness, PROTO_UDP, TCP_ACK, TCP_SYN, TC_ACT_OK, TC_ACT_UNSPEC},
 };
 
 const VIP: &str = "10.96.0.10";
 const CLIENT: &str = "192.168.77.2";
 const BACKENDS: [&str; 3] = ["10.244.1.2", "10.244.2.2", "10.244.3.2"];
 
-fn service(protocol: Protocol, backends: &[&str]) -> DesiredService {
-    DesiredService {
-        frontends: [Frontend {
-            addr: VIP.parse().unwrap(),
-            port: 80,
-            protocol,
-            kind: FrontendKind::ClusterIP,
-        }]
-        .into(),
-        backends: backends
-            .iter()
-            .map(|b| Backend {
-                addr: b.parse().unwrap(),
-                port: 8080,
-                protocol,
-            })
-            .collect(),
-        ..DesiredService::default()
-    }
-}
-
 fn demo_state(backends: &[&str]) -> DesiredState {
     DesiredState {
         services: BTreeMap::from([
             (
                 "default/demo:http/TCP".to_string(),
-                service(Protocol::Tcp, backends),
+                cluster_ip_service(VIP, 80, 8080, Protocol::Tcp, backends),
             ),
             (
                 "default/demo:udp/UDP".to_string(),
-                service(Protocol::Udp, backends),
+                cluster_ip_service(VIP, 80, 8080, Protocol::Udp, backends),
             ),
         ]),
         ..Default::default()

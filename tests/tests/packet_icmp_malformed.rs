@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
-use lb_agent::model::{Backend, DesiredService, DesiredState, Frontend, FrontendKind, Protocol};
+use lb_agent::model::{DesiredState, Protocol};
 use lb_tests::packet::{
     checksum, icmp_error_frame, parse_checked, parse_icmp_checked, Flow, Harness, CLIENT_MAC,
     NODE_MAC, TCP_SYN, TC_ACT_OK, TC_ACT_UNSPEC,
@@ -16,21 +16,8 @@ const BACKEND: &str = "10.244.1.2";
 
 /// VIP:53/UDP and VIP:80/TCP, one backend each (so the translation is predictable).
 fn harness() -> Harness {
-    let service = |port, target, protocol| DesiredService {
-        frontends: [Frontend {
-            addr: VIP.parse().unwrap(),
-            port,
-            protocol,
-            kind: FrontendKind::ClusterIP,
-        }]
-        .into(),
-        backends: [Backend {
-            addr: BACKEND.parse().unwrap(),
-            port: target,
-            protocol,
-        }]
-        .into(),
-        ..DesiredService::default()
+    let service = |port, target, protocol| {
+        lb_tests::cluster_ip_service(VIP, port, target, protocol, &[BACKEND])
     };
     let state = DesiredState {
         services: BTreeMap::from([
