@@ -1,14 +1,23 @@
 //! Loading the kernel object, pinning its maps, attaching the tc program.
 
-use std::{fs, net::Ipv4Addr, path::Path};
+use std::{
+    fs,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{bail, Context as _};
 use aya::{
-    programs::{tc::SchedClassifierLinkId, SchedClassifier, TcAttachType},
+    maps::Array,
+    programs::{
+        links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
+        SchedClassifier, TcAttachType,
+    },
     Ebpf, EbpfLoader,
 };
-use lb_common::{capacity, globals, map_names};
-use tracing::info;
+use lb_common::{capacity, globals, map_names, Meta, MAP_LAYOUT_VERSION};
+use tracing::{info, warn};
 
 /// The kernel programs, built by build.rs from the `lb-ebpf` crate.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
@@ -93,6 +102,7 @@ pub fn load(pin_dir: &Path, settings: &DatapathSettings) -> anyhow::Result<Ebpf>
     check_bpffs(pin_dir)?;
     fs::create_dir_all(pin_dir)
         .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
+    check_layout(pin_dir)?;
     let no_backend_drop = u8::from(settings.no_backend_drop);
     let hairpin = settings.hairpin_addr.octets();
     let mut loader = EbpfLoader::new();
@@ -121,44 +131,165 @@ pub fn load(pin_dir: &Path, settings: &DatapathSettings) -> anyhow::Result<Ebpf>
         .try_into()
         .context("lb_ingress is not a tc program")?;
     program.load().context("the kernel rejected lb_ingress")?;
+    let mut meta: Array<_, Meta> = Array::try_from(
+        ebpf.map_mut(map_names::META)
+            .context("map LB_META missing from the object")?,
+    )?;
+    meta.set(
+        0,
+        Meta {
+            layout_version: MAP_LAYOUT_VERSION,
+        },
+        0,
+    )
+    .context("stamping the layout version")?;
     Ok(ebpf)
 }
 
-/// The program's attachments; dropping it (or calling [`Attachments::detach`]) removes them.
-pub struct Attachments {
-    links: Vec<(String, SchedClassifierLinkId)>,
+/// Pinned maps of another layout are never reused: they are removed (and rebuilt by the load),
+/// with a log line saying so. Conntrack starts empty then, so established flows are balanced
+/// again; the links stay, so the interfaces are never left without a program.
+fn check_layout(pin_dir: &Path) -> anyhow::Result<()> {
+    let pinned: Vec<PathBuf> = map_names::ALL
+        .iter()
+        .map(|n| pin_dir.join(n))
+        .filter(|p| p.exists())
+        .collect();
+    if pinned.is_empty() {
+        return Ok(());
+    }
+    let found = aya::maps::MapData::from_pin(pin_dir.join(map_names::META))
+        .ok()
+        .and_then(|data| Array::<_, Meta>::try_from(aya::maps::Map::Array(data)).ok())
+        .and_then(|meta| meta.get(&0, 0).ok())
+        .map(|m| m.layout_version);
+    if found == Some(MAP_LAYOUT_VERSION) {
+        return Ok(());
+    }
+    warn!(
+        pin_dir = %pin_dir.display(),
+        found = ?found,
+        expected = MAP_LAYOUT_VERSION,
+        "pinned maps have another layout version: rebuilding them (conntrack starts empty)"
+    );
+    for path in pinned {
+        fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+    }
+    Ok(())
 }
 
-/// Attaches the program on ingress of each interface (TCX, so it coexists with other tc
-/// programs and never replaces them).
-pub fn attach(ebpf: &mut Ebpf, interfaces: &[String]) -> anyhow::Result<Attachments> {
+/// Where the attachment of `interface` is pinned, under the agent's pin directory.
+pub fn link_pin(pin_dir: &Path, interface: &str) -> PathBuf {
+    pin_dir.join(LINKS_DIR).join(format!("{interface}-ingress"))
+}
+
+const LINKS_DIR: &str = "links";
+
+/// How an interface got its program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attached {
+    /// A new TCX link, now pinned.
+    New,
+    /// The pinned link of an earlier agent, its program replaced atomically: no packet sees
+    /// the interface without a program.
+    Adopted,
+}
+
+/// Attaches the program on ingress of each interface through TCX links pinned under
+/// `pin_dir/links`, so they outlive this process: stopping the agent (even `kill -9`) leaves
+/// the datapath forwarding, and the next agent adopts the links by swapping its program in.
+/// TCX coexists with other tc programs and never replaces them.
+pub fn attach(
+    ebpf: &mut Ebpf,
+    interfaces: &[String],
+    pin_dir: &Path,
+) -> anyhow::Result<Vec<(String, Attached)>> {
     let program: &mut SchedClassifier = ebpf
         .program_mut(PROGRAM)
         .with_context(|| format!("program {PROGRAM} missing"))?
         .try_into()?;
-    let mut links = Vec::new();
+    fs::create_dir_all(pin_dir.join(LINKS_DIR))
+        .with_context(|| format!("creating {}", pin_dir.join(LINKS_DIR).display()))?;
+    let mut done = Vec::new();
     for interface in interfaces {
-        let link = program
-            .attach(interface, TcAttachType::Ingress)
-            .with_context(|| format!("attaching {PROGRAM} to ingress of {interface}"))?;
-        info!(interface = %interface, "attached on ingress");
-        links.push((interface.clone(), link));
+        let path = link_pin(pin_dir, interface);
+        let how = match live_pinned_link(&path, interface)? {
+            Some(link) => {
+                let link = SchedClassifierLink::try_from(link)
+                    .with_context(|| format!("pinned link {} is not a tc link", path.display()))?;
+                let id = program
+                    .attach_to_link(link)
+                    .with_context(|| format!("replacing the program on {interface}"))?;
+                // The pin keeps the link; this process need not.
+                program.take_link(id)?;
+                Attached::Adopted
+            }
+            None => {
+                let id = program
+                    .attach(interface, TcAttachType::Ingress)
+                    .with_context(|| format!("attaching {PROGRAM} to ingress of {interface}"))?;
+                let link: FdLink = program
+                    .take_link(id)?
+                    .try_into()
+                    .context("a TCX attachment is an fd link")?;
+                link.pin(&path)
+                    .with_context(|| format!("pinning the link at {}", path.display()))?;
+                Attached::New
+            }
+        };
+        info!(interface = %interface, how = ?how, "attached on ingress");
+        done.push((interface.clone(), how));
     }
-    Ok(Attachments { links })
+    Ok(done)
 }
 
-impl Attachments {
-    pub fn detach(self, ebpf: &mut Ebpf) -> anyhow::Result<()> {
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(PROGRAM)
-            .with_context(|| format!("program {PROGRAM} missing"))?
-            .try_into()?;
-        for (interface, link) in self.links {
-            program
-                .detach(link)
-                .with_context(|| format!("detaching from {interface}"))?;
-            info!(interface = %interface, "detached");
-        }
-        Ok(())
+/// The link pinned at `path`, if it still carries one of the programs attached to
+/// `interface` (an interface deleted and re-created leaves a dead link behind: unpinned here).
+fn live_pinned_link(path: &Path, interface: &str) -> anyhow::Result<Option<FdLink>> {
+    let pinned = match PinnedLink::from_pin(path) {
+        Ok(pinned) => pinned,
+        Err(_) if !path.exists() => return Ok(None),
+        Err(err) => return Err(err).with_context(|| format!("opening {}", path.display())),
+    };
+    let link: FdLink = pinned.into();
+    let program_id = link.info().context("reading the pinned link")?.program_id();
+    let (_, attached) = SchedClassifier::query_tcx(interface, TcAttachType::Ingress)
+        .with_context(|| format!("listing the programs on {interface}"))?;
+    if attached.iter().any(|p| p.id() == program_id) {
+        return Ok(Some(link));
     }
+    warn!(interface, path = %path.display(), "dropping a pinned link that no longer serves the interface");
+    fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
+    Ok(None)
+}
+
+/// Tears the datapath down on purpose (`lb-agent --cleanup`): unpins every link (detaching the
+/// program from its interface) and every map. Returns what it removed.
+pub fn cleanup(pin_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    let links = pin_dir.join(LINKS_DIR);
+    if let Ok(entries) = fs::read_dir(&links) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            removed.push(path);
+        }
+        fs::remove_dir(&links).with_context(|| format!("removing {}", links.display()))?;
+    }
+    for name in map_names::ALL {
+        let path = pin_dir.join(name);
+        if path.exists() {
+            fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            removed.push(path);
+        }
+    }
+    if pin_dir.exists() {
+        fs::remove_dir(pin_dir).with_context(|| {
+            format!(
+                "removing {} (something else is pinned there?)",
+                pin_dir.display()
+            )
+        })?;
+    }
+    Ok(removed)
 }

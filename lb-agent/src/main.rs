@@ -21,8 +21,12 @@ struct Cli {
     /// Log format: human-readable text or one JSON object per line.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Tear the datapath down on purpose (like kube-proxy's --cleanup): detach the program
+    /// from every interface and remove the pinned maps, then exit.
+    #[arg(long)]
+    cleanup: bool,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -165,7 +169,16 @@ enum LogFormat {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    let result = match cli.command {
+    let Some(command) = cli.command else {
+        if cli.cleanup {
+            return cleanup(&cli.pin_dir);
+        }
+        anyhow::bail!("nothing to do: give a subcommand (see --help) or --cleanup");
+    };
+    if cli.cleanup {
+        cleanup(&cli.pin_dir)?;
+    }
+    let result = match command {
         Command::Run(args) => run(&cli.pin_dir, args),
         Command::Services { output } => show_services(&cli.pin_dir, output),
         Command::Stats { output } => show_stats(&cli.pin_dir, output),
@@ -228,7 +241,7 @@ fn run(pin_dir: &Path, args: RunArgs) -> anyhow::Result<()> {
     };
 
     let mut ebpf = loader::load(pin_dir, &datapath)?;
-    let attachments = loader::attach(&mut ebpf, &args.interfaces)?;
+    loader::attach(&mut ebpf, &args.interfaces, pin_dir)?;
     let applier = maps::Applier::open(pin_dir)?;
     let mut programmer = Programmer {
         node,
@@ -256,8 +269,10 @@ fn run(pin_dir: &Path, args: RunArgs) -> anyhow::Result<()> {
             None => run_kubernetes(&args, pin_dir, &mut programmer, stop).await,
         }
     })?;
-    info!("signalled: detaching");
-    attachments.detach(&mut ebpf)?;
+    // The links and maps are pinned: the datapath keeps forwarding without us, and the next
+    // agent adopts it. `lb-agent --cleanup` removes it on purpose.
+    info!(pin_dir = %pin_dir.display(), "signalled: exiting, the datapath stays in place");
+    drop(ebpf);
     Ok(())
 }
 
@@ -490,6 +505,12 @@ fn show_services(pin_dir: &Path, output: Output) -> anyhow::Result<()> {
             &rows,
         )
     })
+}
+
+fn cleanup(pin_dir: &Path) -> anyhow::Result<()> {
+    let removed = lb_agent::loader::cleanup(pin_dir)?;
+    info!(pin_dir = %pin_dir.display(), removed = removed.len(), "datapath removed");
+    Ok(())
 }
 
 fn hostname() -> String {

@@ -31,6 +31,14 @@ pub const MAP_LAYOUT_VERSION: u32 = 3;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 
+/// `LB_META[0]`: what the pinned state is, so that a new agent never misreads an old layout.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Meta {
+    /// `MAP_LAYOUT_VERSION` of the agent that created the maps.
+    pub layout_version: u32,
+}
+
 /// Names of the maps, as declared in the kernel object and pinned under the agent's directory.
 pub mod map_names {
     pub const FRONTENDS: &str = "LB_FRONTENDS";
@@ -42,7 +50,9 @@ pub mod map_names {
     pub const CONNTRACK: &str = "LB_CONNTRACK";
     pub const SERVICE_STATS: &str = "LB_SERVICE_STATS";
     pub const STATS: &str = "LB_STATS";
-    pub const ALL: [&str; 9] = [
+    pub const META: &str = "LB_META";
+    pub const ALL: [&str; 10] = [
+        META,
         FRONTENDS,
         SERVICES,
         SERVICE_NAMES,
@@ -369,6 +379,7 @@ mod pod {
     unsafe impl aya::Pod for FrontendValue {}
     unsafe impl aya::Pod for ServiceValue {}
     unsafe impl aya::Pod for ServiceName {}
+    unsafe impl aya::Pod for Meta {}
     unsafe impl aya::Pod for SlotKey {}
     unsafe impl aya::Pod for BackendValue {}
     unsafe impl aya::Pod for CtKey {}

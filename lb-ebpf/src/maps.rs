@@ -6,7 +6,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    capacity, BackendValue, Counter, CtKey, CtValue, FrontendKey, FrontendValue, ServiceName,
+    capacity, BackendValue, Counter, CtKey, CtValue, FrontendKey, FrontendValue, Meta, ServiceName,
     ServiceStats, ServiceValue, SlotKey, SourceRangeKey, COUNTER_COUNT,
 };
 
@@ -23,6 +23,10 @@ pub static LB_FRONTENDS: HashMap<
 #[btf_map]
 pub static LB_SERVICES: HashMap<u32, ServiceValue, { capacity::SERVICES as usize }, ON_DEMAND> =
     HashMap::new();
+/// Never read here: the layout version of the pinned state, for the agent.
+#[btf_map]
+pub static LB_META: Array<Meta, 1> = Array::new();
+
 /// Never read here; declared so that the object carries it (with BTF) for the agent to pin.
 #[btf_map]
 pub static LB_SERVICE_NAMES: HashMap<u32, ServiceName, { capacity::SERVICES as usize }, ON_DEMAND> =
