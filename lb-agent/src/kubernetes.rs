@@ -50,8 +50,15 @@ pub async fn client(options: &ClientOptions<'_>) -> anyhow::Result<Client> {
     // A window of `burst` requests every `burst / qps` seconds: `qps` on average, bursts of
     // `burst` (what kube-proxy's --kube-api-qps / --kube-api-burst bound).
     let burst = options.burst.max(1);
-    let qps = if options.qps > 0.0 { options.qps } else { 5.0 };
-    let window = Duration::from_secs_f64(f64::from(burst) / f64::from(qps));
+    let qps = f64::from(options.qps);
+    anyhow::ensure!(
+        qps.is_finite() && (0.001..=100_000.0).contains(&qps),
+        "--kube-api-qps {qps} is outside 0.001-100000"
+    );
+    let window = Duration::try_from_secs_f64(f64::from(burst) / qps)
+        .ok()
+        .filter(|w| !w.is_zero())
+        .with_context(|| format!("--kube-api-burst {burst} with --kube-api-qps {qps}"))?;
     let client = kube::client::ClientBuilder::try_from(config)
         .context("building the API client")?
         .with_layer(&tower::limit::RateLimitLayer::new(u64::from(burst), window))

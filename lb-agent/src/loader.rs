@@ -158,11 +158,22 @@ fn check_layout(pin_dir: &Path) -> anyhow::Result<()> {
     if pinned.is_empty() {
         return Ok(());
     }
-    let found = aya::maps::MapData::from_pin(pin_dir.join(map_names::META))
-        .ok()
-        .and_then(|data| Array::<_, Meta>::try_from(aya::maps::Map::Array(data)).ok())
-        .and_then(|meta| meta.get(&0, 0).ok())
-        .map(|m| m.layout_version);
+    // No stamp at all: maps from before stamps existed. A stamp that cannot be read is an
+    // error (permissions, say), never a reason to delete the maps.
+    let meta_path = pin_dir.join(map_names::META);
+    let found = if meta_path.exists() {
+        let data = aya::maps::MapData::from_pin(&meta_path)
+            .with_context(|| format!("opening {}", meta_path.display()))?;
+        let meta = Array::<_, Meta>::try_from(aya::maps::Map::Array(data))
+            .with_context(|| format!("{} is not the layout stamp", meta_path.display()))?;
+        Some(
+            meta.get(&0, 0)
+                .context("reading the layout stamp")?
+                .layout_version,
+        )
+    } else {
+        None
+    };
     if found == Some(MAP_LAYOUT_VERSION) {
         return Ok(());
     }
@@ -239,6 +250,15 @@ pub fn attach(
         };
         info!(interface = %interface, how = ?how, "attached on ingress");
         done.push((interface.clone(), how));
+    }
+    // Interfaces no longer listed: unpinning their links detaches the old program from them.
+    let wanted: Vec<PathBuf> = interfaces.iter().map(|i| link_pin(pin_dir, i)).collect();
+    for entry in fs::read_dir(pin_dir.join(LINKS_DIR))?.flatten() {
+        let path = entry.path();
+        if !wanted.contains(&path) {
+            warn!(path = %path.display(), "detaching from an interface no longer listed");
+            fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
     }
     Ok(done)
 }

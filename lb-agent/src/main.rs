@@ -146,6 +146,9 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     if number == 0 {
         return Err(format!("{text:?}: must be more than zero"));
     }
+    if number > 1_000_000 {
+        return Err(format!("{text:?}: too long"));
+    }
     match unit {
         "ms" => Ok(Duration::from_millis(number)),
         "s" => Ok(Duration::from_secs(number)),
@@ -169,15 +172,14 @@ enum LogFormat {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    let Some(command) = cli.command else {
-        if cli.cleanup {
-            return cleanup(&cli.pin_dir);
+    let command = match (cli.command, cli.cleanup) {
+        (None, true) => return cleanup(&cli.pin_dir),
+        (Some(_), true) => anyhow::bail!("--cleanup runs alone, without a subcommand"),
+        (None, false) => {
+            anyhow::bail!("nothing to do: give a subcommand (see --help) or --cleanup")
         }
-        anyhow::bail!("nothing to do: give a subcommand (see --help) or --cleanup");
+        (Some(command), false) => command,
     };
-    if cli.cleanup {
-        cleanup(&cli.pin_dir)?;
-    }
     let result = match command {
         Command::Run(args) => run(&cli.pin_dir, args),
         Command::Services { output } => show_services(&cli.pin_dir, output),
@@ -244,6 +246,7 @@ fn run(pin_dir: &Path, args: RunArgs) -> anyhow::Result<()> {
     loader::attach(&mut ebpf, &args.interfaces, pin_dir)?;
     let applier = maps::Applier::open(pin_dir)?;
     let mut programmer = Programmer {
+        pin_dir: pin_dir.to_path_buf(),
         node,
         applier,
         last: None,
@@ -388,6 +391,7 @@ struct NodeIdentity {
 
 /// Objects in, maps out: the model, then the applier, with change detection and logging.
 struct Programmer {
+    pin_dir: PathBuf,
     node: NodeIdentity,
     applier: maps::Applier,
     last: Option<model::DesiredState>,
@@ -413,6 +417,13 @@ impl Programmer {
         let desired = lb_agent::desired_from_manifests(&manifests, &settings);
         if !force && self.last.as_ref() == Some(&desired) {
             return;
+        }
+        if force {
+            // A full resync diffs against what the maps really hold, repairing any drift.
+            match maps::Applier::open(&self.pin_dir) {
+                Ok(applier) => self.applier = applier,
+                Err(err) => warn!("re-reading the maps failed, diffing from memory: {err:#}"),
+            }
         }
         // Report problems when they change, not on every poll.
         let problems: Vec<String> = manifests

@@ -321,15 +321,22 @@ impl Applier {
         // 1. Backends first, so that no slot ever points at a missing backend. Endpoints that
         //    are known but not chosen (terminating, not ready) stay too: established flows to
         //    them keep going, as with kube-proxy, until they leave their slice.
-        let wanted_backends: BTreeSet<Backend> = desired
+        let chosen: BTreeSet<Backend> = desired
             .services
             .values()
             .flat_map(|s| s.backends.iter().copied())
-            .chain(desired.known_backends.iter().copied())
+            .collect();
+        let wanted_backends: BTreeSet<Backend> = chosen
+            .iter()
+            .chain(&desired.known_backends)
+            .copied()
             .collect();
         let capacity = self.maps.backends.len();
         let mut missing = BTreeSet::new();
-        for backend in &wanted_backends {
+        // Chosen backends first: near capacity, a draining endpoint never takes the id a
+        // serving one needs.
+        let known_only = desired.known_backends.difference(&chosen);
+        for backend in chosen.iter().chain(known_only) {
             if self.backend_ids.contains_key(backend) {
                 continue;
             }
@@ -384,7 +391,7 @@ impl Applier {
                         kept.insert(id);
                         for (key, value) in &self.frontends {
                             if value.service_id == id {
-                                wanted_frontends.insert(*key, (*value, name));
+                                wanted_frontends.entry(*key).or_insert((*value, name));
                             }
                         }
                         for entry in &self.source_ranges {
@@ -565,8 +572,17 @@ impl Applier {
         flags: u32,
         report: &mut SyncReport,
     ) -> anyhow::Result<u32> {
-        let (id, old) = match self.service_ids.get(name) {
-            Some(&id) => (id, self.services[&id].1.clone()),
+        match self.service_ids.get(name) {
+            Some(&id) => {
+                let old = self.services[&id].1.clone();
+                // Whatever happens, the record says what the maps now hold, so a later sync
+                // diffs against the truth.
+                let mut record = old.clone();
+                let result =
+                    self.write_slots(id, &old, wanted, flags, false, name, &mut record, report);
+                self.services.insert(id, (name.to_string(), record));
+                result.map(|()| id)
+            }
             None => {
                 // Ids index LB_SERVICE_STATS, so they must stay below its size.
                 let limit = self.maps.service_stats.len();
@@ -574,18 +590,62 @@ impl Applier {
                     .service_alloc
                     .allocate(limit)
                     .ok_or_else(|| anyhow!("no free service id (see --max-services)"))?;
-                // A reused id starts with clean traffic counters.
-                let cpus = aya::util::nr_cpus().map_err(|(what, err)| anyhow!("{what}: {err}"))?;
-                let zeros = PerCpuValues::try_from(vec![ServiceStats::default(); cpus])
-                    .context("per-CPU values")?;
-                self.maps
-                    .service_stats
-                    .set(id, zeros, 0)
-                    .context("clearing the service's counters")?;
-                (id, Vec::new())
+                let mut record = Vec::new();
+                let result = self.clear_counters(id).and_then(|()| {
+                    self.write_slots(id, &[], wanted, flags, true, name, &mut record, report)
+                });
+                match result {
+                    Ok(()) => {
+                        debug!(service = name, id, "new service");
+                        self.service_ids.insert(name.to_string(), id);
+                        self.services.insert(id, (name.to_string(), record));
+                        Ok(id)
+                    }
+                    Err(err) => {
+                        // Not visible to the datapath yet (no frontend points at it): undo.
+                        for slot in 0..wanted.len() as u32 {
+                            let _ = self.maps.slots.remove(&SlotKey {
+                                service_id: id,
+                                slot,
+                            });
+                        }
+                        let _ = self.maps.services.remove(&id);
+                        let _ = self.maps.service_names.remove(&id);
+                        self.service_flags.remove(&id);
+                        self.service_alloc.release(id);
+                        Err(err)
+                    }
+                }
             }
-        };
-        let new = arrange_slots(&old, wanted);
+        }
+    }
+
+    /// A reused id starts with clean traffic counters.
+    fn clear_counters(&mut self, id: u32) -> anyhow::Result<()> {
+        let cpus = aya::util::nr_cpus().map_err(|(what, err)| anyhow!("{what}: {err}"))?;
+        let zeros = PerCpuValues::try_from(vec![ServiceStats::default(); cpus])
+            .context("per-CPU values")?;
+        self.maps
+            .service_stats
+            .set(id, zeros, 0)
+            .context("clearing the service's counters")
+    }
+
+    /// Writes one service's slots and entry. `record` tracks, write by write, the slots the
+    /// datapath can see (those below the count in the map).
+    #[allow(clippy::too_many_arguments)]
+    fn write_slots(
+        &mut self,
+        id: u32,
+        old: &[u32],
+        wanted: &[u32],
+        flags: u32,
+        is_new: bool,
+        name: &str,
+        record: &mut Vec<u32>,
+        report: &mut SyncReport,
+    ) -> anyhow::Result<()> {
+        let new = arrange_slots(old, wanted);
         // Grow: fill the slots before raising the count. Shrink: lower the count before
         // dropping the slots. A concurrent reader only ever sees valid slots.
         for (slot, &backend_id) in new.iter().enumerate() {
@@ -598,10 +658,12 @@ impl Applier {
                     .slots
                     .insert(key, backend_id, 0)
                     .context("writing a backend slot")?;
+                if let Some(visible) = record.get_mut(slot) {
+                    *visible = backend_id;
+                }
                 report.writes += 1;
             }
         }
-        let is_new = !self.service_ids.contains_key(name);
         if is_new || old.len() != new.len() || self.service_flags.get(&id) != Some(&flags) {
             if is_new {
                 self.maps
@@ -620,6 +682,7 @@ impl Applier {
             self.service_flags.insert(id, flags);
             report.writes += 1;
         }
+        *record = new.clone();
         for slot in new.len()..old.len() {
             let key = SlotKey {
                 service_id: id,
@@ -631,12 +694,7 @@ impl Applier {
                 .context("removing a backend slot")?;
             report.deletes += 1;
         }
-        if is_new {
-            debug!(service = name, id, "new service");
-            self.service_ids.insert(name.to_string(), id);
-        }
-        self.services.insert(id, (name.to_string(), new));
-        Ok(id)
+        Ok(())
     }
 
     fn remove_service(&mut self, id: u32, report: &mut SyncReport) -> anyhow::Result<()> {

@@ -150,6 +150,9 @@ pub struct Settings {
     pub node_zone: Option<String>,
     /// Addresses NodePorts are served on (every address of the node by default).
     pub node_addresses: Vec<Ipv4Addr>,
+    /// Every address known to be this node's (a LoadBalancer IP or externalIP among them is
+    /// answered from the node itself).
+    pub local_addresses: Vec<Ipv4Addr>,
 }
 
 /// Label of the node's zone, matched against endpoints' zone hints.
@@ -237,7 +240,12 @@ pub fn desired_state(
     settings: &Settings,
 ) -> DesiredState {
     let mut state = DesiredState {
-        node_addresses: settings.node_addresses.iter().copied().collect(),
+        node_addresses: settings
+            .node_addresses
+            .iter()
+            .chain(&settings.local_addresses)
+            .copied()
+            .collect(),
         ..DesiredState::default()
     };
     let slices_by_service = group_slices(slices);
@@ -400,9 +408,10 @@ fn add_service(
             let mut v4 = BTreeSet::new();
             let mut invalid = false;
             for (i, range) in ranges.iter().enumerate() {
+                let range = range.trim();
                 let is_v6 = range
                     .split_once('/')
-                    .map_or(range.as_str(), |(a, _)| a)
+                    .map_or(range, |(a, _)| a)
                     .parse::<std::net::Ipv6Addr>()
                     .is_ok();
                 if is_v6 {
@@ -668,11 +677,11 @@ fn endpoints_for_port(
             continue;
         };
         for (endpoint_index, endpoint) in slice.endpoints.iter().enumerate() {
-            // Conditions: `ready` unset means ready; `serving` unset equals `ready`;
+            // Conditions as kube-proxy reads them: `ready` and `serving` unset mean true,
             // `terminating` unset means false.
             let conditions = endpoint.conditions.as_ref();
             let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
-            let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
+            let serving = conditions.and_then(|c| c.serving).unwrap_or(true);
             let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
             let local = !settings.node_name.is_empty()
                 && endpoint.node_name.as_deref() == Some(settings.node_name.as_str());
@@ -711,7 +720,9 @@ fn endpoints_for_port(
                         port: target_port,
                         protocol,
                     },
-                    ready: ready && !terminating,
+                    // Ready wins even when terminating (publishNotReadyAddresses), as in
+                    // kube-proxy.
+                    ready,
                     serving,
                     terminating,
                     local,
@@ -1279,6 +1290,31 @@ spec:
             .map(|b| b.addr.to_string())
             .collect();
         assert_eq!(known, vec!["10.244.1.2", "10.244.1.3", "10.244.1.4"]);
+    }
+
+    #[test]
+    fn ready_wins_even_when_terminating_and_unset_serving_counts_as_serving() {
+        // publishNotReadyAddresses makes the controller publish ready=true while terminating.
+        let eps = "[{addresses: [10.244.1.2], conditions: {ready: true, terminating: true}},
+                    {addresses: [10.244.1.3], conditions: {ready: false}}]";
+        let state = state_of(&format!(
+            "{WEB}{}",
+            slice("web-a", "[{name: http, port: 8080}]", eps)
+        ));
+        assert_eq!(
+            backends(&state, "shop/web:http/TCP"),
+            vec!["10.244.1.2:8080"]
+        );
+        // No ready endpoint; serving unset on a terminating one: kube-proxy uses it.
+        let eps = "[{addresses: [10.244.1.3], conditions: {ready: false, terminating: true}}]";
+        let state = state_of(&format!(
+            "{WEB}{}",
+            slice("web-a", "[{name: http, port: 8080}]", eps)
+        ));
+        assert_eq!(
+            backends(&state, "shop/web:http/TCP"),
+            vec!["10.244.1.3:8080"]
+        );
     }
 
     /// Slice merging, case by case after kube-proxy's `TestEndpointsMapFromESC`

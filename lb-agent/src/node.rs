@@ -31,6 +31,14 @@ pub fn settings(
         .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
         .filter_map(|a| a.address.parse().ok())
         .collect();
+    let mut local_addresses: Vec<Ipv4Addr> = node_port_addresses
+        .iter()
+        .chain(&from_node)
+        .chain(discovered)
+        .copied()
+        .collect();
+    local_addresses.sort();
+    local_addresses.dedup();
     let node_addresses = if !node_port_addresses.is_empty() {
         node_port_addresses.to_vec()
     } else if !from_node.is_empty() {
@@ -42,5 +50,6 @@ pub fn settings(
         node_name: node_name.to_string(),
         node_zone,
         node_addresses,
+        local_addresses,
     }
 }

@@ -255,7 +255,10 @@ current-context: fake
     /// Forgets history: resuming a watch from before now gets `410 Gone` (clients relist).
     pub fn expire_history(&self) {
         let mut state = self.lock();
-        state.oldest_rv = state.rv + 1;
+        // As a compaction after more writes: every version a client has seen (bookmarks
+        // included) is now too old, while the version a relist returns stays valid.
+        state.rv += 1;
+        state.oldest_rv = state.rv;
         state.events.clear();
     }
 

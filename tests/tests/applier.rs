@@ -221,3 +221,96 @@ fn one_endpoint_change_in_a_thousand_endpoint_service_costs_a_handful_of_map_ope
     assert!(report.writes + report.deletes <= 4, "{report:?}");
     assert_eq!(backends_of(&h.pin_dir, "ns/big:80/TCP").len(), 999);
 }
+
+fn small_harness(services: u32, slots: u32) -> Harness {
+    Harness::with_settings(&DatapathSettings {
+        capacity: Capacity {
+            services,
+            slots,
+            ..Capacity::default()
+        },
+        ..DatapathSettings::default()
+    })
+    .unwrap()
+}
+
+fn one(name: &str, vip: &str, backends: &[&str]) -> (String, lb_agent::model::DesiredService) {
+    (
+        name.to_string(),
+        cluster_ip_service(vip, 80, 8080, Protocol::Tcp, backends),
+    )
+}
+
+#[test]
+fn a_new_service_that_fails_leaks_no_id_and_leaves_no_slots() {
+    // Service ids 1..=2 only; three slots in all.
+    let mut h = small_harness(3, 3);
+    let a = one("ns/a:80/TCP", "10.96.0.1", &["10.0.1.1", "10.0.1.2"]);
+    let b = one("ns/b:80/TCP", "10.96.0.2", &["10.0.2.1", "10.0.2.2"]);
+    let both = DesiredState {
+        services: BTreeMap::from([a.clone(), b.clone()]),
+        ..Default::default()
+    };
+    for _ in 0..3 {
+        let report = h.applier.sync(&both).unwrap();
+        assert_eq!(
+            report.errors.len(),
+            1,
+            "b does not fit: {:?}",
+            report.errors
+        );
+        assert!(report.errors[0].contains("ns/b"), "{:?}", report.errors);
+    }
+    // a shrinks: now b fits, and still finds a free id after its failed attempts.
+    let shrunk = DesiredState {
+        services: BTreeMap::from([one("ns/a:80/TCP", "10.96.0.1", &["10.0.1.1"]), b]),
+        ..Default::default()
+    };
+    let first = h.applier.sync(&shrunk).unwrap();
+    let report = if first.errors.is_empty() {
+        first
+    } else {
+        h.applier.sync(&shrunk).unwrap()
+    };
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(backends_of(&h.pin_dir, "ns/b:80/TCP").len(), 2);
+}
+
+#[test]
+fn a_half_written_service_is_recorded_as_written_and_repaired_later() {
+    let mut h = small_harness(16, 3);
+    let abc = DesiredState {
+        services: BTreeMap::from([one(
+            "ns/a:80/TCP",
+            "10.96.0.1",
+            &["10.0.1.1", "10.0.1.2", "10.0.1.3"],
+        )]),
+        ..Default::default()
+    };
+    h.applier.sync(&abc).unwrap();
+    // 10.0.1.2 replaced by 10.0.1.4 (slot 1 rewritten) and 10.0.1.5 added (a fourth slot:
+    // does not fit). The service keeps serving, with what its slots really hold.
+    let grown = DesiredState {
+        services: BTreeMap::from([one(
+            "ns/a:80/TCP",
+            "10.96.0.1",
+            &["10.0.1.1", "10.0.1.3", "10.0.1.4", "10.0.1.5"],
+        )]),
+        ..Default::default()
+    };
+    let report = h.applier.sync(&grown).unwrap();
+    assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
+    let visible = backends_of(&h.pin_dir, "ns/a:80/TCP");
+    assert_eq!(visible.len(), 3, "the count never rose: {visible:?}");
+    // Back to the first set: slot 1 must be rewritten, although the earlier record said so.
+    let report = h.applier.sync(&abc).unwrap();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let mut visible = backends_of(&h.pin_dir, "ns/a:80/TCP");
+    visible.sort();
+    assert_eq!(
+        visible,
+        ["10.0.1.1", "10.0.1.2", "10.0.1.3"]
+            .map(|a| a.parse::<Ipv4Addr>().unwrap())
+            .to_vec()
+    );
+}
