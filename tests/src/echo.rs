@@ -229,3 +229,20 @@ impl TcpSession {
         Reply::parse(line.trim())
     }
 }
+
+/// An echo server on `port` in each backend of `lab`, answering as `backend-<i>`.
+pub fn start_backends(lab: &crate::lab::NodeLab, port: u16) -> anyhow::Result<Vec<EchoServer>> {
+    lab.backends
+        .iter()
+        .enumerate()
+        .map(|(i, ns)| EchoServer::start(ns, &format!("backend-{}", i + 1), port))
+        .collect()
+}
+
+/// One request on a connected UDP socket (the same flow every time); the server's name.
+pub fn udp_ask(socket: &UdpSocket) -> anyhow::Result<String> {
+    socket.send(b"hello\n").context("sending UDP")?;
+    let mut buf = [0u8; 256];
+    let n = socket.recv(&mut buf).context("no UDP reply")?;
+    Ok(Reply::parse(String::from_utf8_lossy(&buf[..n]).trim())?.server)
+}

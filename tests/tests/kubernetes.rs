@@ -12,7 +12,7 @@ use std::{
 use lb_agent::maps::read_services;
 use lb_tests::{
     agent::Agent,
-    echo::{tcp_request, EchoServer},
+    echo::{start_backends, tcp_request},
     fake_api::FakeApi,
     lab::{backend_addr, NodeLab, TEST_PREFIX},
 };
@@ -70,12 +70,7 @@ fn programming_lines(agent: &Agent) -> usize {
 #[test]
 fn agent_follows_the_api_through_watch_drops_gone_relists_bookmarks_and_an_outage() {
     let lab = NodeLab::new(TEST_PREFIX, 3).expect("lab");
-    let _servers: Vec<EchoServer> = lab
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, ns)| EchoServer::start(ns, &format!("backend-{}", i + 1), 8080).unwrap())
-        .collect();
+    let _servers = start_backends(&lab, 8080).expect("echo servers");
     let api = FakeApi::start(&lab.node).expect("fake API server");
     api.apply_yaml(SERVICE).unwrap();
     api.apply_yaml(&slice(&[1, 2])).unwrap();

@@ -12,7 +12,7 @@ use std::{
 use lb_agent::maps::read_services;
 use lb_tests::{
     agent::{cli, Agent},
-    echo::{tcp_request, udp_request, EchoServer, Reply, TcpSession},
+    echo::{start_backends, tcp_request, udp_request, Reply, TcpSession},
     lab::{run, NodeLab, CLIENT_ADDR, TEST_PREFIX},
 };
 
@@ -33,12 +33,7 @@ struct Traffic {
 #[test]
 fn clusterip_spreads_new_connections_over_all_backends_and_keeps_long_lived_ones() {
     let lab = NodeLab::new(TEST_PREFIX, 3).expect("lab");
-    let _servers: Vec<EchoServer> = lab
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, ns)| EchoServer::start(ns, &format!("backend-{}", i + 1), 8080).expect("echo"))
-        .collect();
+    let _servers = start_backends(&lab, 8080).expect("echo servers");
     let tmp = tempfile::tempdir().unwrap();
     let pin_dir = lab.lab.pin_dir();
     let mut agent = Agent::start(

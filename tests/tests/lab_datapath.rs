@@ -14,7 +14,7 @@ use std::{
 use lb_agent::maps::read_services;
 use lb_tests::{
     agent::Agent,
-    echo::{tcp_request, udp_request, EchoServer, Reply, TcpSession},
+    echo::{start_backends, tcp_request, udp_ask, udp_request, EchoServer, Reply, TcpSession},
     lab::{backend_addr, NodeLab, CLIENT_ADDR, TEST_PREFIX},
 };
 
@@ -63,12 +63,7 @@ struct Setup {
 impl Setup {
     fn new() -> Self {
         let lab = NodeLab::new(TEST_PREFIX, 3).expect("lab");
-        let servers = lab
-            .backends
-            .iter()
-            .enumerate()
-            .map(|(i, ns)| EchoServer::start(ns, &format!("backend-{}", i + 1), 8080).unwrap())
-            .collect();
+        let servers = start_backends(&lab, 8080).expect("echo servers");
         let manifests = tempfile::tempdir().unwrap();
         fs::write(manifests.path().join("web.yaml"), manifest(&[1, 2, 3])).unwrap();
         let log = manifests.path().join("agent.log");
@@ -200,16 +195,7 @@ fn a_udp_flow_moves_to_a_live_backend_when_its_backend_is_removed() {
             Ok(socket)
         })
         .unwrap();
-    let ask = |socket: &UdpSocket| -> anyhow::Result<String> {
-        socket.send(b"hello\n")?;
-        let mut buf = [0u8; 256];
-        let n = socket.recv(&mut buf)?;
-        Ok(String::from_utf8_lossy(&buf[..n])
-            .split_whitespace()
-            .next()
-            .unwrap_or("")
-            .to_string())
-    };
+    let ask = udp_ask;
     let first = ask(&socket).expect("first reply");
     for _ in 0..5 {
         assert_eq!(ask(&socket).unwrap(), first, "one flow, one backend");

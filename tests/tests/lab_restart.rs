@@ -17,7 +17,7 @@ use lb_agent::maps::read_services;
 use lb_common::Meta;
 use lb_tests::{
     agent::{cli, Agent},
-    echo::{tcp_request, EchoServer, TcpSession},
+    echo::{start_backends, tcp_request, udp_ask, TcpSession},
     lab::{NodeLab, TEST_PREFIX},
 };
 
@@ -62,26 +62,10 @@ fn programs_on_client_link(lab: &NodeLab) -> usize {
         .expect("query tcx")
 }
 
-fn udp_ask(socket: &UdpSocket) -> anyhow::Result<String> {
-    socket.send(b"hello\n")?;
-    let mut buf = [0u8; 256];
-    let n = socket.recv(&mut buf)?;
-    Ok(String::from_utf8_lossy(&buf[..n])
-        .split_whitespace()
-        .next()
-        .unwrap_or("")
-        .to_string())
-}
-
 #[test]
 fn flows_survive_agent_restarts_and_cleanup_removes_the_datapath() {
     let lab = NodeLab::new(TEST_PREFIX, 3).expect("lab");
-    let _servers: Vec<EchoServer> = lab
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, ns)| EchoServer::start(ns, &format!("backend-{}", i + 1), 8080).unwrap())
-        .collect();
+    let _servers = start_backends(&lab, 8080).expect("echo servers");
     let tmp = tempfile::tempdir().unwrap();
     let pin_dir = lab.lab.pin_dir();
     let mut first = start_agent(&lab, "first.log", &tmp);
