@@ -227,8 +227,8 @@ pub struct Applier {
     backend_alloc: IdAllocator,
     /// Service id -> (name, backend ids by slot).
     services: BTreeMap<u32, (String, Vec<u32>)>,
-    /// `ServiceValue::flags` as written, by service id.
-    service_flags: StdHashMap<u32, u32>,
+    /// `ServiceValue` flags and affinity timeout as written, by service id.
+    service_flags: StdHashMap<u32, (u32, u32)>,
     service_ids: StdHashMap<String, u32>,
     service_alloc: IdAllocator,
     frontends: StdHashMap<FrontendKey, FrontendValue>,
@@ -262,7 +262,7 @@ impl Applier {
                 .unwrap_or_default();
             services.insert(id, (name, Vec::new()));
             counts.insert(id, value.backend_count);
-            service_flags.insert(id, value.flags);
+            service_flags.insert(id, (value.flags, value.affinity_timeout_s));
         }
         let mut slots: Vec<(SlotKey, u32)> = Vec::new();
         for entry in maps.slots.iter() {
@@ -376,10 +376,13 @@ impl Applier {
                     .iter()
                     .filter_map(|b| self.backend_ids.get(b).copied())
                     .collect();
-                let flags = match service.when_empty {
-                    WhenEmpty::Drop => SERVICE_DROP_WHEN_EMPTY,
-                    WhenEmpty::Reject => 0,
-                };
+                let flags = (
+                    match service.when_empty {
+                        WhenEmpty::Drop => SERVICE_DROP_WHEN_EMPTY,
+                        WhenEmpty::Reject => 0,
+                    },
+                    service.affinity_timeout_seconds.unwrap_or(0),
+                );
                 self.write_service(name, &ids, flags, &mut report)
             };
             let service_id = match result {
@@ -569,7 +572,7 @@ impl Applier {
         &mut self,
         name: &str,
         wanted: &[u32],
-        flags: u32,
+        flags: (u32, u32),
         report: &mut SyncReport,
     ) -> anyhow::Result<u32> {
         match self.service_ids.get(name) {
@@ -639,7 +642,7 @@ impl Applier {
         id: u32,
         old: &[u32],
         wanted: &[u32],
-        flags: u32,
+        flags: (u32, u32),
         is_new: bool,
         name: &str,
         record: &mut Vec<u32>,
@@ -673,7 +676,9 @@ impl Applier {
             }
             let value = ServiceValue {
                 backend_count: new.len() as u32,
-                flags,
+                flags: flags.0,
+                affinity_timeout_s: flags.1,
+                _pad: 0,
             };
             self.maps
                 .services

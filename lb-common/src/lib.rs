@@ -10,7 +10,8 @@
 //!
 //! ```text
 //! LB_FRONTENDS      FrontendKey {addr, port, proto}       -> FrontendValue {service_id, kind}
-//! LB_SERVICES       service_id                            -> ServiceValue {backend_count}
+//! LB_SERVICES       service_id                            -> ServiceValue {backend_count, affinity}
+//! LB_AFFINITY       AffinityKey {service_id, client}      -> AffinityValue {backend_id} (LRU)
 //! LB_SERVICE_NAMES  service_id                            -> ServiceName (operators only)
 //! LB_SLOTS          SlotKey {service_id, slot}            -> backend_id (slots 0..backend_count)
 //! LB_BACKENDS       backend_id (array index)              -> BackendValue {addr, port}
@@ -26,7 +27,7 @@
 #![no_std]
 
 /// Bumped whenever a key or value layout below changes; stamped into the pinned state.
-pub const MAP_LAYOUT_VERSION: u32 = 3;
+pub const MAP_LAYOUT_VERSION: u32 = 4;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -51,8 +52,10 @@ pub mod map_names {
     pub const SERVICE_STATS: &str = "LB_SERVICE_STATS";
     pub const STATS: &str = "LB_STATS";
     pub const META: &str = "LB_META";
-    pub const ALL: [&str; 10] = [
+    pub const AFFINITY: &str = "LB_AFFINITY";
+    pub const ALL: [&str; 11] = [
         META,
+        AFFINITY,
         FRONTENDS,
         SERVICES,
         SERVICE_NAMES,
@@ -73,6 +76,7 @@ pub mod capacity {
     pub const BACKENDS: u32 = 65_536;
     pub const SOURCE_RANGES: u32 = 16_384;
     pub const CONNTRACK: u32 = 262_144;
+    pub const AFFINITY: u32 = 65_536;
 }
 
 /// Conntrack lifetimes: how long an entry lives after its latest packet.
@@ -163,6 +167,28 @@ pub struct ServiceValue {
     /// Number of valid slots in `LB_SLOTS` for this service (0 = no usable backend).
     pub backend_count: u32,
     pub flags: u32,
+    /// `sessionAffinity: ClientIP` timeout in seconds; 0 = no affinity.
+    pub affinity_timeout_s: u32,
+    pub _pad: u32,
+}
+
+/// `LB_AFFINITY` key: a client of a service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub service_id: u32,
+    pub client: [u8; 4],
+}
+
+/// The backend a client of an affinity service was last sent to, and when.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    /// The slot it was picked from; the entry holds only while that slot still names it.
+    pub slot: u32,
+    /// `bpf_ktime_get_coarse_ns()` of the latest new flow that used it.
+    pub last_used_ns: u64,
 }
 
 /// `ServiceValue::flags`: a new flow finding no backend is dropped, not rejected (a Local
@@ -380,6 +406,8 @@ mod pod {
     unsafe impl aya::Pod for ServiceValue {}
     unsafe impl aya::Pod for ServiceName {}
     unsafe impl aya::Pod for Meta {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for SlotKey {}
     unsafe impl aya::Pod for BackendValue {}
     unsafe impl aya::Pod for CtKey {}
@@ -399,7 +427,9 @@ mod tests {
     fn layouts_have_no_hidden_padding() {
         assert_eq!(size_of::<FrontendKey>(), 8);
         assert_eq!(size_of::<FrontendValue>(), 8);
-        assert_eq!(size_of::<ServiceValue>(), 8);
+        assert_eq!(size_of::<ServiceValue>(), 16);
+        assert_eq!(size_of::<AffinityKey>(), 8);
+        assert_eq!(size_of::<AffinityValue>(), 16);
         assert_eq!(size_of::<ServiceName>(), SERVICE_NAME_LEN);
         assert_eq!(size_of::<SlotKey>(), 8);
         assert_eq!(size_of::<BackendValue>(), 8);

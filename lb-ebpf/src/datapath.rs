@@ -8,17 +8,17 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    ct_other_half, ct_timeout_ns, BackendValue, Counter, CtKey, CtValue, FrontendKey, SlotKey,
-    CT_FORWARD, CT_REPLY, FRONTEND_LOCAL_ADDRESS, FRONTEND_SOURCE_RANGES, PROTO_TCP, PROTO_UDP,
-    SERVICE_DROP_WHEN_EMPTY, TCP_ACK, TCP_SYN,
+    ct_other_half, ct_timeout_ns, AffinityKey, AffinityValue, BackendValue, Counter, CtKey,
+    CtValue, FrontendKey, ServiceValue, SlotKey, CT_FORWARD, CT_REPLY, FRONTEND_LOCAL_ADDRESS,
+    FRONTEND_SOURCE_RANGES, PROTO_TCP, PROTO_UDP, SERVICE_DROP_WHEN_EMPTY, TCP_ACK, TCP_SYN,
 };
 
 use crate::{
     headers::{load, parse_ipv4, parse_l4, Packet, Parsed, PROTO_ICMP},
     icmp,
     maps::{
-        account, count, hairpin_addr, no_backend_drop, source_allowed, LB_BACKENDS, LB_CONNTRACK,
-        LB_FRONTENDS, LB_SERVICES, LB_SLOTS,
+        account, count, hairpin_addr, no_backend_drop, source_allowed, LB_AFFINITY, LB_BACKENDS,
+        LB_CONNTRACK, LB_FRONTENDS, LB_SERVICES, LB_SLOTS,
     },
     reject,
 };
@@ -139,7 +139,7 @@ fn try_lb_ingress(ctx: &TcContext) -> Result<i32, ()> {
     // SAFETY: read-only copy of a value the agent replaces atomically.
     let service = unsafe { LB_SERVICES.get(service_id) }.copied();
     let Some((backend_id, backend)) =
-        service.and_then(|s| pick_backend(service_id, s.backend_count))
+        service.and_then(|s| choose_backend(service_id, &s, key.src_addr, now))
     else {
         let drop_when_empty = service.is_some_and(|s| s.flags & SERVICE_DROP_WHEN_EMPTY != 0);
         if no_backend_drop() || drop_when_empty {
@@ -204,24 +204,70 @@ fn try_lb_ingress(ctx: &TcContext) -> Result<i32, ()> {
     Ok(TC_ACT_OK)
 }
 
+/// The backend for a new flow: the client's affinity backend while it holds, else a random one
+/// (remembered when the service has `sessionAffinity: ClientIP`).
 #[inline(always)]
-fn pick_backend(service_id: u32, count: u32) -> Option<(u32, BackendValue)> {
+fn choose_backend(
+    service_id: u32,
+    service: &ServiceValue,
+    client: [u8; 4],
+    now: u64,
+) -> Option<(u32, BackendValue)> {
+    if service.affinity_timeout_s == 0 {
+        return pick_backend(service_id, service.backend_count).map(|(_, id, b)| (id, b));
+    }
+    let key = AffinityKey { service_id, client };
+    let timeout_ns = u64::from(service.affinity_timeout_s) * 1_000_000_000;
+    if let Some(entry) = LB_AFFINITY.get_ptr_mut(key) {
+        // SAFETY: pointer from a successful lookup; plain integers only.
+        let entry = unsafe { &mut *entry };
+        let fresh = now.saturating_sub(entry.last_used_ns) < timeout_ns;
+        // Still one of the service's usable backends: its slot still names it.
+        let slot_key = SlotKey {
+            service_id,
+            slot: entry.slot,
+        };
+        let current = entry.slot < service.backend_count
+            && unsafe { LB_SLOTS.get(slot_key) }.is_some_and(|id| *id == entry.backend_id);
+        if fresh && current {
+            if let Some(backend) = LB_BACKENDS.get(entry.backend_id).copied() {
+                if backend.proto != 0 {
+                    entry.last_used_ns = now;
+                    return Some((entry.backend_id, backend));
+                }
+            }
+        }
+    }
+    let (slot, backend_id, backend) = pick_backend(service_id, service.backend_count)?;
+    let value = AffinityValue {
+        backend_id,
+        slot,
+        last_used_ns: now,
+    };
+    let _ = LB_AFFINITY.insert(key, value, BPF_ANY as u64);
+    Some((backend_id, backend))
+}
+
+/// A random slot of the service: (slot, backend id, backend).
+#[inline(always)]
+fn pick_backend(service_id: u32, count: u32) -> Option<(u32, u32, BackendValue)> {
     if count == 0 {
         return None;
     }
     let slot = unsafe { bpf_get_prandom_u32() } % count;
     // A slot beyond a count that just shrank may be gone already: slot 0 always exists.
-    let backend_id = match unsafe { LB_SLOTS.get(SlotKey { service_id, slot }) } {
-        Some(id) => *id,
-        None => *unsafe {
-            LB_SLOTS.get(SlotKey {
+    let (slot, backend_id) = match unsafe { LB_SLOTS.get(SlotKey { service_id, slot }) } {
+        Some(id) => (slot, *id),
+        None => {
+            let first = SlotKey {
                 service_id,
                 slot: 0,
-            })
-        }?,
+            };
+            (0, *unsafe { LB_SLOTS.get(first) }?)
+        }
     };
     let backend = *LB_BACKENDS.get(backend_id)?;
-    (backend.proto != 0).then_some((backend_id, backend))
+    (backend.proto != 0).then_some((slot, backend_id, backend))
 }
 
 #[inline(always)]

@@ -6,8 +6,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    capacity, BackendValue, Counter, CtKey, CtValue, FrontendKey, FrontendValue, Meta, ServiceName,
-    ServiceStats, ServiceValue, SlotKey, SourceRangeKey, COUNTER_COUNT,
+    capacity, AffinityKey, AffinityValue, BackendValue, Counter, CtKey, CtValue, FrontendKey,
+    FrontendValue, Meta, ServiceName, ServiceStats, ServiceValue, SlotKey, SourceRangeKey,
+    COUNTER_COUNT,
 };
 
 /// Maps written only by the agent allocate entries on demand.
@@ -40,6 +41,9 @@ pub static LB_BACKENDS: Array<BackendValue, { capacity::BACKENDS as usize }> = A
 #[btf_map]
 pub static LB_SOURCE_RANGES: LpmTrie<SourceRangeKey, u8, { capacity::SOURCE_RANGES as usize }> =
     LpmTrie::new();
+#[btf_map]
+pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityValue, { capacity::AFFINITY as usize }> =
+    LruHashMap::new();
 #[btf_map]
 pub static LB_CONNTRACK: LruHashMap<CtKey, CtValue, { capacity::CONNTRACK as usize }> =
     LruHashMap::new();

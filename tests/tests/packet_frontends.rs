@@ -623,3 +623,117 @@ fn local_policy_on_a_node_without_endpoints_drops_external_traffic_and_serves_th
     let syn = Flow::tcp(CLIENT, 54001, "10.96.0.30", 80, TCP_SYN);
     assert_eq!(h.run(&syn.build()).unwrap().action, TC_ACT_OK);
 }
+
+const AFFINITY: &str = "
+apiVersion: v1
+kind: Service
+metadata: {name: sticky, namespace: shop}
+spec:
+  clusterIP: 10.96.0.40
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 600}}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: sticky-1, namespace: shop, labels: {kubernetes.io/service-name: sticky}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- addresses: [10.244.1.2]
+- addresses: [10.244.2.2]
+- addresses: [10.244.3.2]
+";
+
+fn affinity_harness() -> (Harness, DesiredState) {
+    let mut m = Manifests::default();
+    parse_into(Path::new("sticky.yaml"), AFFINITY, &mut m);
+    let state = desired_state(&m.services, &m.endpoint_slices, &Settings::default());
+    let mut h = Harness::new().unwrap();
+    h.program(&state).unwrap();
+    (h, state)
+}
+
+#[test]
+fn client_ip_affinity_keeps_a_client_on_its_backend_across_connections() {
+    let (mut h, _) = affinity_harness();
+    let first = expect_dnat(
+        &mut h,
+        &Flow::tcp(CLIENT, 55000, "10.96.0.40", 80, TCP_SYN),
+        8080,
+    );
+    for port in 1..40 {
+        let syn = Flow::tcp(CLIENT, 55000 + port, "10.96.0.40", 80, TCP_SYN);
+        assert_eq!(
+            expect_dnat(&mut h, &syn, 8080),
+            first,
+            "connection {port} stays"
+        );
+    }
+    // Different clients spread over the backends.
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..60u32 {
+        let client = Ipv4Addr::from(u32::from(Ipv4Addr::new(172, 20, 0, 1)) + i).to_string();
+        seen.insert(expect_dnat(
+            &mut h,
+            &Flow::tcp(&client, 40000, "10.96.0.40", 80, TCP_SYN),
+            8080,
+        ));
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+}
+
+#[test]
+fn affinity_ends_with_its_timeout_and_with_its_backend() {
+    let (mut h, mut state) = affinity_harness();
+    let first = expect_dnat(
+        &mut h,
+        &Flow::tcp(CLIENT, 56000, "10.96.0.40", 80, TCP_SYN),
+        8080,
+    );
+    // Age the client's entry past the 600 s timeout: the next connection is balanced afresh
+    // (and then sticks to whatever it got).
+    let data = aya::maps::MapData::from_pin(h.pin_dir.join("LB_AFFINITY")).unwrap();
+    let mut affinity: aya::maps::HashMap<_, lb_common::AffinityKey, lb_common::AffinityValue> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).unwrap();
+    let (key, mut value) = affinity.iter().next().unwrap().unwrap();
+    value.last_used_ns = monotonic_ns().saturating_sub(601 * 1_000_000_000);
+    affinity.insert(key, value, 0).unwrap();
+    let mut moved = false;
+    for round in 0..20u16 {
+        let next = expect_dnat(
+            &mut h,
+            &Flow::tcp(CLIENT, 56100 + round, "10.96.0.40", 80, TCP_SYN),
+            8080,
+        );
+        let again = expect_dnat(
+            &mut h,
+            &Flow::tcp(CLIENT, 56200 + round, "10.96.0.40", 80, TCP_SYN),
+            8080,
+        );
+        assert_eq!(next, again, "a new affinity holds");
+        moved |= next != first;
+        if moved {
+            break;
+        }
+        let (key, mut value) = affinity.iter().next().unwrap().unwrap();
+        value.last_used_ns = monotonic_ns().saturating_sub(601 * 1_000_000_000);
+        affinity.insert(key, value, 0).unwrap();
+    }
+    assert!(moved, "an expired affinity is balanced again (20 tries)");
+
+    // The backend the client sticks to leaves: the client moves, never to the removed one.
+    let stuck = expect_dnat(
+        &mut h,
+        &Flow::tcp(CLIENT, 56300, "10.96.0.40", 80, TCP_SYN),
+        8080,
+    );
+    for service in state.services.values_mut() {
+        service.backends.retain(|b| b.addr != stuck);
+    }
+    h.program(&state).unwrap();
+    for port in 0..10 {
+        let syn = Flow::tcp(CLIENT, 56400 + port, "10.96.0.40", 80, TCP_SYN);
+        assert_ne!(expect_dnat(&mut h, &syn, 8080), stuck);
+    }
+}
