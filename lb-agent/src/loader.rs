@@ -57,6 +57,9 @@ pub struct DatapathSettings {
     pub no_backend_drop: bool,
     /// Source address for hairpin flows (a pod reaching itself through its Service).
     pub hairpin_addr: Ipv4Addr,
+    /// This node's address for external traffic sent to endpoints on other nodes
+    /// (externalTrafficPolicy Cluster); `None`: never source-NAT.
+    pub snat_addr: Option<Ipv4Addr>,
     /// Map sizes (entries). They apply when the maps are created; pinned maps keep theirs.
     pub capacity: Capacity,
 }
@@ -91,6 +94,7 @@ impl Default for DatapathSettings {
         Self {
             no_backend_drop: false,
             hairpin_addr: Ipv4Addr::new(169, 254, 42, 1),
+            snat_addr: None,
             capacity: Capacity::default(),
         }
     }
@@ -105,10 +109,12 @@ pub fn load(pin_dir: &Path, settings: &DatapathSettings) -> anyhow::Result<Ebpf>
     check_layout(pin_dir)?;
     let no_backend_drop = u8::from(settings.no_backend_drop);
     let hairpin = settings.hairpin_addr.octets();
+    let snat = settings.snat_addr.map_or([0; 4], |a| a.octets());
     let mut loader = EbpfLoader::new();
     loader
         .override_global(globals::NO_BACKEND_DROP, &no_backend_drop, true)
-        .override_global(globals::HAIRPIN_ADDR, &hairpin, true);
+        .override_global(globals::HAIRPIN_ADDR, &hairpin, true)
+        .override_global(globals::SNAT_ADDR, &snat, true);
     let c = &settings.capacity;
     loader
         .map_max_entries(map_names::FRONTENDS, c.frontends)

@@ -108,6 +108,11 @@ struct RunArgs {
     /// Source address given to hairpin flows (a pod reaching itself through its Service).
     #[arg(long, default_value = "169.254.42.1")]
     hairpin_snat_address: Ipv4Addr,
+    /// This node's address for external traffic to endpoints on other nodes
+    /// (externalTrafficPolicy Cluster), so that their replies return here. Default: the
+    /// node's first address.
+    #[arg(long)]
+    snat_address: Option<Ipv4Addr>,
     /// How often the manifest directory is re-read (changes are applied when seen).
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     manifest_poll_interval: Duration,
@@ -232,6 +237,10 @@ fn run(pin_dir: &Path, args: RunArgs) -> anyhow::Result<()> {
     let datapath = loader::DatapathSettings {
         no_backend_drop: args.no_backend == NoBackend::Drop,
         hairpin_addr: args.hairpin_snat_address,
+        snat_addr: args
+            .snat_address
+            .or_else(|| args.node_port_addresses.first().copied())
+            .or_else(|| node.discovered.first().copied()),
         capacity: loader::Capacity {
             frontends: args.max_frontends,
             services: args.max_services,

@@ -17,7 +17,7 @@ use aya::maps::{
 };
 use lb_common::{
     map_names, BackendValue, Counter, CtKey, CtValue, FrontendKey, FrontendValue, ServiceName,
-    ServiceStats, ServiceValue, SlotKey, SourceRangeKey, FRONTEND_LOCAL_ADDRESS,
+    ServiceStats, ServiceValue, SlotKey, SourceRangeKey, BACKEND_REMOTE, FRONTEND_LOCAL_ADDRESS,
     FRONTEND_SOURCE_RANGES, SERVICE_DROP_WHEN_EMPTY, SERVICE_NAME_LEN, SOURCE_RANGE_FRONTEND_BITS,
 };
 use serde::Serialize;
@@ -155,12 +155,12 @@ fn frontend_key(frontend: &Frontend) -> FrontendKey {
     }
 }
 
-fn backend_value(backend: &Backend) -> BackendValue {
+fn backend_value(backend: &Backend, flags: u8) -> BackendValue {
     BackendValue {
         addr: backend.addr.octets(),
         port: backend.port,
         proto: backend.protocol.number(),
-        flags: 0,
+        flags,
     }
 }
 
@@ -224,6 +224,8 @@ pub struct Applier {
     maps: Maps,
     backends: BTreeMap<u32, Backend>,
     backend_ids: StdHashMap<Backend, u32>,
+    /// `BackendValue::flags` as written, by backend id.
+    backend_flags: StdHashMap<u32, u8>,
     backend_alloc: IdAllocator,
     /// Service id -> (name, backend ids by slot).
     services: BTreeMap<u32, (String, Vec<u32>)>,
@@ -241,7 +243,9 @@ impl Applier {
     pub fn open(pin_dir: &Path) -> anyhow::Result<Self> {
         let mut maps = Maps::open(pin_dir)?;
         let mut backends = BTreeMap::new();
+        let mut backend_flags = StdHashMap::new();
         for (id, value) in read_backends(&maps.backends)? {
+            backend_flags.insert(id, value.flags);
             match backend_from_value(&value) {
                 Some(backend) => {
                     backends.insert(id, backend);
@@ -304,6 +308,7 @@ impl Applier {
             maps,
             backends,
             backend_ids,
+            backend_flags,
             services,
             service_flags,
             service_ids,
@@ -337,14 +342,30 @@ impl Applier {
         // serving one needs.
         let known_only = desired.known_backends.difference(&chosen);
         for backend in chosen.iter().chain(known_only) {
-            if self.backend_ids.contains_key(backend) {
+            let flags = if desired.remote_backends.contains(backend) {
+                BACKEND_REMOTE
+            } else {
+                0
+            };
+            if let Some(&id) = self.backend_ids.get(backend) {
+                if self.backend_flags.get(&id) != Some(&flags) {
+                    match self.maps.backends.set(id, backend_value(backend, flags), 0) {
+                        Ok(()) => {
+                            self.backend_flags.insert(id, flags);
+                            report.writes += 1;
+                        }
+                        Err(err) => report
+                            .errors
+                            .push(format!("backend {}:{}: {err}", backend.addr, backend.port)),
+                    }
+                }
                 continue;
             }
             let Some(id) = self.backend_alloc.allocate(capacity) else {
                 missing.insert(*backend);
                 continue;
             };
-            if let Err(err) = self.maps.backends.set(id, backend_value(backend), 0) {
+            if let Err(err) = self.maps.backends.set(id, backend_value(backend, flags), 0) {
                 self.backend_alloc.release(id);
                 report
                     .errors
@@ -354,6 +375,7 @@ impl Applier {
             }
             self.backends.insert(id, *backend);
             self.backend_ids.insert(*backend, id);
+            self.backend_flags.insert(id, flags);
             report.writes += 1;
         }
 
@@ -557,6 +579,7 @@ impl Applier {
             if let Some(backend) = self.backends.remove(&id) {
                 self.backend_ids.remove(&backend);
             }
+            self.backend_flags.remove(&id);
             self.backend_alloc.release(id);
             report.deletes += 1;
         }

@@ -207,6 +207,8 @@ pub struct DesiredState {
     pub known_backends: BTreeSet<Backend>,
     /// This node's addresses: frontends on them answer from the node itself.
     pub node_addresses: BTreeSet<Ipv4Addr>,
+    /// Endpoints known to run on another node (their `nodeName` is not ours).
+    pub remote_backends: BTreeSet<Backend>,
     /// Objects or parts of objects that were left out, with the reason (bad field values).
     pub errors: Vec<ModelError>,
     /// Services that rightly get no frontend (headless, ExternalName, other proxy), with why.
@@ -520,6 +522,9 @@ fn add_service(
         state
             .known_backends
             .extend(endpoints.iter().map(|e| e.backend));
+        state
+            .remote_backends
+            .extend(endpoints.iter().filter(|e| e.remote).map(|e| e.backend));
         let externally_accessible = frontends.iter().any(|f| f.kind != FrontendKind::ClusterIP);
         let policy = Policy {
             internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
@@ -631,6 +636,8 @@ pub struct EndpointInfo {
     pub terminating: bool,
     /// On this node (`nodeName` equals ours).
     pub local: bool,
+    /// Known to be on another node (`nodeName` set and not ours).
+    pub remote: bool,
     pub zone_hints: BTreeSet<String>,
     pub node_hints: BTreeSet<String>,
 }
@@ -685,6 +692,11 @@ fn endpoints_for_port(
             let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
             let local = !settings.node_name.is_empty()
                 && endpoint.node_name.as_deref() == Some(settings.node_name.as_str());
+            let remote = !settings.node_name.is_empty()
+                && endpoint
+                    .node_name
+                    .as_deref()
+                    .is_some_and(|n| n != settings.node_name);
             let hints = endpoint.hints.as_ref();
             let zone_hints: BTreeSet<String> = hints
                 .and_then(|h| h.for_zones.as_ref())
@@ -726,6 +738,7 @@ fn endpoints_for_port(
                     serving,
                     terminating,
                     local,
+                    remote,
                     zone_hints: zone_hints.clone(),
                     node_hints: node_hints.clone(),
                 };
@@ -1878,6 +1891,7 @@ spec:
                         serving: e.serving,
                         terminating: e.terminating,
                         local: e.local,
+                        remote: false,
                         zone_hints: e.zones.iter().map(|z| z.to_string()).collect(),
                         node_hints: e.nodes.iter().map(|n| n.to_string()).collect(),
                     })

@@ -27,7 +27,7 @@
 #![no_std]
 
 /// Bumped whenever a key or value layout below changes; stamped into the pinned state.
-pub const MAP_LAYOUT_VERSION: u32 = 4;
+pub const MAP_LAYOUT_VERSION: u32 = 5;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -97,6 +97,9 @@ pub mod globals {
     /// `u8`: 1 = silently drop new flows to a frontend with no backend; 0 = reject them
     /// (TCP RST, ICMP port unreachable).
     pub const NO_BACKEND_DROP: &str = "LB_NO_BACKEND_DROP";
+    /// `[u8; 4]`: this node's address for source-NATing external traffic sent to an endpoint
+    /// on another node; `[0; 4]` = never source-NAT.
+    pub const SNAT_ADDR: &str = "LB_SNAT_ADDR";
     /// `[u8; 4]`: source address given to hairpin flows (a pod reaching itself through its
     /// Service), so the pod answers through the node instead of to itself.
     pub const HAIRPIN_ADDR: &str = "LB_HAIRPIN_ADDR";
@@ -217,6 +220,10 @@ pub struct SlotKey {
     pub slot: u32,
 }
 
+/// `BackendValue::flags`: the endpoint runs on another node. External traffic to it is
+/// source-NATed to this node (externalTrafficPolicy Cluster), so its replies come back here.
+pub const BACKEND_REMOTE: u8 = 1;
+
 /// An entry of the `LB_BACKENDS` array; `proto == 0` marks an unused index.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -267,7 +274,10 @@ pub struct CtValue {
     /// With `return_ifindex`: Ethernet addresses for the reply (the request's, swapped).
     pub return_dst_mac: [u8; 6],
     pub return_src_mac: [u8; 6],
-    pub _pad: u32,
+    /// With `snat_addr`: forward, the source port written (0 = the client's own); reply, the
+    /// destination port restored (0 = unchanged).
+    pub snat_port: u16,
+    pub _pad: u16,
     /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC_COARSE) at creation, at the latest packet, and when the
     /// entry stops counting (latest packet + the protocol's timeout).
     pub created_ns: u64,
@@ -285,7 +295,11 @@ pub fn ct_other_half(key: &CtKey, ct: &CtValue) -> CtKey {
             src_addr: ct.nat_addr,
             dst_addr: if snat { ct.snat_addr } else { key.src_addr },
             src_port: ct.nat_port,
-            dst_port: key.src_port,
+            dst_port: if ct.snat_port != 0 {
+                ct.snat_port
+            } else {
+                key.src_port
+            },
             proto: key.proto,
             _pad: [0; 3],
         }
@@ -294,7 +308,11 @@ pub fn ct_other_half(key: &CtKey, ct: &CtValue) -> CtKey {
         CtKey {
             src_addr: if snat { ct.snat_addr } else { key.dst_addr },
             dst_addr: ct.nat_addr,
-            src_port: key.dst_port,
+            src_port: if ct.snat_port != 0 {
+                ct.snat_port
+            } else {
+                key.dst_port
+            },
             dst_port: ct.nat_port,
             proto: key.proto,
             _pad: [0; 3],
@@ -353,9 +371,13 @@ pub enum Counter {
     Hairpin = 12,
     /// Conntrack entries found expired on lookup and replaced.
     CtExpired = 13,
+    /// External flows to an endpoint on another node, source-NATed to this node.
+    Snat = 14,
+    /// New external flows dropped: no free source port for the source NAT.
+    DropSnatPorts = 15,
 }
 
-pub const COUNTER_COUNT: u32 = 14;
+pub const COUNTER_COUNT: u32 = 16;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -373,6 +395,8 @@ impl Counter {
         Counter::IcmpTranslated,
         Counter::Hairpin,
         Counter::CtExpired,
+        Counter::Snat,
+        Counter::DropSnatPorts,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -391,6 +415,8 @@ impl Counter {
             Counter::IcmpTranslated => "icmp_error_translated",
             Counter::Hairpin => "hairpin",
             Counter::CtExpired => "conntrack_expired",
+            Counter::Snat => "snat",
+            Counter::DropSnatPorts => "drop_snat_ports",
         }
     }
 }

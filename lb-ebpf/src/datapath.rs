@@ -9,16 +9,17 @@ use aya_ebpf::{
 };
 use lb_common::{
     ct_other_half, ct_timeout_ns, AffinityKey, AffinityValue, BackendValue, Counter, CtKey,
-    CtValue, FrontendKey, ServiceValue, SlotKey, CT_FORWARD, CT_REPLY, FRONTEND_LOCAL_ADDRESS,
-    FRONTEND_SOURCE_RANGES, PROTO_TCP, PROTO_UDP, SERVICE_DROP_WHEN_EMPTY, TCP_ACK, TCP_SYN,
+    CtValue, FrontendKey, ServiceValue, SlotKey, BACKEND_REMOTE, CT_FORWARD, CT_REPLY,
+    FRONTEND_LOCAL_ADDRESS, FRONTEND_SOURCE_RANGES, KIND_CLUSTER_IP, PROTO_TCP, PROTO_UDP,
+    SERVICE_DROP_WHEN_EMPTY, TCP_ACK, TCP_SYN,
 };
 
 use crate::{
     headers::{load, parse_ipv4, parse_l4, Packet, Parsed, PROTO_ICMP},
     icmp,
     maps::{
-        account, count, hairpin_addr, no_backend_drop, source_allowed, LB_AFFINITY, LB_BACKENDS,
-        LB_CONNTRACK, LB_FRONTENDS, LB_SERVICES, LB_SLOTS,
+        account, count, hairpin_addr, no_backend_drop, snat_addr, source_allowed, LB_AFFINITY,
+        LB_BACKENDS, LB_CONNTRACK, LB_FRONTENDS, LB_SERVICES, LB_SLOTS,
     },
     reject,
 };
@@ -90,7 +91,11 @@ fn try_lb_ingress(ctx: &TcContext) -> Result<i32, ()> {
             refresh(ct, now, &pkt);
             pkt.set_src(ctx, ct.nat_addr, ct.nat_port)?;
             if ct.snat_addr != NO_ADDR {
-                pkt.set_dst_addr(ctx, ct.snat_addr)?;
+                if ct.snat_port != 0 {
+                    pkt.set_dst(ctx, ct.snat_addr, ct.snat_port)?;
+                } else {
+                    pkt.set_dst_addr(ctx, ct.snat_addr)?;
+                }
             }
             account(ct.service_id, true, ctx.len());
             count(Counter::Reply);
@@ -101,9 +106,7 @@ fn try_lb_ingress(ctx: &TcContext) -> Result<i32, ()> {
         } else if backend_still_there(ct) {
             refresh(ct, now, &pkt);
             pkt.set_dst(ctx, ct.nat_addr, ct.nat_port)?;
-            if ct.snat_addr != NO_ADDR {
-                pkt.set_src_addr(ctx, ct.snat_addr)?;
-            }
+            set_source(ctx, &pkt, ct)?;
             account(ct.service_id, false, ctx.len());
             count(Counter::Forward);
             return Ok(TC_ACT_OK);
@@ -152,13 +155,23 @@ fn try_lb_ingress(ctx: &TcContext) -> Result<i32, ()> {
 
     // A pod reaching itself through its Service would see its own address as the source and
     // drop the packet: give it the hairpin address, which routes back through this node.
-    let snat_addr = if backend.addr == key.src_addr {
+    // External traffic to an endpoint on another node gets this node's address, so the
+    // endpoint's replies come back here to be translated (externalTrafficPolicy Cluster).
+    let hairpin = backend.addr == key.src_addr;
+    let node_snat = snat_addr();
+    let remote_external = frontend.kind != KIND_CLUSTER_IP
+        && backend.flags & BACKEND_REMOTE != 0
+        && node_snat != NO_ADDR;
+    let snat_addr = if hairpin {
         count(Counter::Hairpin);
         hairpin_addr()
+    } else if remote_external {
+        count(Counter::Snat);
+        node_snat
     } else {
         NO_ADDR
     };
-    let forward = CtValue {
+    let mut forward = CtValue {
         nat_addr: backend.addr,
         nat_port: backend.port,
         direction: CT_FORWARD,
@@ -169,39 +182,89 @@ fn try_lb_ingress(ctx: &TcContext) -> Result<i32, ()> {
         return_ifindex: 0,
         return_dst_mac: [0; 6],
         return_src_mac: [0; 6],
+        snat_port: 0,
         _pad: 0,
         created_ns: now,
         last_seen_ns: now,
         expires_ns: now + ct_timeout_ns(pkt.proto, pkt.tcp_flags),
     };
+    let local_frontend = frontend.flags & FRONTEND_LOCAL_ADDRESS != 0;
+    if remote_external {
+        // Many clients share the node's address: the reply key (backend -> node address,
+        // port) must be unique. Keep the client's port when free, else probe a few others.
+        let mut claimed = false;
+        for attempt in 0..SNAT_PORT_ATTEMPTS {
+            if attempt > 0 {
+                forward.snat_port = snat_port_candidate(&key, attempt);
+            }
+            if record_reply(ctx, &key, &forward, local_frontend, BPF_NOEXIST as u64).is_ok() {
+                claimed = true;
+                break;
+            }
+        }
+        if !claimed {
+            count(Counter::DropSnatPorts);
+            return Ok(TC_ACT_SHOT);
+        }
+    }
     let chosen = match LB_CONNTRACK.insert(key, forward, BPF_NOEXIST as u64) {
         Ok(()) => {
-            record_reply(
-                ctx,
-                &key,
-                &forward,
-                frontend.flags & FRONTEND_LOCAL_ADDRESS != 0,
-            );
+            if !remote_external
+                && record_reply(ctx, &key, &forward, local_frontend, BPF_ANY as u64).is_err()
+            {
+                count(Counter::CtInsertFailed);
+            }
             count(Counter::NewFlow);
             forward
         }
         // Another CPU recorded this flow first: follow its choice so the flow stays on one
-        // backend.
-        Err(EEXIST) => match unsafe { LB_CONNTRACK.get(key) } {
-            Some(winner) => *winner,
-            None => forward,
-        },
+        // backend (and drop the reply half claimed for ours).
+        Err(EEXIST) => {
+            if remote_external {
+                let _ = LB_CONNTRACK.remove(ct_other_half(&key, &forward));
+            }
+            match unsafe { LB_CONNTRACK.get(key) } {
+                Some(winner) => *winner,
+                None => forward,
+            }
+        }
         Err(_) => {
             count(Counter::CtInsertFailed);
             forward
         }
     };
     pkt.set_dst(ctx, chosen.nat_addr, chosen.nat_port)?;
-    if chosen.snat_addr != NO_ADDR {
-        pkt.set_src_addr(ctx, chosen.snat_addr)?;
-    }
+    set_source(ctx, &pkt, &chosen)?;
     account(service_id, false, ctx.len());
     Ok(TC_ACT_OK)
+}
+
+const SNAT_PORT_ATTEMPTS: u16 = 4;
+
+/// A source port for the `attempt`-th try, spread over 32768..61000 by the flow's hash.
+#[inline(always)]
+fn snat_port_candidate(key: &CtKey, attempt: u16) -> u16 {
+    let seed = u32::from_ne_bytes(key.src_addr)
+        ^ (u32::from(key.src_port) << 16)
+        ^ u32::from(key.dst_port);
+    let mixed = seed
+        .wrapping_mul(2_654_435_761)
+        .wrapping_add(u32::from(attempt) * 40_503);
+    32_768 + (mixed % 28_232) as u16
+}
+
+/// The source rewrite of a forward entry: the source-NAT address, and port when one was
+/// allocated.
+#[inline(always)]
+fn set_source(ctx: &TcContext, pkt: &Packet, ct: &CtValue) -> Result<(), ()> {
+    if ct.snat_addr == NO_ADDR {
+        return Ok(());
+    }
+    if ct.snat_port != 0 {
+        pkt.set_src(ctx, ct.snat_addr, ct.snat_port)
+    } else {
+        pkt.set_src_addr(ctx, ct.snat_addr)
+    }
 }
 
 /// The backend for a new flow: the client's affinity backend while it holds, else a random one
@@ -280,7 +343,13 @@ fn backend_still_there(ct: &CtValue) -> bool {
 
 /// Records the reply direction so the backend's answers are translated back to the frontend.
 #[inline(always)]
-fn record_reply(ctx: &TcContext, key: &CtKey, forward: &CtValue, local_frontend: bool) {
+fn record_reply(
+    ctx: &TcContext,
+    key: &CtKey,
+    forward: &CtValue,
+    local_frontend: bool,
+    flags: u64,
+) -> Result<(), i32> {
     // Replies from a node address go back the way the request came (see `return_ifindex`).
     let (return_ifindex, return_dst_mac, return_src_mac) =
         match local_frontend.then(|| load::<[u8; 12]>(ctx, 0)).flatten() {
@@ -307,17 +376,18 @@ fn record_reply(ctx: &TcContext, key: &CtKey, forward: &CtValue, local_frontend:
         return_ifindex,
         return_dst_mac,
         return_src_mac,
+        // The client's own port, restored on replies when the source port was rewritten.
+        snat_port: if forward.snat_port != 0 {
+            key.src_port
+        } else {
+            0
+        },
         _pad: 0,
         created_ns: forward.created_ns,
         last_seen_ns: forward.created_ns,
         expires_ns: forward.created_ns + ct_timeout_ns(key.proto, 0),
     };
-    if LB_CONNTRACK
-        .insert(ct_other_half(key, forward), reply, BPF_ANY as u64)
-        .is_err()
-    {
-        count(Counter::CtInsertFailed);
-    }
+    LB_CONNTRACK.insert(ct_other_half(key, forward), reply, flags)
 }
 
 /// Sends a translated reply straight out of the interface its flow came in on, with the

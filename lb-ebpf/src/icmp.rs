@@ -83,6 +83,9 @@ pub fn translate_error(ctx: &TcContext, ip: &Ipv4) -> Result<i32, ()> {
         }
         if snat {
             set_inner_addr(ctx, &at, 12, inner_src, ct.snat_addr)?;
+            if ct.snat_port != 0 {
+                set_inner_port(ctx, &at, 0, inner_sport, ct.snat_port)?;
+            }
             set_outer_addr(ctx, IP_DST_OFF, outer_dst, ct.snat_addr)?;
         }
     } else {
@@ -95,6 +98,9 @@ pub fn translate_error(ctx: &TcContext, ip: &Ipv4) -> Result<i32, ()> {
         }
         if snat {
             set_inner_addr(ctx, &at, 16, inner_dst, ct.snat_addr)?;
+            if ct.snat_port != 0 {
+                set_inner_port(ctx, &at, 2, inner_dport, ct.snat_port)?;
+            }
             set_outer_addr(ctx, IP_SRC_OFF, outer_src, ct.snat_addr)?;
         }
     }

@@ -58,6 +58,14 @@ pub static LB_STATS: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray:
 static LB_NO_BACKEND_DROP: u8 = 0;
 #[unsafe(no_mangle)]
 static LB_HAIRPIN_ADDR: [u8; 4] = [169, 254, 42, 1];
+#[unsafe(no_mangle)]
+static LB_SNAT_ADDR: [u8; 4] = [0; 4];
+
+#[inline(always)]
+pub fn snat_addr() -> [u8; 4] {
+    // SAFETY: as for the other globals.
+    unsafe { core::ptr::read_volatile(&LB_SNAT_ADDR) }
+}
 
 #[inline(always)]
 pub fn no_backend_drop() -> bool {

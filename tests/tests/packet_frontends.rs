@@ -737,3 +737,154 @@ fn affinity_ends_with_its_timeout_and_with_its_backend() {
         assert_ne!(expect_dnat(&mut h, &syn, 8080), stuck);
     }
 }
+
+/// externalTrafficPolicy Cluster on node-a: `far` has its only endpoint on node-b, `near` on
+/// node-a.
+const CLUSTER_POLICY: &str = "
+apiVersion: v1
+kind: Service
+metadata: {name: far, namespace: shop}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.50
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30095}]
+status: {loadBalancer: {ingress: [{ip: 203.0.113.50}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: far-1, namespace: shop, labels: {kubernetes.io/service-name: far}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.244.9.2], nodeName: node-b}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: near, namespace: shop}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.51
+  ports: [{name: http, port: 80, targetPort: 8080}]
+status: {loadBalancer: {ingress: [{ip: 203.0.113.51}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: near-1, namespace: shop, labels: {kubernetes.io/service-name: near}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.244.1.2], nodeName: node-a}]
+";
+
+const NODE_A: &str = "192.168.77.1";
+
+fn cluster_policy_harness() -> Harness {
+    let mut m = Manifests::default();
+    parse_into(Path::new("cluster.yaml"), CLUSTER_POLICY, &mut m);
+    let settings = Settings {
+        node_name: "node-a".into(),
+        node_addresses: vec![NODE_A.parse().unwrap()],
+        ..Settings::default()
+    };
+    let state = desired_state(&m.services, &m.endpoint_slices, &settings);
+    let mut h = Harness::with_settings(&DatapathSettings {
+        snat_addr: Some(NODE_A.parse().unwrap()),
+        ..DatapathSettings::default()
+    })
+    .unwrap();
+    h.program(&state).unwrap();
+    h
+}
+
+/// The remote backend's reply to `out` (the translated request) and what the client must get.
+fn reply_to(out: &Flow, frontend: &Flow) -> (Flow, Flow) {
+    let reply = Flow {
+        src_mac: [0x02, 0, 0, 0, 0, 0xbb],
+        dst_mac: [0x02, 0, 0, 0, 0, 0xcc],
+        tcp_flags: TCP_SYN | TCP_ACK,
+        ..out.reversed()
+    };
+    let expected = Flow {
+        src: frontend.dst,
+        sport: frontend.dport,
+        dst: frontend.src,
+        dport: frontend.sport,
+        ..reply.clone()
+    };
+    (reply, expected)
+}
+
+#[test]
+fn external_traffic_to_a_remote_endpoint_is_source_natted_and_its_reply_restored() {
+    let mut h = cluster_policy_harness();
+    let syn = Flow::tcp(CLIENT, 57000, "203.0.113.50", 80, TCP_SYN);
+    let verdict = h.run(&syn.build()).unwrap();
+    assert_eq!(verdict.action, TC_ACT_OK);
+    let expected = Flow {
+        src: NODE_A.parse().unwrap(),
+        dst: "10.244.9.2".parse().unwrap(),
+        dport: 8080,
+        ..syn.clone()
+    };
+    assert_eq!(
+        verdict.packet,
+        expected.build(),
+        "source is this node, port kept"
+    );
+    let (reply, back) = reply_to(&expected, &syn);
+    let verdict = h.run(&reply.build()).unwrap();
+    assert_eq!(verdict.action, TC_ACT_OK);
+    assert_eq!(
+        verdict.packet,
+        back.build(),
+        "the client sees the frontend answer"
+    );
+    assert_eq!(h.counter("snat"), 1);
+
+    // The same endpoint through the ClusterIP: in-cluster traffic keeps its source.
+    let inside = Flow::tcp(CLIENT, 57001, "10.96.0.50", 80, TCP_SYN);
+    let out = parse_checked(&h.run(&inside.build()).unwrap().packet).unwrap();
+    assert_eq!(out.src.to_string(), CLIENT);
+    // A local endpoint of an external frontend: no source NAT either.
+    let local = Flow::tcp(CLIENT, 57002, "203.0.113.51", 80, TCP_SYN);
+    let out = parse_checked(&h.run(&local.build()).unwrap().packet).unwrap();
+    assert_eq!(
+        (out.src.to_string(), out.dst.to_string()),
+        (CLIENT.to_string(), "10.244.1.2".to_string())
+    );
+    assert_eq!(h.counter("snat"), 1);
+}
+
+#[test]
+fn two_clients_with_one_port_get_distinct_source_nat_ports() {
+    let mut h = cluster_policy_harness();
+    let a = Flow::tcp("10.1.1.1", 58000, "203.0.113.50", 80, TCP_SYN);
+    let b = Flow::tcp("10.1.1.2", 58000, "203.0.113.50", 80, TCP_SYN);
+    let out_a = parse_checked(&h.run(&a.build()).unwrap().packet).unwrap();
+    let out_b = parse_checked(&h.run(&b.build()).unwrap().packet).unwrap();
+    assert_eq!(out_a.src.to_string(), NODE_A);
+    assert_eq!(out_b.src.to_string(), NODE_A);
+    assert_eq!(out_a.sport, 58000, "the first keeps its port");
+    assert_ne!(out_b.sport, 58000, "the second gets another one");
+    for (out, client) in [(&out_a, &a), (&out_b, &b)] {
+        let (reply, back) = reply_to(out, client);
+        let verdict = h.run(&reply.build()).unwrap();
+        assert_eq!(
+            verdict.packet,
+            back.build(),
+            "each reply finds its own client and port"
+        );
+    }
+    // Later packets of b keep b's port.
+    let again = parse_checked(
+        &h.run(
+            &Flow {
+                tcp_flags: TCP_ACK,
+                ..b.clone()
+            }
+            .build(),
+        )
+        .unwrap()
+        .packet,
+    )
+    .unwrap();
+    assert_eq!(again.sport, out_b.sport);
+}
