@@ -2,8 +2,14 @@
 //! its backend), frontend, source ranges, backend selection, conntrack record, NAT.
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_redirect},
+    bindings::{
+        bpf_fib_lookup, BPF_ANY, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST,
+        TC_ACT_OK, TC_ACT_SHOT,
+    },
+    helpers::{
+        bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_redirect,
+        bpf_redirect_neigh,
+    },
     macros::classifier,
     programs::TcContext,
 };
@@ -109,7 +115,7 @@ fn try_lb_ingress(ctx: &TcContext) -> Result<i32, ()> {
             set_source(ctx, &pkt, ct)?;
             account(ct.service_id, false, ctx.len());
             count(Counter::Forward);
-            return Ok(TC_ACT_OK);
+            return Ok(send_on(ctx, &pkt, ct));
         } else {
             // The backend is gone (or its id now names another endpoint). Forget the flow;
             // a TCP connection in progress cannot move, so it is reset, while a datagram
@@ -236,8 +242,56 @@ fn try_lb_ingress(ctx: &TcContext) -> Result<i32, ()> {
     pkt.set_dst(ctx, chosen.nat_addr, chosen.nat_port)?;
     set_source(ctx, &pkt, &chosen)?;
     account(service_id, false, ctx.len());
-    Ok(TC_ACT_OK)
+    Ok(send_on(ctx, &pkt, &chosen))
 }
+
+/// Where a translated forward packet goes. Source-NATed to this node's own address, it would
+/// be dropped by the stack's forwarding (a local source arriving from outside), so it is sent
+/// straight to the next hop the FIB names; anything else continues through the stack.
+#[inline(always)]
+fn send_on(ctx: &TcContext, pkt: &Packet, ct: &CtValue) -> i32 {
+    let node = snat_addr();
+    if ct.snat_addr == NO_ADDR || ct.snat_addr != node {
+        return TC_ACT_OK;
+    }
+    // SAFETY: a zeroed bpf_fib_lookup is valid input; the fields set are plain integers.
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    params.l4_protocol = pkt.proto;
+    // SAFETY: the context pointer is the program's own skb.
+    params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    params.__bindgen_anon_1.tot_len = pkt.ip.total_len as u16;
+    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(node);
+    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(ct.nat_addr);
+    // SAFETY: params is a properly sized, initialised struct on our stack.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb.cast(),
+            &mut params,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => {
+            let mut eth = [0u8; 12];
+            eth[..6].copy_from_slice(&params.dmac);
+            eth[6..].copy_from_slice(&params.smac);
+            if ctx.store(0, &eth, 0).is_err() {
+                return TC_ACT_OK;
+            }
+            // SAFETY: plain helper call with the egress ifindex the FIB returned.
+            unsafe { bpf_redirect(params.ifindex, 0) as i32 }
+        }
+        BPF_FIB_LKUP_RET_NO_NEIGH => {
+            // SAFETY: as above; the kernel resolves the neighbour.
+            unsafe { bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) as i32 }
+        }
+        _ => TC_ACT_OK,
+    }
+}
+
+const AF_INET: u8 = 2;
 
 const SNAT_PORT_ATTEMPTS: u16 = 4;
 

@@ -817,7 +817,13 @@ fn external_traffic_to_a_remote_endpoint_is_source_natted_and_its_reply_restored
     let mut h = cluster_policy_harness();
     let syn = Flow::tcp(CLIENT, 57000, "203.0.113.50", 80, TCP_SYN);
     let verdict = h.run(&syn.build()).unwrap();
-    assert_eq!(verdict.action, TC_ACT_OK);
+    // Sent straight to the FIB's next hop when the test's namespace has a route for it (then
+    // with that hop's Ethernet addresses), else handed to the stack: the IP packet is the same.
+    assert!(
+        [TC_ACT_OK, TC_ACT_REDIRECT].contains(&verdict.action),
+        "{}",
+        verdict.action
+    );
     let expected = Flow {
         src: NODE_A.parse().unwrap(),
         dst: "10.244.9.2".parse().unwrap(),
@@ -825,8 +831,8 @@ fn external_traffic_to_a_remote_endpoint_is_source_natted_and_its_reply_restored
         ..syn.clone()
     };
     assert_eq!(
-        verdict.packet,
-        expected.build(),
+        verdict.packet[12..],
+        expected.build()[12..],
         "source is this node, port kept"
     );
     let (reply, back) = reply_to(&expected, &syn);

@@ -1,0 +1,165 @@
+//! Two nodes: externalTrafficPolicy Cluster sends external traffic that arrives at node-a to an
+//! endpoint on node-b, source-NATed to node-a, so the reply comes back through node-a even
+//! though node-b has its own, shorter way to the client.
+//!
+//! ```text
+//!            ┌── eth-a 192.168.77.2 ── lb-c0 node-a (10.10.0.1) ── lb-b1 ── backend-a 10.244.1.2
+//!   client ──┤                              │ lb-n0
+//!            └── eth-b 192.168.78.2 ── lb-c0 node-b (10.10.0.2) ── lb-b1 ── backend-b 10.244.2.2
+//! ```
+//!
+//! node-b reaches the client's 192.168.77.2 directly over its own link: a reply from backend-b
+//! to the client's own address would bypass node-a and never be translated back.
+
+use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
+
+use lb_agent::maps::read_services;
+use lb_tests::{
+    agent::Agent,
+    echo::{tcp_request, EchoServer},
+    lab::{Lab, TEST_PREFIX},
+};
+
+const MANIFEST: &str = "apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.60
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30096}]
+status: {loadBalancer: {ingress: [{ip: 203.0.113.60}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- {addresses: [10.244.1.2], nodeName: node-a}
+- {addresses: [10.244.2.2], nodeName: node-b}
+";
+
+#[test]
+fn cluster_policy_traffic_to_a_remote_endpoint_returns_through_the_entry_node() {
+    let mut lab = Lab::new(TEST_PREFIX).expect("lab");
+    let client = lab.add_netns("client").unwrap();
+    let node_a = lab.add_netns("node-a").unwrap();
+    let node_b = lab.add_netns("node-b").unwrap();
+    let backend_a = lab.add_netns("backend-a").unwrap();
+    let backend_b = lab.add_netns("backend-b").unwrap();
+    for ns in [&client, &node_a, &node_b] {
+        ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
+        ns.sysctl("net.ipv4.conf.all.rp_filter", "0").unwrap();
+        ns.sysctl("net.ipv4.conf.default.rp_filter", "0").unwrap();
+    }
+    lab.link(
+        &node_a,
+        "lb-c0",
+        "192.168.77.1/24",
+        &client,
+        "eth-a",
+        "192.168.77.2/24",
+    )
+    .unwrap();
+    lab.link(
+        &node_b,
+        "lb-c0",
+        "192.168.78.1/24",
+        &client,
+        "eth-b",
+        "192.168.78.2/24",
+    )
+    .unwrap();
+    lab.link(
+        &node_a,
+        "lb-n0",
+        "10.10.0.1/24",
+        &node_b,
+        "lb-n0",
+        "10.10.0.2/24",
+    )
+    .unwrap();
+    lab.link(
+        &node_a,
+        "lb-b1",
+        "10.244.1.1/24",
+        &backend_a,
+        "eth0",
+        "10.244.1.2/24",
+    )
+    .unwrap();
+    lab.link(
+        &node_b,
+        "lb-b1",
+        "10.244.2.1/24",
+        &backend_b,
+        "eth0",
+        "10.244.2.2/24",
+    )
+    .unwrap();
+    client
+        .ip("route add 203.0.113.0/24 via 192.168.77.1")
+        .unwrap();
+    node_a.ip("route add 10.244.2.0/24 via 10.10.0.2").unwrap();
+    node_b.ip("route add 10.244.1.0/24 via 10.10.0.1").unwrap();
+    // node-b's own way to the client: straight over its link, not through node-a.
+    node_b
+        .ip("route add 192.168.77.0/24 via 192.168.78.2")
+        .unwrap();
+    backend_a.ip("route add default via 10.244.1.1").unwrap();
+    backend_b.ip("route add default via 10.244.2.1").unwrap();
+    let _servers = [
+        EchoServer::start(&backend_a, "backend-a", 8080).unwrap(),
+        EchoServer::start(&backend_b, "backend-b", 8080).unwrap(),
+    ];
+
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("web.yaml"), MANIFEST).unwrap();
+    let pin_dir = lab.pin_dir();
+    let mut agent = Agent::start_with(
+        &node_a,
+        &pin_dir,
+        tmp.path(),
+        &[
+            "lb-c0".to_string(),
+            "lb-n0".to_string(),
+            "lb-b1".to_string(),
+        ],
+        &tmp.path().join("agent.log"),
+        &["--node-name", "node-a", "--snat-address", "10.10.0.1"],
+    )
+    .unwrap();
+    agent
+        .wait_until(Duration::from_secs(20), || {
+            read_services(&pin_dir).is_ok_and(|s| s.iter().any(|s| s.backends.len() == 2))
+        })
+        .expect("agent ready");
+
+    // The LoadBalancer IP, and the NodePort on node-a's address the client reaches.
+    for target in ["203.0.113.60:80", "192.168.77.1:30096"] {
+        let target: SocketAddr = target.parse().unwrap();
+        let replies = client
+            .run(move || {
+                (0..40)
+                    .map(|_| tcp_request(target, Duration::from_secs(2)))
+                    .collect::<anyhow::Result<Vec<_>>>()
+            })
+            .unwrap_or_else(|e| panic!("{target}: {e:#}\n{}", agent.log_text()));
+        assert_eq!(replies.len(), 40, "{target}: every request succeeds");
+        let servers: BTreeSet<&str> = replies.iter().map(|r| r.server.as_str()).collect();
+        assert_eq!(
+            servers,
+            BTreeSet::from(["backend-a", "backend-b"]),
+            "{target}: both nodes' endpoints"
+        );
+        for reply in &replies {
+            let seen = reply.peer.ip().to_string();
+            match reply.server.as_str() {
+                // Off-node: source-NATed to node-a, so the reply comes back through it.
+                "backend-b" => assert_eq!(seen, "10.10.0.1", "{target}"),
+                // On-node: the client's own address.
+                _ => assert_eq!(seen, "192.168.77.2", "{target}"),
+            }
+        }
+    }
+}
