@@ -8,6 +8,7 @@
 //! - [`maps`] opens the pinned maps, applies the desired state, reads it back;
 //! - [`loader`] loads the kernel object and attaches it.
 
+pub mod health;
 pub mod kubernetes;
 pub mod loader;
 pub mod manifest;

@@ -31,8 +31,9 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Program the datapath from manifests and keep it attached until SIGINT/SIGTERM.
-    Run(RunArgs),
+    /// Program the datapath from the Kubernetes API or a manifest directory, until
+    /// SIGINT/SIGTERM (the datapath stays in place after that).
+    Run(Box<RunArgs>),
     /// Show services with their frontends and backends, read from the pinned maps.
     Services {
         #[arg(short, long, value_enum, default_value_t = Output::Table)]
@@ -113,6 +114,9 @@ struct RunArgs {
     /// node's first address.
     #[arg(long)]
     snat_address: Option<Ipv4Addr>,
+    /// The node's health endpoint (HTTP; 200 while the last sync succeeded), for probes.
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    health_addr: std::net::SocketAddr,
     /// How often the manifest directory is re-read (changes are applied when seen).
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     manifest_poll_interval: Duration,
@@ -186,7 +190,7 @@ fn main() -> anyhow::Result<()> {
         (Some(command), false) => command,
     };
     let result = match command {
-        Command::Run(args) => run(&cli.pin_dir, args),
+        Command::Run(args) => run(&cli.pin_dir, *args),
         Command::Services { output } => show_services(&cli.pin_dir, output),
         Command::Stats { output } => show_stats(&cli.pin_dir, output),
         Command::Plan {
@@ -254,8 +258,14 @@ fn run(pin_dir: &Path, args: RunArgs) -> anyhow::Result<()> {
     let mut ebpf = loader::load(pin_dir, &datapath)?;
     loader::attach(&mut ebpf, &args.interfaces, pin_dir)?;
     let applier = maps::Applier::open(pin_dir)?;
+    let node_health: lb_agent::health::Answer = std::sync::Arc::new(std::sync::Mutex::new((
+        503,
+        r#"{"status":"starting"}"#.to_string(),
+    )));
     let mut programmer = Programmer {
         pin_dir: pin_dir.to_path_buf(),
+        health_checks: Default::default(),
+        node_health: node_health.clone(),
         node,
         applier,
         last: None,
@@ -268,6 +278,8 @@ fn run(pin_dir: &Path, args: RunArgs) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     runtime.block_on(async {
         use tokio::signal::unix::{signal, SignalKind};
+        let _health = lb_agent::health::serve(args.health_addr, node_health)
+            .with_context(|| format!("serving the node health endpoint on {}", args.health_addr))?;
         let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
         let stop = async move {
@@ -401,6 +413,8 @@ struct NodeIdentity {
 /// Objects in, maps out: the model, then the applier, with change detection and logging.
 struct Programmer {
     pin_dir: PathBuf,
+    health_checks: lb_agent::health::HealthCheckServers,
+    node_health: lb_agent::health::Answer,
     node: NodeIdentity,
     applier: maps::Applier,
     last: Option<model::DesiredState>,
@@ -473,8 +487,26 @@ impl Programmer {
             latency_us = seen.map(|s| s.elapsed().as_micros() as u64),
             "datapath programmed"
         );
+        self.health_checks.sync(&desired.health_checks);
+        let healthy = report.errors.is_empty();
+        if let Ok(mut node) = self.node_health.lock() {
+            *node = if healthy {
+                (
+                    200,
+                    format!(r#"{{"status":"ok","services":{}}}"#, report.services),
+                )
+            } else {
+                (
+                    503,
+                    format!(
+                        r#"{{"status":"degraded","errors":{}}}"#,
+                        report.errors.len()
+                    ),
+                )
+            };
+        }
         // Anything left undone is tried again at the next change, poll or resync.
-        self.last = report.errors.is_empty().then_some(desired);
+        self.last = healthy.then_some(desired);
     }
 }
 

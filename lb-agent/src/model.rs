@@ -209,10 +209,21 @@ pub struct DesiredState {
     pub node_addresses: BTreeSet<Ipv4Addr>,
     /// Endpoints known to run on another node (their `nodeName` is not ours).
     pub remote_backends: BTreeSet<Backend>,
+    /// `healthCheckNodePort` of each LoadBalancer Service with `externalTrafficPolicy: Local`.
+    pub health_checks: BTreeMap<u16, HealthCheck>,
     /// Objects or parts of objects that were left out, with the reason (bad field values).
     pub errors: Vec<ModelError>,
     /// Services that rightly get no frontend (headless, ExternalName, other proxy), with why.
     pub skipped: Vec<(String, String)>,
+}
+
+/// What a health-check NodePort reports, kube-proxy's way: 200 while this node has local
+/// endpoints for the Service, 503 otherwise, so cloud load balancers pick nodes.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct HealthCheck {
+    pub namespace: String,
+    pub name: String,
+    pub local_endpoints: usize,
 }
 
 /// A field value that made the model leave (part of) an object out.
@@ -460,6 +471,7 @@ fn add_service(
         _ => None,
     };
 
+    let mut local_endpoints: BTreeSet<Ipv4Addr> = BTreeSet::new();
     for (index, port) in spec.ports.iter().flatten().enumerate() {
         let (port_number, protocol) = match service_port(port) {
             Ok(p) => p,
@@ -570,6 +582,7 @@ fn add_service(
         }
         if !local_frontends.is_empty() {
             let chosen = sets.local.clone().unwrap_or_default();
+            local_endpoints.extend(chosen.iter().map(|e| e.backend.addr));
             // No local endpoint, but some elsewhere: drop (the client's load balancer should
             // not have sent it here); none anywhere: reject, as for any empty Service.
             let when_empty = if sets.has_any {
@@ -581,6 +594,31 @@ fn add_service(
                 format!("{key}#local"),
                 backend_set(&chosen, local_frontends, when_empty),
             );
+        }
+    }
+    let local_policy = spec.external_traffic_policy.as_deref() == Some("Local");
+    if type_ == "LoadBalancer" && local_policy {
+        match spec.health_check_node_port.map(u16::try_from) {
+            Some(Ok(port)) if port != 0 => {
+                let (namespace, service_name) = name.split_once('/').unwrap_or(("", &name));
+                state.health_checks.insert(
+                    port,
+                    HealthCheck {
+                        namespace: namespace.to_string(),
+                        name: service_name.to_string(),
+                        local_endpoints: local_endpoints.len(),
+                    },
+                );
+            }
+            Some(_) => state.errors.push(ModelError {
+                object: object.clone(),
+                field: "spec.healthCheckNodePort".to_string(),
+                message: format!(
+                    "{} is outside 1-65535",
+                    spec.health_check_node_port.unwrap_or_default()
+                ),
+            }),
+            None => {}
         }
     }
 }
