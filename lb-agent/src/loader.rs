@@ -29,9 +29,10 @@ pub const PASSTHROUGH: &str = "lb_passthrough";
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
-/// Fails with a clear message unless `dir`'s parent is a bpffs mount.
+/// Fails with a clear message unless `dir` would be created on a bpffs mount.
 fn check_bpffs(dir: &Path) -> anyhow::Result<()> {
-    let probe = dir.parent().unwrap_or(dir);
+    // The nearest existing ancestor (the pin directory may be created below it).
+    let probe = dir.ancestors().skip(1).find(|p| p.exists()).unwrap_or(dir);
     let c_path = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes())
         .context("pin directory path contains a NUL byte")?;
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };

@@ -17,7 +17,7 @@ use lb_agent::maps::read_services;
 use lb_tests::{
     agent::Agent,
     echo::{tcp_request, EchoServer},
-    lab::{Lab, TEST_PREFIX},
+    lab::{Lab, Netns, TEST_PREFIX},
 };
 
 const MANIFEST: &str = "apiVersion: v1
@@ -39,8 +39,15 @@ endpoints:
 - {addresses: [10.244.2.2], nodeName: node-b}
 ";
 
-#[test]
-fn cluster_policy_traffic_to_a_remote_endpoint_returns_through_the_entry_node() {
+struct TwoNodes {
+    lab: Lab,
+    client: Netns,
+    node_a: Netns,
+    node_b: Netns,
+    _servers: [EchoServer; 2],
+}
+
+fn two_nodes() -> TwoNodes {
     let mut lab = Lab::new(TEST_PREFIX).expect("lab");
     let client = lab.add_netns("client").unwrap();
     let node_a = lab.add_netns("node-a").unwrap();
@@ -113,6 +120,52 @@ fn cluster_policy_traffic_to_a_remote_endpoint_returns_through_the_entry_node() 
         EchoServer::start(&backend_b, "backend-b", 8080).unwrap(),
     ];
 
+    TwoNodes {
+        lab,
+        client,
+        node_a,
+        node_b,
+        _servers,
+    }
+}
+
+/// An agent on `node` (interfaces lb-c0, lb-n0, lb-b1) over `dir`.
+fn agent_on(lab: &Lab, node: &Netns, name: &str, snat: &str, dir: &std::path::Path) -> Agent {
+    // Under the lab's directory (removed with it); bpffs names take no dots.
+    let pin_dir = lab.pin_dir().join(name);
+    let log = dir.join(format!("{name}.log"));
+    Agent::start_with(
+        node,
+        &pin_dir,
+        dir,
+        &[
+            "lb-c0".to_string(),
+            "lb-n0".to_string(),
+            "lb-b1".to_string(),
+        ],
+        &log,
+        &[
+            "--node-name",
+            name,
+            "--snat-address",
+            snat,
+            "--manifest-poll-interval",
+            "100ms",
+        ],
+    )
+    .unwrap()
+}
+
+#[test]
+fn cluster_policy_traffic_to_a_remote_endpoint_returns_through_the_entry_node() {
+    // `_servers` bound so the echo servers live as long as the test.
+    let TwoNodes {
+        lab,
+        client,
+        node_a,
+        _servers,
+        ..
+    } = two_nodes();
     let tmp = tempfile::tempdir().unwrap();
     std::fs::write(tmp.path().join("web.yaml"), MANIFEST).unwrap();
     let pin_dir = lab.pin_dir();
@@ -162,4 +215,117 @@ fn cluster_policy_traffic_to_a_remote_endpoint_returns_through_the_entry_node() 
             }
         }
     }
+}
+
+const LOCAL_POLICY: &str = "apiVersion: v1
+kind: Service
+metadata: {name: local, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.61
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32097
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30097}]
+status: {loadBalancer: {ingress: [{ip: 203.0.113.61}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: local-1, namespace: default, labels: {kubernetes.io/service-name: local}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- {addresses: [10.244.2.2], nodeName: node-b}
+";
+
+/// GET / on `addr` from the client: the HTTP status.
+fn http_status(client: &Netns, addr: &str) -> anyhow::Result<u16> {
+    use std::io::{Read, Write};
+    let addr: SocketAddr = addr.parse()?;
+    client.run(move || {
+        let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        stream.write_all(b"GET / HTTP/1.1\r\nHost: lb\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("no status in {response:?}"))
+    })
+}
+
+#[test]
+fn local_policy_keeps_the_client_address_on_the_endpoint_node_and_drops_on_the_other() {
+    let TwoNodes {
+        lab,
+        client,
+        node_a,
+        node_b,
+        _servers,
+    } = two_nodes();
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("local.yaml"), LOCAL_POLICY).unwrap();
+    let mut agent_a = agent_on(&lab, &node_a, "node-a", "10.10.0.1", tmp.path());
+    let mut agent_b = agent_on(&lab, &node_b, "node-b", "10.10.0.2", tmp.path());
+    for agent in [&mut agent_a, &mut agent_b] {
+        let pin_dir = agent.pin_dir.clone();
+        agent
+            .wait_until(Duration::from_secs(20), || {
+                read_services(&pin_dir).is_ok_and(|s| s.iter().any(|s| s.name.ends_with("#local")))
+            })
+            .expect("agent ready");
+    }
+
+    // node-b has the endpoint: it serves the NodePort, and the endpoint sees the real client.
+    let target: SocketAddr = "192.168.78.1:30097".parse().unwrap();
+    let replies = client
+        .run(move || {
+            (0..20)
+                .map(|_| tcp_request(target, Duration::from_secs(2)))
+                .collect::<anyhow::Result<Vec<_>>>()
+        })
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", agent_b.log_text()));
+    for reply in &replies {
+        assert_eq!(reply.server, "backend-b");
+        assert_eq!(
+            reply.peer.ip().to_string(),
+            "192.168.78.2",
+            "client address kept"
+        );
+    }
+
+    // node-a has none: its NodePort drops (no answer, no reset).
+    let target: SocketAddr = "192.168.77.1:30097".parse().unwrap();
+    let refused = client
+        .run(move || Ok(tcp_request(target, Duration::from_millis(700)).is_err()))
+        .unwrap();
+    assert!(
+        refused,
+        "node-a must not serve a Local Service it has no endpoint for"
+    );
+    let stats: serde_json::Value = serde_json::from_str(
+        &lb_tests::agent::cli(&agent_a.pin_dir, &["stats", "-o", "json"]).unwrap(),
+    )
+    .unwrap();
+    assert!(
+        stats["drop_no_backend"].as_u64().unwrap_or(0) > 0,
+        "{stats}"
+    );
+
+    // Health-check NodePorts tell the cloud load balancer which node to use.
+    let wait_status = |addr: &str, want: u16| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match http_status(&client, addr) {
+                Ok(s) if s == want => return,
+                other if std::time::Instant::now() > deadline => {
+                    panic!("{addr}: wanted {want}, got {other:?}")
+                }
+                _ => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    };
+    wait_status("192.168.78.1:32097", 200);
+    wait_status("192.168.77.1:32097", 503);
 }
