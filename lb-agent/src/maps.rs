@@ -7,7 +7,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap as StdHashMap},
     net::Ipv4Addr,
-    path::{Path, PathBuf},
+    path::Path,
 };
 
 use anyhow::{anyhow, Context as _};
@@ -1016,11 +1016,6 @@ pub fn collect_conntrack_garbage(map: &mut ConntrackMap, budget: usize) -> (usiz
         }
     }
     (examined, deleted)
-}
-
-/// Paths of every pinned map under `pin_dir`.
-pub fn pin_paths(pin_dir: &Path) -> Vec<PathBuf> {
-    map_names::ALL.iter().map(|n| pin_dir.join(n)).collect()
 }
 
 #[cfg(test)]

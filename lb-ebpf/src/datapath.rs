@@ -97,11 +97,7 @@ fn try_lb_ingress(ctx: &TcContext) -> Result<i32, ()> {
             refresh(ct, now, &pkt);
             pkt.set_src(ctx, ct.nat_addr, ct.nat_port)?;
             if ct.snat_addr != NO_ADDR {
-                if ct.snat_port != 0 {
-                    pkt.set_dst(ctx, ct.snat_addr, ct.snat_port)?;
-                } else {
-                    pkt.set_dst_addr(ctx, ct.snat_addr)?;
-                }
+                pkt.set_dst_keeping(ctx, ct.snat_addr, ct.snat_port)?;
             }
             account(ct.service_id, true, ctx.len());
             count(Counter::Reply);
@@ -250,8 +246,12 @@ fn try_lb_ingress(ctx: &TcContext) -> Result<i32, ()> {
 /// straight to the next hop the FIB names; anything else continues through the stack.
 #[inline(always)]
 fn send_on(ctx: &TcContext, pkt: &Packet, ct: &CtValue) -> i32 {
+    // Most flows are not source-NATed: decide that before reading the global.
+    if ct.snat_addr == NO_ADDR {
+        return TC_ACT_OK;
+    }
     let node = snat_addr();
-    if ct.snat_addr == NO_ADDR || ct.snat_addr != node {
+    if ct.snat_addr != node {
         return TC_ACT_OK;
     }
     // SAFETY: a zeroed bpf_fib_lookup is valid input; the fields set are plain integers.
@@ -314,11 +314,7 @@ fn set_source(ctx: &TcContext, pkt: &Packet, ct: &CtValue) -> Result<(), ()> {
     if ct.snat_addr == NO_ADDR {
         return Ok(());
     }
-    if ct.snat_port != 0 {
-        pkt.set_src(ctx, ct.snat_addr, ct.snat_port)
-    } else {
-        pkt.set_src_addr(ctx, ct.snat_addr)
-    }
+    pkt.set_src_keeping(ctx, ct.snat_addr, ct.snat_port)
 }
 
 /// The backend for a new flow: the client's affinity backend while it holds, else a random one

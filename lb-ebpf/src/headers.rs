@@ -214,28 +214,24 @@ impl Packet {
         )
     }
 
-    pub fn set_src_addr(&self, ctx: &TcContext, addr: [u8; 4]) -> Result<(), ()> {
-        self.rewrite(
-            ctx,
-            IP_SRC_OFF,
-            self.src_raw,
-            addr,
-            self.l4_off,
-            self.sport_raw,
-            u16::from_be(self.sport_raw),
-        )
+    /// Rewrites the source address, and the port when `port` is not 0 (0 = keep it).
+    pub fn set_src_keeping(&self, ctx: &TcContext, addr: [u8; 4], port: u16) -> Result<(), ()> {
+        let port = if port != 0 {
+            port
+        } else {
+            u16::from_be(self.sport_raw)
+        };
+        self.set_src(ctx, addr, port)
     }
 
-    pub fn set_dst_addr(&self, ctx: &TcContext, addr: [u8; 4]) -> Result<(), ()> {
-        self.rewrite(
-            ctx,
-            IP_DST_OFF,
-            self.dst_raw,
-            addr,
-            self.l4_off + 2,
-            self.dport_raw,
-            u16::from_be(self.dport_raw),
-        )
+    /// Rewrites the destination address, and the port when `port` is not 0 (0 = keep it).
+    pub fn set_dst_keeping(&self, ctx: &TcContext, addr: [u8; 4], port: u16) -> Result<(), ()> {
+        let port = if port != 0 {
+            port
+        } else {
+            u16::from_be(self.dport_raw)
+        };
+        self.set_dst(ctx, addr, port)
     }
 
     /// Replaces an address and a port (host order) in place, then fixes the IPv4 checksum and

@@ -246,3 +246,23 @@ pub fn udp_ask(socket: &UdpSocket) -> anyhow::Result<String> {
     let n = socket.recv(&mut buf).context("no UDP reply")?;
     Ok(Reply::parse(String::from_utf8_lossy(&buf[..n]).trim())?.server)
 }
+
+/// `GET /` to `addr` from inside `ns`: the HTTP status and body.
+pub fn http_get(ns: &Netns, addr: &str) -> anyhow::Result<(u16, String)> {
+    use std::io::Read;
+    let addr: SocketAddr = addr.parse()?;
+    ns.run(move || {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        stream.write_all(b"GET / HTTP/1.1\r\nHost: lb\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("no status in {response:?}"))?;
+        let body = response.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+        Ok((status, body))
+    })
+}

@@ -5,13 +5,12 @@
 
 use std::{
     fs,
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
     time::{Duration, Instant},
 };
 
 use lb_tests::{
     agent::Agent,
+    echo::http_get,
     lab::{NodeLab, TEST_PREFIX},
 };
 
@@ -39,23 +38,8 @@ endpoints:
     )
 }
 
-/// GET / from the client namespace: (status, body).
 fn get(lab: &NodeLab, addr: &str) -> anyhow::Result<(u16, String)> {
-    let addr: SocketAddr = addr.parse()?;
-    lab.client.run(move || {
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-        stream.write_all(b"GET / HTTP/1.1\r\nHost: lb\r\n\r\n")?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        let status = response
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| anyhow::anyhow!("no status in {response:?}"))?;
-        let body = response.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-        Ok((status, body))
-    })
+    http_get(&lab.client, addr)
 }
 
 fn wait_for(lab: &NodeLab, addr: &str, status: u16) -> String {

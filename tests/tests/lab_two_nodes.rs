@@ -16,7 +16,7 @@ use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
 use lb_agent::maps::read_services;
 use lb_tests::{
     agent::Agent,
-    echo::{tcp_request, EchoServer},
+    echo::{http_get, tcp_request, EchoServer},
     lab::{Lab, Netns, TEST_PREFIX},
 };
 
@@ -237,24 +237,6 @@ endpoints:
 - {addresses: [10.244.2.2], nodeName: node-b}
 ";
 
-/// GET / on `addr` from the client: the HTTP status.
-fn http_status(client: &Netns, addr: &str) -> anyhow::Result<u16> {
-    use std::io::{Read, Write};
-    let addr: SocketAddr = addr.parse()?;
-    client.run(move || {
-        let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-        stream.write_all(b"GET / HTTP/1.1\r\nHost: lb\r\n\r\n")?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        response
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| anyhow::anyhow!("no status in {response:?}"))
-    })
-}
-
 #[test]
 fn local_policy_keeps_the_client_address_on_the_endpoint_node_and_drops_on_the_other() {
     let TwoNodes {
@@ -317,7 +299,7 @@ fn local_policy_keeps_the_client_address_on_the_endpoint_node_and_drops_on_the_o
     let wait_status = |addr: &str, want: u16| {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
-            match http_status(&client, addr) {
+            match http_get(&client, addr).map(|(status, _)| status) {
                 Ok(s) if s == want => return,
                 other if std::time::Instant::now() > deadline => {
                     panic!("{addr}: wanted {want}, got {other:?}")
