@@ -21,26 +21,40 @@ use crate::model::HealthCheck;
 /// What an endpoint answers: HTTP status and JSON body.
 pub type Answer = Arc<Mutex<(u16, String)>>;
 
-/// Serves `answer` on `addr` until the returned task is aborted.
-pub fn serve(addr: SocketAddr, answer: Answer) -> std::io::Result<JoinHandle<()>> {
+/// A non-blocking listener for tokio, bound synchronously so that a taken port is an error
+/// at start-up rather than in a task.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let listener = std::net::TcpListener::bind(addr)?;
     listener.set_nonblocking(true)?;
-    let listener = TcpListener::from_std(listener)?;
+    TcpListener::from_std(listener)
+}
+
+/// Serves `answer` on `addr` until the returned task is aborted.
+pub fn serve(addr: SocketAddr, answer: Answer) -> std::io::Result<JoinHandle<()>> {
+    let listener = bind(addr)?;
     Ok(tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
+            let Ok((mut stream, _)) = listener.accept().await else {
                 continue;
             };
             let answer = answer.clone();
             tokio::spawn(async move {
-                let _ = respond(stream, &answer).await;
+                // Any path answers: probes only look at the status.
+                if read_request(&mut stream).await.is_none() {
+                    return;
+                }
+                let (status, body) = answer
+                    .lock()
+                    .map(|a| a.clone())
+                    .unwrap_or((500, String::new()));
+                let _ = write_response(&mut stream, status, "application/json", &body).await;
             });
         }
     }))
 }
 
-async fn respond(mut stream: TcpStream, answer: &Answer) -> std::io::Result<()> {
-    // Read the request head (any path answers; probes only look at the status).
+/// Reads an HTTP request head (bounded in size and time) and returns its path.
+pub async fn read_request(stream: &mut TcpStream) -> Option<String> {
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
     let read = async {
@@ -53,23 +67,32 @@ async fn respond(mut stream: TcpStream, answer: &Answer) -> std::io::Result<()> 
         }
         std::io::Result::Ok(())
     };
-    if tokio::time::timeout(Duration::from_secs(2), read)
-        .await
-        .is_err()
-    {
-        return Ok(());
+    match tokio::time::timeout(Duration::from_secs(2), read).await {
+        Ok(Ok(())) => {}
+        _ => return None,
     }
-    let (status, body) = answer
-        .lock()
-        .map(|a| a.clone())
-        .unwrap_or((500, String::new()));
-    let reason = if status == 200 {
-        "OK"
-    } else {
-        "Service Unavailable"
+    let line = head.split(|&b| b == b'\r').next()?;
+    let line = std::str::from_utf8(line).ok()?;
+    let path = line.split_whitespace().nth(1)?;
+    // `/metrics?x=y` is `/metrics`.
+    Some(path.split('?').next().unwrap_or(path).to_string())
+}
+
+/// Writes a complete HTTP/1.1 response and closes the stream.
+pub async fn write_response(
+    stream: &mut TcpStream,
+    status: u16,
+    content_type: &str,
+    body: &str,
+) -> std::io::Result<()> {
+    let reason = match status {
+        200 => "OK",
+        404 => "Not Found",
+        503 => "Service Unavailable",
+        _ => "Internal Server Error",
     };
     let response = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nX-Content-Type-Options: nosniff\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nX-Content-Type-Options: nosniff\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(response.as_bytes()).await?;

@@ -79,8 +79,9 @@ pub struct Stores {
 pub enum Signal {
     /// A store changed.
     Changed,
-    /// A watch failed and is being retried with backoff (the stores keep their contents).
-    Restarted,
+    /// A watch (of this resource) failed and is being retried with backoff (the stores keep
+    /// their contents).
+    Restarted(&'static str),
 }
 
 pub type Signals = Pin<Box<dyn Stream<Item = Signal> + Send>>;
@@ -91,21 +92,30 @@ pub fn watch(client: Client, node_name: &str) -> (Stores, Signals) {
     let (endpoint_slices, slices_writer) = reflector::store();
     let (nodes, nodes_writer) = reflector::store();
     let config = watcher::Config::default();
-    let services_stream = signals(reflector::reflector(
-        services_writer,
-        watcher(Api::<Service>::all(client.clone()), config.clone()),
-    ));
-    let slices_stream = signals(reflector::reflector(
-        slices_writer,
-        watcher(Api::<EndpointSlice>::all(client.clone()), config.clone()),
-    ));
-    let nodes_stream = signals(reflector::reflector(
-        nodes_writer,
-        watcher(
-            Api::<Node>::all(client),
-            config.fields(&format!("metadata.name={node_name}")),
+    let services_stream = signals(
+        "services",
+        reflector::reflector(
+            services_writer,
+            watcher(Api::<Service>::all(client.clone()), config.clone()),
         ),
-    ));
+    );
+    let slices_stream = signals(
+        "endpointslices",
+        reflector::reflector(
+            slices_writer,
+            watcher(Api::<EndpointSlice>::all(client.clone()), config.clone()),
+        ),
+    );
+    let nodes_stream = signals(
+        "nodes",
+        reflector::reflector(
+            nodes_writer,
+            watcher(
+                Api::<Node>::all(client),
+                config.fields(&format!("metadata.name={node_name}")),
+            ),
+        ),
+    );
     let merged = futures::stream::select_all([services_stream, slices_stream, nodes_stream]);
     (
         Stores {
@@ -117,16 +127,16 @@ pub fn watch(client: Client, node_name: &str) -> (Stores, Signals) {
     )
 }
 
-fn signals<K, S>(stream: S) -> Signals
+fn signals<K, S>(resource: &'static str, stream: S) -> Signals
 where
     S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
     K: Send + 'static,
 {
-    Box::pin(stream.default_backoff().map(|event| match event {
+    Box::pin(stream.default_backoff().map(move |event| match event {
         Ok(_) => Signal::Changed,
         Err(err) => {
-            warn!("watch failed, retrying (state kept): {err}");
-            Signal::Restarted
+            warn!(resource, "watch failed, retrying (state kept): {err}");
+            Signal::Restarted(resource)
         }
     }))
 }

@@ -6,13 +6,15 @@
 //! - [`model`] computes this node's desired datapath state (pure);
 //! - [`plan`] renders that state for operators (`lb-agent plan`);
 //! - [`maps`] opens the pinned maps, applies the desired state, reads it back;
-//! - [`loader`] loads the kernel object and attaches it.
+//! - [`loader`] loads the kernel object and attaches it;
+//! - [`metrics`] and [`health`] are the agent's HTTP endpoints.
 
 pub mod health;
 pub mod kubernetes;
 pub mod loader;
 pub mod manifest;
 pub mod maps;
+pub mod metrics;
 pub mod mirror;
 pub mod model;
 pub mod node;

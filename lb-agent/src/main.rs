@@ -117,6 +117,9 @@ struct RunArgs {
     /// The node's health endpoint (HTTP; 200 while the last sync succeeded), for probes.
     #[arg(long, default_value = "0.0.0.0:10256")]
     health_addr: std::net::SocketAddr,
+    /// Prometheus metrics (`GET /metrics`), as kube-proxy's `--metrics-bind-address`.
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    metrics_addr: std::net::SocketAddr,
     /// How often the manifest directory is re-read (changes are applied when seen).
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     manifest_poll_interval: Duration,
@@ -170,6 +173,7 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 enum Output {
     Table,
     Json,
+    Yaml,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -262,7 +266,9 @@ fn run(pin_dir: &Path, args: RunArgs) -> anyhow::Result<()> {
         503,
         r#"{"status":"starting"}"#.to_string(),
     )));
+    let metrics = lb_agent::metrics::Metrics::new(pin_dir.to_path_buf());
     let mut programmer = Programmer {
+        metrics: metrics.clone(),
         pin_dir: pin_dir.to_path_buf(),
         health_checks: Default::default(),
         node_health: node_health.clone(),
@@ -280,6 +286,8 @@ fn run(pin_dir: &Path, args: RunArgs) -> anyhow::Result<()> {
         use tokio::signal::unix::{signal, SignalKind};
         let _health = lb_agent::health::serve(args.health_addr, node_health)
             .with_context(|| format!("serving the node health endpoint on {}", args.health_addr))?;
+        let _metrics = lb_agent::metrics::serve(args.metrics_addr, metrics)
+            .with_context(|| format!("serving metrics on {}", args.metrics_addr))?;
         let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
         let stop = async move {
@@ -317,8 +325,9 @@ async fn run_standalone(
         tokio::select! {
             _ = &mut stop => return Ok(()),
             _ = poll.tick() => {
+                let seen = std::time::Instant::now();
                 match manifest::read_dir(dir) {
-                    Ok(manifests) => programmer.apply(manifests, false, None),
+                    Ok(manifests) => programmer.apply(manifests, false, Some(seen)),
                     Err(err) => warn!("keeping the current datapath: {err:#}"),
                 }
             }
@@ -380,7 +389,13 @@ async fn run_kubernetes(
                 Some(Signal::Changed) => {
                     pending_since.get_or_insert_with(std::time::Instant::now);
                 }
-                Some(Signal::Restarted) => {}
+                Some(Signal::Restarted(resource)) => {
+                    programmer
+                        .metrics
+                        .watch_restarts
+                        .get_or_create(&lb_agent::metrics::ResourceLabel { resource })
+                        .inc();
+                }
                 None => anyhow::bail!("the watch streams ended"),
             },
             _ = tokio::time::sleep_until(next_allowed), if pending_since.is_some() => {
@@ -412,6 +427,7 @@ struct NodeIdentity {
 
 /// Objects in, maps out: the model, then the applier, with change detection and logging.
 struct Programmer {
+    metrics: std::sync::Arc<lb_agent::metrics::Metrics>,
     pin_dir: PathBuf,
     health_checks: lb_agent::health::HealthCheckServers,
     node_health: lb_agent::health::Answer,
@@ -455,6 +471,13 @@ impl Programmer {
             .map(ToString::to_string)
             .chain(desired.errors.iter().map(ToString::to_string))
             .collect();
+        self.metrics.set_invalid_objects(
+            manifests
+                .errors
+                .iter()
+                .map(|e| e.object.as_deref())
+                .chain(desired.errors.iter().map(|e| Some(e.object.as_str()))),
+        );
         if problems != self.last_problems {
             for problem in &problems {
                 warn!("skipped: {problem}");
@@ -466,14 +489,43 @@ impl Programmer {
             self.last_problems = problems;
         }
         let started = std::time::Instant::now();
+        let result = |result| lb_agent::metrics::ResultLabel { result };
         let report = match self.applier.sync(&desired) {
             Ok(report) => report,
             Err(err) => {
                 warn!("sync failed, keeping the current datapath: {err:#}");
+                self.metrics.syncs.get_or_create(&result("failed")).inc();
                 self.last = None;
                 return;
             }
         };
+        let metrics = &self.metrics;
+        metrics
+            .sync_duration
+            .observe(started.elapsed().as_secs_f64());
+        if let Some(seen) = seen {
+            metrics
+                .programming_latency
+                .observe(seen.elapsed().as_secs_f64());
+        }
+        let operation = |operation| lb_agent::metrics::OperationLabel { operation };
+        metrics
+            .map_operations
+            .get_or_create(&operation("update"))
+            .inc_by(report.writes as u64);
+        metrics
+            .map_operations
+            .get_or_create(&operation("delete"))
+            .inc_by(report.deletes as u64);
+        metrics.programming_errors.set(report.errors.len() as i64);
+        metrics
+            .syncs
+            .get_or_create(&result(if report.errors.is_empty() {
+                "ok"
+            } else {
+                "partial"
+            }))
+            .inc();
         for error in &report.errors {
             warn!("{error}");
         }
@@ -526,14 +578,18 @@ fn node_addresses() -> anyhow::Result<Vec<Ipv4Addr>> {
 fn show_services(pin_dir: &Path, output: Output) -> anyhow::Result<()> {
     let services = maps::read_services(pin_dir)?;
     emit(output, &services, |out| {
-        let mut rows: Vec<[String; 7]> = Vec::new();
+        let mut rows: Vec<[String; 8]> = Vec::new();
         for s in &services {
+            let active = s.backends.iter().filter(|b| b.state == "active").count();
             let backends = if s.backends.is_empty() {
                 "<none>".to_string()
             } else {
                 s.backends
                     .iter()
-                    .map(|b| format!("{}:{}", b.addr, b.port))
+                    .map(|b| match b.state {
+                        "active" => format!("{}:{}", b.addr, b.port),
+                        state => format!("{}:{}({state})", b.addr, b.port),
+                    })
                     .collect::<Vec<_>>()
                     .join(",")
             };
@@ -542,7 +598,8 @@ fn show_services(pin_dir: &Path, output: Output) -> anyhow::Result<()> {
                     s.name.clone(),
                     f.kind.to_string(),
                     format!("{}:{}", f.addr, f.port),
-                    s.backends.len().to_string(),
+                    active.to_string(),
+                    (s.backends.len() - active).to_string(),
                     backends.clone(),
                     s.stats.packets.to_string(),
                     s.stats.bytes.to_string(),
@@ -552,7 +609,14 @@ fn show_services(pin_dir: &Path, output: Output) -> anyhow::Result<()> {
         write_table(
             out,
             [
-                "SERVICE", "KIND", "FRONTEND", "READY", "BACKENDS", "PACKETS", "BYTES",
+                "SERVICE",
+                "KIND",
+                "FRONTEND",
+                "ACTIVE",
+                "TERMINATING",
+                "BACKENDS",
+                "PACKETS",
+                "BYTES",
             ],
             &rows,
         )
@@ -632,29 +696,45 @@ fn show_plan(dir: &Path, node: &str, output: Output) -> anyhow::Result<()> {
     })
 }
 
+/// A connection with its Service's name, for the `conntrack` command.
+#[derive(serde::Serialize)]
+struct Connection {
+    service: String,
+    #[serde(flatten)]
+    flow: maps::FlowView,
+}
+
 fn show_conntrack(pin_dir: &Path, output: Output, service: Option<&str>) -> anyhow::Result<()> {
-    let mut flows = maps::read_conntrack(pin_dir)?;
     let names: std::collections::HashMap<u32, String> = maps::read_services(pin_dir)?
         .into_iter()
         .map(|s| (s.id, s.name))
         .collect();
+    let mut connections: Vec<Connection> = maps::read_conntrack(pin_dir)?
+        .into_iter()
+        .map(|flow| Connection {
+            service: names
+                .get(&flow.service_id)
+                .cloned()
+                .unwrap_or_else(|| format!("#{}", flow.service_id)),
+            flow,
+        })
+        .collect();
     if let Some(filter) = service {
-        flows.retain(|f| names.get(&f.service_id).is_some_and(|n| n.contains(filter)));
+        connections.retain(|c| c.service.contains(filter));
     }
-    emit(output, &flows, |out| {
-        let rows: Vec<[String; 8]> = flows
+    emit(output, &connections, |out| {
+        let rows: Vec<[String; 9]> = connections
             .iter()
-            .map(|f| {
+            .map(|c| {
+                let f = &c.flow;
                 [
-                    names
-                        .get(&f.service_id)
-                        .cloned()
-                        .unwrap_or_else(|| format!("#{}", f.service_id)),
-                    f.direction.to_string(),
+                    c.service.clone(),
                     f.protocol.clone(),
-                    f.source.clone(),
-                    f.destination.clone(),
-                    f.translated.clone(),
+                    f.client.clone(),
+                    f.frontend.clone(),
+                    f.backend.clone(),
+                    f.source_nat.clone().unwrap_or_else(|| "-".into()),
+                    f.state.to_string(),
                     format!("{}s", f.age_seconds),
                     format!("{}s", f.expires_in_seconds),
                 ]
@@ -664,11 +744,12 @@ fn show_conntrack(pin_dir: &Path, output: Output, service: Option<&str>) -> anyh
             out,
             [
                 "SERVICE",
-                "DIRECTION",
                 "PROTO",
-                "SOURCE",
-                "DESTINATION",
-                "NAT-TO",
+                "CLIENT",
+                "FRONTEND",
+                "BACKEND",
+                "SOURCE-NAT",
+                "STATE",
                 "AGE",
                 "EXPIRES",
             ],
@@ -677,18 +758,68 @@ fn show_conntrack(pin_dir: &Path, output: Output, service: Option<&str>) -> anyh
     })
 }
 
+/// The `stats` command's view: datapath counters, drops by reason, map fill levels.
+#[derive(serde::Serialize)]
+struct Stats {
+    counters: std::collections::BTreeMap<&'static str, u64>,
+    drops: std::collections::BTreeMap<&'static str, u64>,
+    maps: Vec<MapFillView>,
+}
+
+#[derive(serde::Serialize)]
+struct MapFillView {
+    map: &'static str,
+    entries: u64,
+    capacity: u64,
+    fill_ratio: f64,
+}
+
 fn show_stats(pin_dir: &Path, output: Output) -> anyhow::Result<()> {
     let counters = maps::read_counters(pin_dir)?;
-    let by_name: serde_json::Map<String, serde_json::Value> = counters
-        .iter()
-        .map(|(c, v)| (c.name().to_string(), (*v).into()))
-        .collect();
-    emit(output, &by_name, |out| {
+    let stats = Stats {
+        counters: counters.iter().map(|(c, v)| (c.name(), *v)).collect(),
+        drops: counters
+            .iter()
+            .filter_map(|(c, v)| Some((c.drop_reason()?, *v)))
+            .collect(),
+        maps: maps::fill_levels(pin_dir)?
+            .into_iter()
+            .map(|l| MapFillView {
+                map: l.map,
+                entries: l.entries,
+                capacity: l.capacity,
+                // Two decimals of a percent are plenty, and keep the JSON readable.
+                fill_ratio: (l.ratio() * 10_000.0).round() / 10_000.0,
+            })
+            .collect(),
+    };
+    emit(output, &stats, |out| {
         let rows: Vec<[String; 2]> = counters
             .iter()
             .map(|(c, v)| [c.name().to_string(), v.to_string()])
             .collect();
-        write_table(out, ["COUNTER", "PACKETS"], &rows)
+        write_table(out, ["COUNTER", "PACKETS"], &rows)?;
+        writeln!(out)?;
+        let rows: Vec<[String; 2]> = stats
+            .drops
+            .iter()
+            .map(|(reason, v)| [reason.to_string(), v.to_string()])
+            .collect();
+        write_table(out, ["DROP-REASON", "PACKETS"], &rows)?;
+        writeln!(out)?;
+        let rows: Vec<[String; 4]> = stats
+            .maps
+            .iter()
+            .map(|m| {
+                [
+                    m.map.to_string(),
+                    m.entries.to_string(),
+                    m.capacity.to_string(),
+                    format!("{:.1}%", m.fill_ratio * 100.0),
+                ]
+            })
+            .collect();
+        write_table(out, ["MAP", "ENTRIES", "CAPACITY", "FILL"], &rows)
     })
 }
 
@@ -704,6 +835,7 @@ fn emit<T: serde::Serialize>(
             serde_json::to_writer_pretty(&mut out, value)?;
             writeln!(out)?;
         }
+        Output::Yaml => serde_yaml::to_writer(&mut out, value)?,
         Output::Table => table(&mut out)?,
     }
     Ok(())

@@ -17,8 +17,9 @@ use aya::maps::{
 };
 use lb_common::{
     map_names, BackendValue, Counter, CtKey, CtValue, FrontendKey, FrontendValue, ServiceName,
-    ServiceStats, ServiceValue, SlotKey, SourceRangeKey, BACKEND_REMOTE, FRONTEND_LOCAL_ADDRESS,
-    FRONTEND_SOURCE_RANGES, SERVICE_DROP_WHEN_EMPTY, SERVICE_NAME_LEN, SOURCE_RANGE_FRONTEND_BITS,
+    ServiceStats, ServiceValue, SlotKey, SourceRangeKey, BACKEND_REMOTE, BACKEND_TERMINATING,
+    FRONTEND_LOCAL_ADDRESS, FRONTEND_SOURCE_RANGES, SERVICE_DROP_WHEN_EMPTY, SERVICE_NAME_LEN,
+    SOURCE_RANGE_FRONTEND_BITS,
 };
 use serde::Serialize;
 use tracing::{debug, warn};
@@ -341,12 +342,19 @@ impl Applier {
         // Chosen backends first: near capacity, a draining endpoint never takes the id a
         // serving one needs.
         let known_only = desired.known_backends.difference(&chosen);
+        let terminating: BTreeSet<Backend> = desired
+            .services
+            .values()
+            .flat_map(|s| s.terminating.iter().copied())
+            .collect();
         for backend in chosen.iter().chain(known_only) {
-            let flags = if desired.remote_backends.contains(backend) {
-                BACKEND_REMOTE
-            } else {
-                0
-            };
+            let mut flags = 0;
+            if desired.remote_backends.contains(backend) {
+                flags |= BACKEND_REMOTE;
+            }
+            if terminating.contains(backend) {
+                flags |= BACKEND_TERMINATING;
+            }
             if let Some(&id) = self.backend_ids.get(backend) {
                 if self.backend_flags.get(&id) != Some(&flags) {
                     match self.maps.backends.set(id, backend_value(backend, flags), 0) {
@@ -814,6 +822,10 @@ pub struct BackendView {
     pub addr: Ipv4Addr,
     pub port: u16,
     pub protocol: Protocol,
+    /// `active`, or `terminating` (used only because no ready endpoint is left).
+    pub state: &'static str,
+    /// The endpoint runs on another node.
+    pub remote: bool,
 }
 
 /// Reads services, frontends and backends back from the pinned maps.
@@ -848,6 +860,12 @@ pub fn read_services(pin_dir: &Path) -> anyhow::Result<Vec<ServiceView>> {
                 addr: Ipv4Addr::from(backend.addr),
                 port: backend.port,
                 protocol,
+                state: if backend.flags & BACKEND_TERMINATING != 0 {
+                    "terminating"
+                } else {
+                    "active"
+                },
+                remote: backend.flags & BACKEND_REMOTE != 0,
             });
         }
         let stats = match maps.service_stats.get(&id, 0) {
@@ -917,6 +935,71 @@ pub fn read_services(pin_dir: &Path) -> anyhow::Result<Vec<ServiceView>> {
     Ok(views)
 }
 
+/// How full one map is.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MapFill {
+    pub map: &'static str,
+    pub entries: u64,
+    pub capacity: u64,
+}
+
+impl MapFill {
+    pub fn ratio(&self) -> f64 {
+        if self.capacity == 0 {
+            0.0
+        } else {
+            self.entries as f64 / self.capacity as f64
+        }
+    }
+}
+
+/// Entries and capacity of every map that fills up (the arrays indexed by counter or service
+/// id are always "full" and left out). Counting walks the keys: a full conntrack table takes
+/// a few hundred thousand syscalls.
+pub fn fill_levels(pin_dir: &Path) -> anyhow::Result<Vec<MapFill>> {
+    fn capacity(pin_dir: &Path, name: &str) -> anyhow::Result<u64> {
+        let info = aya::maps::MapInfo::from_pin(pin_dir.join(name))
+            .with_context(|| format!("reading the info of map {name}"))?;
+        Ok(u64::from(info.max_entries()))
+    }
+    fn hash<K: aya::Pod, V: aya::Pod>(
+        pin_dir: &Path,
+        name: &'static str,
+    ) -> anyhow::Result<MapFill> {
+        let map: HashMap<MapData, K, V> = open_hash(pin_dir, name)?;
+        // A key deleted between two steps of the walk ends it early; that only undercounts.
+        let entries = map.keys().take_while(Result::is_ok).count() as u64;
+        Ok(MapFill {
+            map: name,
+            entries,
+            capacity: capacity(pin_dir, name)?,
+        })
+    }
+    let backends: BackendMap = Array::try_from(open_map(pin_dir, map_names::BACKENDS)?)
+        .context("map LB_BACKENDS does not have the layout this agent expects")?;
+    let source_ranges: SourceRangeMap =
+        LpmTrie::try_from(open_map(pin_dir, map_names::SOURCE_RANGES)?)
+            .context("map LB_SOURCE_RANGES does not have the layout this agent expects")?;
+    Ok(vec![
+        hash::<FrontendKey, FrontendValue>(pin_dir, map_names::FRONTENDS)?,
+        hash::<u32, ServiceValue>(pin_dir, map_names::SERVICES)?,
+        hash::<SlotKey, u32>(pin_dir, map_names::SLOTS)?,
+        MapFill {
+            map: map_names::BACKENDS,
+            entries: read_backends(&backends)?.len() as u64,
+            // Id 0 is never handed out.
+            capacity: u64::from(backends.len().saturating_sub(1)),
+        },
+        MapFill {
+            map: map_names::SOURCE_RANGES,
+            entries: source_ranges.keys().take_while(Result::is_ok).count() as u64,
+            capacity: capacity(pin_dir, map_names::SOURCE_RANGES)?,
+        },
+        hash::<CtKey, CtValue>(pin_dir, map_names::CONNTRACK)?,
+        hash::<lb_common::AffinityKey, lb_common::AffinityValue>(pin_dir, map_names::AFFINITY)?,
+    ])
+}
+
 /// Now on the clock the datapath stamps conntrack entries with (`bpf_ktime_get_coarse_ns`,
 /// CLOCK_MONOTONIC_COARSE).
 pub fn monotonic_ns() -> u64 {
@@ -929,56 +1012,89 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// One conntrack entry, for operators.
+/// One tracked connection (its forward and reply entries together), for operators.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct FlowView {
-    pub direction: &'static str,
-    pub protocol: String,
-    pub source: String,
-    pub destination: String,
-    /// Where the packet is sent instead (forward: backend; reply: frontend).
-    pub translated: String,
     pub service_id: u32,
-    pub backend_id: u32,
+    pub protocol: String,
+    /// Who opened the connection.
+    pub client: String,
+    /// The Service address it asked for.
+    pub frontend: String,
+    /// The endpoint it was sent to.
+    pub backend: String,
+    /// The source address the backend sees instead of the client's (hairpin, or external
+    /// traffic to another node's endpoint), if any.
+    pub source_nat: Option<String>,
+    /// TCP: `connecting`, `established` or `closing`; UDP: `open`.
+    pub state: &'static str,
     pub age_seconds: u64,
     pub idle_seconds: u64,
+    /// The connection is forgotten when both of its entries have expired.
     pub expires_in_seconds: u64,
-    pub tcp_flags: u8,
+    pub backend_id: u32,
 }
 
-/// Reads the live (not yet expired) conntrack entries.
+fn connection_state(protocol: u8, forward: u8, reply: u8) -> &'static str {
+    use lb_common::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+    if protocol != Protocol::Tcp.number() {
+        "open"
+    } else if (forward | reply) & (TCP_FIN | TCP_RST) != 0 {
+        "closing"
+    } else if reply & TCP_SYN != 0 && forward & TCP_ACK != 0 {
+        "established"
+    } else {
+        "connecting"
+    }
+}
+
+/// Reads the live connections: those with at least one unexpired entry.
 pub fn read_conntrack(pin_dir: &Path) -> anyhow::Result<Vec<FlowView>> {
     let map = open_conntrack(pin_dir)?;
     let now = monotonic_ns();
+    // Entries evicted between listing and reading are skipped.
+    let entries: StdHashMap<CtKey, CtValue> = map.iter().filter_map(Result::ok).collect();
+    let address = |addr: [u8; 4], port: u16| format!("{}:{port}", Ipv4Addr::from(addr));
     let mut flows = Vec::new();
-    for entry in map.iter() {
-        let Ok((key, value)) = entry else {
-            continue; // evicted between listing and reading
-        };
-        if value.expires_ns < now {
+    for (key, forward) in &entries {
+        if forward.direction != lb_common::CT_FORWARD {
             continue;
         }
-        let protocol = Protocol::from_number(key.proto)
-            .map_or_else(|| key.proto.to_string(), |p| p.to_string());
+        let reply = entries.get(&lb_common::ct_other_half(key, forward));
+        let expires = reply.map_or(forward.expires_ns, |r| r.expires_ns.max(forward.expires_ns));
+        if expires < now {
+            continue;
+        }
+        let last_seen = reply.map_or(forward.last_seen_ns, |r| {
+            r.last_seen_ns.max(forward.last_seen_ns)
+        });
         flows.push(FlowView {
-            direction: if value.direction == lb_common::CT_REPLY {
-                "reply"
-            } else {
-                "forward"
-            },
-            protocol,
-            source: format!("{}:{}", Ipv4Addr::from(key.src_addr), key.src_port),
-            destination: format!("{}:{}", Ipv4Addr::from(key.dst_addr), key.dst_port),
-            translated: format!("{}:{}", Ipv4Addr::from(value.nat_addr), value.nat_port),
-            service_id: value.service_id,
-            backend_id: value.backend_id,
-            age_seconds: now.saturating_sub(value.created_ns) / 1_000_000_000,
-            idle_seconds: now.saturating_sub(value.last_seen_ns) / 1_000_000_000,
-            expires_in_seconds: value.expires_ns.saturating_sub(now) / 1_000_000_000,
-            tcp_flags: value.tcp_flags,
+            service_id: forward.service_id,
+            protocol: Protocol::from_number(key.proto)
+                .map_or_else(|| key.proto.to_string(), |p| p.to_string()),
+            client: address(key.src_addr, key.src_port),
+            frontend: address(key.dst_addr, key.dst_port),
+            backend: address(forward.nat_addr, forward.nat_port),
+            source_nat: (forward.snat_addr != [0; 4]).then(|| {
+                let port = if forward.snat_port != 0 {
+                    forward.snat_port
+                } else {
+                    key.src_port
+                };
+                address(forward.snat_addr, port)
+            }),
+            state: connection_state(
+                key.proto,
+                forward.tcp_flags,
+                reply.map_or(0, |r| r.tcp_flags),
+            ),
+            age_seconds: now.saturating_sub(forward.created_ns) / 1_000_000_000,
+            idle_seconds: now.saturating_sub(last_seen) / 1_000_000_000,
+            expires_in_seconds: expires.saturating_sub(now) / 1_000_000_000,
+            backend_id: forward.backend_id,
         });
     }
-    flows.sort_by(|a, b| (a.service_id, &a.source).cmp(&(b.service_id, &b.source)));
+    flows.sort_by(|a, b| (a.service_id, &a.client).cmp(&(b.service_id, &b.client)));
     Ok(flows)
 }
 
@@ -1063,6 +1179,26 @@ mod tests {
         let mut empty = IdAllocator::from_used(std::iter::empty());
         assert_eq!(empty.allocate(2), Some(1));
         assert_eq!(empty.allocate(2), None);
+    }
+
+    #[test]
+    fn connection_states_follow_both_directions() {
+        use lb_common::{TCP_ACK, TCP_FIN, TCP_SYN};
+        let tcp = Protocol::Tcp.number();
+        assert_eq!(connection_state(tcp, TCP_SYN, 0), "connecting");
+        assert_eq!(
+            connection_state(tcp, TCP_SYN, TCP_SYN | TCP_ACK),
+            "connecting"
+        );
+        assert_eq!(
+            connection_state(tcp, TCP_SYN | TCP_ACK, TCP_SYN | TCP_ACK),
+            "established"
+        );
+        assert_eq!(
+            connection_state(tcp, TCP_SYN | TCP_ACK, TCP_SYN | TCP_ACK | TCP_FIN),
+            "closing"
+        );
+        assert_eq!(connection_state(Protocol::Udp.number(), 0, 0), "open");
     }
 
     #[test]

@@ -223,6 +223,9 @@ pub struct SlotKey {
 /// `BackendValue::flags`: the endpoint runs on another node. External traffic to it is
 /// source-NATed to this node (externalTrafficPolicy Cluster), so its replies come back here.
 pub const BACKEND_REMOTE: u8 = 1;
+/// `BackendValue::flags`: the endpoint is terminating (used because no ready one is left).
+/// For operators only; the datapath does not read it.
+pub const BACKEND_TERMINATING: u8 = 2;
 
 /// An entry of the `LB_BACKENDS` array; `proto == 0` marks an unused index.
 #[repr(C)]
@@ -398,6 +401,18 @@ impl Counter {
         Counter::Snat,
         Counter::DropSnatPorts,
     ];
+
+    /// For the packets a counter counts that did not reach a backend: why.
+    pub const fn drop_reason(self) -> Option<&'static str> {
+        match self {
+            Counter::DropNoBackend => Some("no_backend"),
+            Counter::RejectNoBackend => Some("no_backend_rejected"),
+            Counter::DropRewrite => Some("rewrite_failed"),
+            Counter::DropSourceRange => Some("source_range"),
+            Counter::DropSnatPorts => Some("no_snat_port"),
+            _ => None,
+        }
+    }
 
     pub const fn name(self) -> &'static str {
         match self {

@@ -249,12 +249,18 @@ pub fn udp_ask(socket: &UdpSocket) -> anyhow::Result<String> {
 
 /// `GET /` to `addr` from inside `ns`: the HTTP status and body.
 pub fn http_get(ns: &Netns, addr: &str) -> anyhow::Result<(u16, String)> {
+    http_get_path(ns, addr, "/")
+}
+
+/// `GET path` to `addr` from inside `ns`: the HTTP status and body.
+pub fn http_get_path(ns: &Netns, addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
     use std::io::Read;
     let addr: SocketAddr = addr.parse()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: lb\r\n\r\n");
     ns.run(move || {
         let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-        stream.write_all(b"GET / HTTP/1.1\r\nHost: lb\r\n\r\n")?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.write_all(request.as_bytes())?;
         let mut response = String::new();
         stream.read_to_string(&mut response)?;
         let status = response

@@ -189,6 +189,22 @@ fn agent_follows_the_api_through_watch_drops_gone_relists_bookmarks_and_an_outag
         log.contains("watch failed"),
         "the outage and the 410 were seen:\n{log}"
     );
+    // ... and counted, per resource, in the metrics.
+    let (status, metrics) =
+        lb_tests::echo::http_get_path(&lab.node, "127.0.0.1:10249", "/metrics").unwrap();
+    assert_eq!(status, 200);
+    for resource in ["services", "endpointslices", "nodes"] {
+        let restarts: f64 = metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!(
+                    "lb_watch_restarts_total{{resource=\"{resource}\"}} "
+                ))
+            })
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no restarts of {resource} in:\n{metrics}"));
+        assert!(restarts >= 1.0, "{resource} watch restarted in the outage");
+    }
     let status = agent.stop().expect("agent stops");
     assert!(status.success(), "{status}\n{}", agent.log_text());
 }

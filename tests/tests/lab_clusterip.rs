@@ -86,12 +86,13 @@ fn clusterip_spreads_new_connections_over_all_backends_and_keeps_long_lived_ones
         .split_whitespace()
         .collect();
     assert_eq!(
-        http_row[..5],
+        http_row[..6],
         [
             "default/demo-service:http/TCP",
             "ClusterIP",
             "10.96.0.10:80",
             "3",
+            "0",
             "10.244.1.2:8080,10.244.2.2:8080,10.244.3.2:8080"
         ]
     );
@@ -190,8 +191,12 @@ fn clusterip_spreads_new_connections_over_all_backends_and_keeps_long_lived_ones
     let udp_flows = flows(&traffic.udp);
     let stats: serde_json::Value =
         serde_json::from_str(&cli(&pin_dir, &["stats", "-o", "json"]).unwrap()).unwrap();
-    assert_eq!(stats["new_flow"], (tcp_flows + udp_flows) as u64, "{stats}");
-    assert_eq!(stats["drop_no_backend"], 0);
+    assert_eq!(
+        stats["counters"]["new_flow"],
+        (tcp_flows + udp_flows) as u64,
+        "{stats}"
+    );
+    assert_eq!(stats["drops"]["no_backend"], 0);
 
     let status = agent.stop().expect("agent stops");
     assert!(

@@ -291,7 +291,7 @@ fn local_policy_keeps_the_client_address_on_the_endpoint_node_and_drops_on_the_o
     )
     .unwrap();
     assert!(
-        stats["drop_no_backend"].as_u64().unwrap_or(0) > 0,
+        stats["drops"]["no_backend"].as_u64().unwrap_or(0) > 0,
         "{stats}"
     );
 
