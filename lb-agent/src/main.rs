@@ -495,6 +495,7 @@ impl Programmer {
             Err(err) => {
                 warn!("sync failed, keeping the current datapath: {err:#}");
                 self.metrics.syncs.get_or_create(&result("failed")).inc();
+                self.set_node_health(503, r#"{"status":"sync failed"}"#.to_string());
                 self.last = None;
                 return;
             }
@@ -541,24 +542,27 @@ impl Programmer {
         );
         self.health_checks.sync(&desired.health_checks);
         let healthy = report.errors.is_empty();
-        if let Ok(mut node) = self.node_health.lock() {
-            *node = if healthy {
-                (
-                    200,
-                    format!(r#"{{"status":"ok","services":{}}}"#, report.services),
-                )
-            } else {
-                (
-                    503,
-                    format!(
-                        r#"{{"status":"degraded","errors":{}}}"#,
-                        report.errors.len()
-                    ),
-                )
-            };
-        }
+        // A Service refused (say, a full map) is reported but leaves the node serving every
+        // other one: still 200, or the probes would restart an agent that is doing its job.
+        let status = if healthy { "ok" } else { "degraded" };
+        self.set_node_health(
+            200,
+            format!(
+                r#"{{"status":"{status}","services":{},"errors":{}}}"#,
+                report.services,
+                report.errors.len()
+            ),
+        );
         // Anything left undone is tried again at the next change, poll or resync.
         self.last = healthy.then_some(desired);
+    }
+}
+
+impl Programmer {
+    fn set_node_health(&self, status: u16, body: String) {
+        if let Ok(mut node) = self.node_health.lock() {
+            *node = (status, body);
+        }
     }
 }
 
