@@ -1,5 +1,6 @@
-//! Project tasks: `cargo xtask setup | build | test | demo`.
+//! Project tasks: `cargo xtask setup | build | test | bench | demo`.
 
+mod chart;
 mod setup;
 
 use std::process::Command;
@@ -26,6 +27,8 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Only the Helm chart's tests (lint, render, schemas), in a project-local virtualenv.
+    Chart,
     /// Benchmarks; results go to docs/benchmarks.md.
     Bench {
         /// A smoke run with small sizes (what `cargo xtask test` runs); results not written.
@@ -44,6 +47,10 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Task::Setup => setup::run(),
+        Task::Chart => {
+            build()?;
+            chart::test()
+        }
         Task::Build => {
             setup::run()?;
             build()
@@ -53,6 +60,8 @@ fn main() -> anyhow::Result<()> {
             require_root("the packet and lab tests load BPF programs and create namespaces")?;
             build()?;
             lint()?;
+            // The Helm chart: lint, render, schemas, and the agent parsing its arguments.
+            chart::test()?;
             cmd(Command::new("cargo")
                 .args(["test", "--workspace", "--exclude", "lb-ebpf", "--"])
                 .args(args))?;
