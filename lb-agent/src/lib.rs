@@ -5,10 +5,12 @@
 //! - [`node`] tells who this node is (name, zone, NodePort addresses);
 //! - [`model`] computes this node's desired datapath state (pure);
 //! - [`plan`] renders that state for operators (`lb-agent plan`);
+//! - [`engine`] recomputes only the Services a change touches (Kubernetes mode);
 //! - [`maps`] opens the pinned maps, applies the desired state, reads it back;
 //! - [`loader`] loads the kernel object and attaches it;
 //! - [`metrics`] and [`health`] are the agent's HTTP endpoints.
 
+pub mod engine;
 pub mod health;
 pub mod kubernetes;
 pub mod loader;

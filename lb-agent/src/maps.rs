@@ -24,7 +24,9 @@ use lb_common::{
 use serde::Serialize;
 use tracing::{debug, warn};
 
-use crate::model::{Backend, DesiredState, Frontend, FrontendKind, Protocol, WhenEmpty};
+use crate::model::{
+    Backend, DesiredService, DesiredState, Frontend, FrontendKind, Protocol, WhenEmpty,
+};
 
 /// Where the agent pins its maps unless told otherwise.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
@@ -170,6 +172,46 @@ fn backend_from_value(value: &BackendValue) -> Option<Backend> {
         addr: Ipv4Addr::from(value.addr),
         port: value.port,
         protocol: Protocol::from_number(value.proto)?,
+    })
+}
+
+/// A `LB_SOURCE_RANGES` entry: (frontend, client prefix length with the frontend bits, client).
+type RangeEntry = (FrontendKey, u32, [u8; 4]);
+
+/// The frontend entries of one desired entry, each with the source ranges it checks.
+fn entry_frontends<'a>(
+    service: &'a DesiredService,
+    service_id: u32,
+    node_addresses: &'a BTreeSet<Ipv4Addr>,
+) -> impl Iterator<Item = (&'a Frontend, FrontendKey, FrontendValue, Vec<RangeEntry>)> + 'a {
+    service.frontends.iter().map(move |frontend| {
+        let key = frontend_key(frontend);
+        let restricted =
+            frontend.kind == FrontendKind::LoadBalancer && service.source_ranges.is_some();
+        let local =
+            frontend.kind == FrontendKind::NodePort || node_addresses.contains(&frontend.addr);
+        let mut flags = 0;
+        let mut ranges = Vec::new();
+        if restricted {
+            flags |= FRONTEND_SOURCE_RANGES;
+            for prefix in service.source_ranges.iter().flatten() {
+                ranges.push((
+                    key,
+                    SOURCE_RANGE_FRONTEND_BITS + u32::from(prefix.len),
+                    prefix.addr.octets(),
+                ));
+            }
+        }
+        if local {
+            flags |= FRONTEND_LOCAL_ADDRESS;
+        }
+        let value = FrontendValue {
+            service_id,
+            kind: frontend.kind.number(),
+            flags,
+            _pad: 0,
+        };
+        (frontend, key, value, ranges)
     })
 }
 
@@ -337,7 +379,6 @@ impl Applier {
             .chain(&desired.known_backends)
             .copied()
             .collect();
-        let capacity = self.maps.backends.len();
         let mut missing = BTreeSet::new();
         // Chosen backends first: near capacity, a draining endpoint never takes the id a
         // serving one needs.
@@ -355,66 +396,17 @@ impl Applier {
             if terminating.contains(backend) {
                 flags |= BACKEND_TERMINATING;
             }
-            if let Some(&id) = self.backend_ids.get(backend) {
-                if self.backend_flags.get(&id) != Some(&flags) {
-                    match self.maps.backends.set(id, backend_value(backend, flags), 0) {
-                        Ok(()) => {
-                            self.backend_flags.insert(id, flags);
-                            report.writes += 1;
-                        }
-                        Err(err) => report
-                            .errors
-                            .push(format!("backend {}:{}: {err}", backend.addr, backend.port)),
-                    }
-                }
-                continue;
-            }
-            let Some(id) = self.backend_alloc.allocate(capacity) else {
-                missing.insert(*backend);
-                continue;
-            };
-            if let Err(err) = self.maps.backends.set(id, backend_value(backend, flags), 0) {
-                self.backend_alloc.release(id);
-                report
-                    .errors
-                    .push(format!("backend {}:{}: {err}", backend.addr, backend.port));
-                missing.insert(*backend);
-                continue;
-            }
-            self.backends.insert(id, *backend);
-            self.backend_ids.insert(*backend, id);
-            self.backend_flags.insert(id, flags);
-            report.writes += 1;
+            self.put_backend(backend, flags, &mut missing, &mut report);
         }
 
         // 2. Each service's slots and backend count. A service that cannot be written whole
         //    keeps its previous entries (and frontends) rather than being half programmed.
         let mut wanted_frontends: StdHashMap<FrontendKey, (FrontendValue, &str)> =
             StdHashMap::new();
-        let mut wanted_ranges: BTreeSet<(FrontendKey, u32, [u8; 4])> = BTreeSet::new();
+        let mut wanted_ranges: BTreeSet<RangeEntry> = BTreeSet::new();
         let mut kept: BTreeSet<u32> = BTreeSet::new();
         for (name, service) in &desired.services {
-            let result = if let Some(b) = service.backends.iter().find(|b| missing.contains(b)) {
-                Err(anyhow!(
-                    "backend {}:{} could not be stored (LB_BACKENDS full? see --max-backends)",
-                    b.addr,
-                    b.port
-                ))
-            } else {
-                let ids: Vec<u32> = service
-                    .backends
-                    .iter()
-                    .filter_map(|b| self.backend_ids.get(b).copied())
-                    .collect();
-                let flags = (
-                    match service.when_empty {
-                        WhenEmpty::Drop => SERVICE_DROP_WHEN_EMPTY,
-                        WhenEmpty::Reject => 0,
-                    },
-                    service.affinity_timeout_seconds.unwrap_or(0),
-                );
-                self.write_service(name, &ids, flags, &mut report)
-            };
+            let result = self.write_entry(name, service, &missing, &mut report);
             let service_id = match result {
                 Ok(id) => id,
                 Err(err) => {
@@ -440,8 +432,9 @@ impl Applier {
                     continue;
                 }
             };
-            for frontend in &service.frontends {
-                let key = frontend_key(frontend);
+            for (frontend, key, value, ranges) in
+                entry_frontends(service, service_id, &desired.node_addresses)
+            {
                 if let Some((_, owner)) = wanted_frontends.get(&key) {
                     report.errors.push(format!(
                         "service {name}: frontend {}:{}/{} is already used by {owner}; kept there",
@@ -449,57 +442,16 @@ impl Applier {
                     ));
                     continue;
                 }
-                let restricted =
-                    frontend.kind == FrontendKind::LoadBalancer && service.source_ranges.is_some();
-                let local = frontend.kind == FrontendKind::NodePort
-                    || desired.node_addresses.contains(&frontend.addr);
-                let mut flags = 0;
-                if restricted {
-                    flags |= FRONTEND_SOURCE_RANGES;
-                    for prefix in service.source_ranges.iter().flatten() {
-                        wanted_ranges.insert((
-                            key,
-                            SOURCE_RANGE_FRONTEND_BITS + u32::from(prefix.len),
-                            prefix.addr.octets(),
-                        ));
-                    }
-                }
-                if local {
-                    flags |= FRONTEND_LOCAL_ADDRESS;
-                }
-                let value = FrontendValue {
-                    service_id,
-                    kind: frontend.kind.number(),
-                    flags,
-                    _pad: 0,
-                };
+                wanted_ranges.extend(ranges);
                 wanted_frontends.insert(key, (value, name));
             }
         }
 
         // 3. Source ranges before the frontends that check them (a restricted frontend never
         //    appears with an empty allow-list), removals after.
-        for entry @ (frontend, prefix_len, client) in &wanted_ranges {
-            if self.source_ranges.contains(entry) {
-                continue;
-            }
-            let key = LpmKey::new(
-                *prefix_len,
-                SourceRangeKey {
-                    frontend: *frontend,
-                    client: *client,
-                },
-            );
-            match self.maps.source_ranges.insert(&key, 1, 0) {
-                Ok(()) => {
-                    self.source_ranges.insert(*entry);
-                    report.writes += 1;
-                }
-                Err(err) => report.errors.push(format!(
-                    "writing source range {}/{}: {err}",
-                    Ipv4Addr::from(*client),
-                    prefix_len.saturating_sub(SOURCE_RANGE_FRONTEND_BITS)
-                )),
+        for entry in &wanted_ranges {
+            if !self.source_ranges.contains(entry) {
+                self.insert_range(entry, &mut report);
             }
         }
 
@@ -532,18 +484,13 @@ impl Applier {
             self.frontends.remove(&key);
             report.deletes += 1;
         }
-        let stale: Vec<(FrontendKey, u32, [u8; 4])> = self
+        let stale: Vec<RangeEntry> = self
             .source_ranges
             .difference(&wanted_ranges)
             .copied()
             .collect();
-        for entry @ (frontend, prefix_len, client) in stale {
-            let key = LpmKey::new(prefix_len, SourceRangeKey { frontend, client });
-            self.maps
-                .source_ranges
-                .remove(&key)
-                .context("removing a source range")?;
-            self.source_ranges.remove(&entry);
+        for entry in stale {
+            self.remove_range(entry)?;
             report.deletes += 1;
         }
 
@@ -580,15 +527,7 @@ impl Applier {
             .copied()
             .collect();
         for id in stale {
-            self.maps
-                .backends
-                .set(id, BackendValue::default(), 0)
-                .context("removing a backend")?;
-            if let Some(backend) = self.backends.remove(&id) {
-                self.backend_ids.remove(&backend);
-            }
-            self.backend_flags.remove(&id);
-            self.backend_alloc.release(id);
+            self.remove_backend(id)?;
             report.deletes += 1;
         }
 
@@ -596,6 +535,265 @@ impl Applier {
         report.frontends = self.frontends.len();
         report.backends = self.backends.len();
         Ok(report)
+    }
+
+    /// Stores one backend (new, or with new flags); a backend that cannot be stored goes to
+    /// `missing`, and the services that need it are refused.
+    fn put_backend(
+        &mut self,
+        backend: &Backend,
+        flags: u8,
+        missing: &mut BTreeSet<Backend>,
+        report: &mut SyncReport,
+    ) {
+        if let Some(&id) = self.backend_ids.get(backend) {
+            if self.backend_flags.get(&id) != Some(&flags) {
+                match self.maps.backends.set(id, backend_value(backend, flags), 0) {
+                    Ok(()) => {
+                        self.backend_flags.insert(id, flags);
+                        report.writes += 1;
+                    }
+                    Err(err) => report
+                        .errors
+                        .push(format!("backend {}:{}: {err}", backend.addr, backend.port)),
+                }
+            }
+            return;
+        }
+        let Some(id) = self.backend_alloc.allocate(self.maps.backends.len()) else {
+            missing.insert(*backend);
+            return;
+        };
+        if let Err(err) = self.maps.backends.set(id, backend_value(backend, flags), 0) {
+            self.backend_alloc.release(id);
+            report
+                .errors
+                .push(format!("backend {}:{}: {err}", backend.addr, backend.port));
+            missing.insert(*backend);
+            return;
+        }
+        self.backends.insert(id, *backend);
+        self.backend_ids.insert(*backend, id);
+        self.backend_flags.insert(id, flags);
+        report.writes += 1;
+    }
+
+    /// Writes one desired entry's slots and service entry (not its frontends); returns its id.
+    fn write_entry(
+        &mut self,
+        name: &str,
+        service: &DesiredService,
+        missing: &BTreeSet<Backend>,
+        report: &mut SyncReport,
+    ) -> anyhow::Result<u32> {
+        if let Some(b) = service.backends.iter().find(|b| missing.contains(b)) {
+            anyhow::bail!(
+                "backend {}:{} could not be stored (LB_BACKENDS full? see --max-backends)",
+                b.addr,
+                b.port
+            );
+        }
+        let ids: Vec<u32> = service
+            .backends
+            .iter()
+            .filter_map(|b| self.backend_ids.get(b).copied())
+            .collect();
+        let flags = (
+            match service.when_empty {
+                WhenEmpty::Drop => SERVICE_DROP_WHEN_EMPTY,
+                WhenEmpty::Reject => 0,
+            },
+            service.affinity_timeout_seconds.unwrap_or(0),
+        );
+        self.write_service(name, &ids, flags, report)
+    }
+
+    /// Applies a [`Delta`](crate::engine::Delta): only the entries and backends it names are
+    /// touched, in the same make-before-break order as [`Applier::sync`] (backends, then
+    /// slots and service entries, then source ranges and frontends, then removals). Everything
+    /// else stays as it is, so the cost follows the size of the change, not of the cluster.
+    pub fn apply_delta(
+        &mut self,
+        delta: &crate::engine::Delta,
+        node_addresses: &BTreeSet<Ipv4Addr>,
+    ) -> anyhow::Result<SyncReport> {
+        let mut report = SyncReport::default();
+        // 1. Backends.
+        let mut missing = BTreeSet::new();
+        for (backend, &flags) in &delta.backends {
+            self.put_backend(backend, flags, &mut missing, &mut report);
+        }
+
+        // 2. Slots and service entries of the changed entries; their frontends are collected.
+        //    `changing`: the ids whose frontends this delta decides.
+        let mut changing: BTreeSet<u32> = BTreeSet::new();
+        let mut wanted_frontends: StdHashMap<FrontendKey, (FrontendValue, &str)> =
+            StdHashMap::new();
+        let mut wanted_ranges: BTreeSet<RangeEntry> = BTreeSet::new();
+        let mut entries = Vec::new();
+        for (name, service) in &delta.upsert {
+            match self.write_entry(name, service, &missing, &mut report) {
+                Ok(id) => {
+                    changing.insert(id);
+                    entries.push((name, service, id));
+                }
+                // Keeps whatever it had, frontends included.
+                Err(err) => report.errors.push(format!("service {name}: {err:#}")),
+            }
+        }
+        for name in &delta.remove {
+            if let Some(&id) = self.service_ids.get(name) {
+                changing.insert(id);
+            }
+        }
+        for (name, service, id) in entries {
+            for (frontend, key, value, ranges) in entry_frontends(service, id, node_addresses) {
+                let owner = match wanted_frontends.get(&key) {
+                    Some((_, owner)) => Some(owner.to_string()),
+                    // Held by an entry this delta leaves alone: it keeps it.
+                    None => self
+                        .frontends
+                        .get(&key)
+                        .filter(|v| v.service_id != id && !changing.contains(&v.service_id))
+                        .map(|v| {
+                            self.services
+                                .get(&v.service_id)
+                                .map_or_else(|| format!("#{}", v.service_id), |s| s.0.clone())
+                        }),
+                };
+                if let Some(owner) = owner {
+                    report.errors.push(format!(
+                        "service {name}: frontend {}:{}/{} is already used by {owner}; kept there",
+                        frontend.addr, frontend.port, frontend.protocol
+                    ));
+                    continue;
+                }
+                wanted_ranges.extend(ranges);
+                wanted_frontends.insert(key, (value, name.as_str()));
+            }
+        }
+
+        // 3. Source ranges, then frontends (added or repointed).
+        for entry in &wanted_ranges {
+            if !self.source_ranges.contains(entry) {
+                self.insert_range(entry, &mut report);
+            }
+        }
+        for (key, (value, name)) in &wanted_frontends {
+            if self.frontends.get(key) == Some(value) {
+                continue;
+            }
+            match self.maps.frontends.insert(key, value, 0) {
+                Ok(()) => {
+                    self.frontends.insert(*key, *value);
+                    report.writes += 1;
+                }
+                Err(err) => report
+                    .errors
+                    .push(format!("service {name}: writing frontend: {err}")),
+            }
+        }
+
+        // 4. Removals: frontends the changed entries no longer have, their source ranges,
+        //    services that are gone, backends nobody uses.
+        let stale: Vec<FrontendKey> = self
+            .frontends
+            .iter()
+            .filter(|(k, v)| changing.contains(&v.service_id) && !wanted_frontends.contains_key(k))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in &stale {
+            self.maps
+                .frontends
+                .remove(key)
+                .context("removing a frontend")?;
+            self.frontends.remove(key);
+            report.deletes += 1;
+        }
+        let touched: BTreeSet<FrontendKey> = stale
+            .iter()
+            .chain(wanted_frontends.keys())
+            .copied()
+            .collect();
+        let stale: Vec<RangeEntry> = self
+            .source_ranges
+            .iter()
+            .filter(|e| touched.contains(&e.0) && !wanted_ranges.contains(e))
+            .copied()
+            .collect();
+        for entry in stale {
+            self.remove_range(entry)?;
+            report.deletes += 1;
+        }
+        for name in &delta.remove {
+            let Some(&id) = self.service_ids.get(name) else {
+                continue;
+            };
+            if !self.frontends.values().any(|v| v.service_id == id) {
+                self.remove_service(id, &mut report)?;
+            }
+        }
+        if !delta.released.is_empty() {
+            let in_slots: BTreeSet<u32> = self
+                .services
+                .values()
+                .flat_map(|(_, ids)| ids.iter().copied())
+                .collect();
+            for backend in &delta.released {
+                let Some(&id) = self.backend_ids.get(backend) else {
+                    continue;
+                };
+                if in_slots.contains(&id) {
+                    continue; // still in a refused service's old slots
+                }
+                self.remove_backend(id)?;
+                report.deletes += 1;
+            }
+        }
+        report.services = self.services.len();
+        report.frontends = self.frontends.len();
+        report.backends = self.backends.len();
+        Ok(report)
+    }
+
+    fn insert_range(&mut self, entry: &RangeEntry, report: &mut SyncReport) {
+        let (frontend, prefix_len, client) = *entry;
+        let key = LpmKey::new(prefix_len, SourceRangeKey { frontend, client });
+        match self.maps.source_ranges.insert(&key, 1, 0) {
+            Ok(()) => {
+                self.source_ranges.insert(*entry);
+                report.writes += 1;
+            }
+            Err(err) => report.errors.push(format!(
+                "writing source range {}/{}: {err}",
+                Ipv4Addr::from(client),
+                prefix_len.saturating_sub(SOURCE_RANGE_FRONTEND_BITS)
+            )),
+        }
+    }
+
+    fn remove_range(&mut self, entry: RangeEntry) -> anyhow::Result<()> {
+        let (frontend, prefix_len, client) = entry;
+        let key = LpmKey::new(prefix_len, SourceRangeKey { frontend, client });
+        self.maps
+            .source_ranges
+            .remove(&key)
+            .context("removing a source range")?;
+        self.source_ranges.remove(&entry);
+        Ok(())
+    }
+
+    fn remove_backend(&mut self, id: u32) -> anyhow::Result<()> {
+        self.maps
+            .backends
+            .set(id, BackendValue::default(), 0)
+            .context("removing a backend")?;
+        if let Some(backend) = self.backends.remove(&id) {
+            self.backend_ids.remove(&backend);
+        }
+        self.backend_flags.remove(&id);
+        self.backend_alloc.release(id);
+        Ok(())
     }
 
     /// Writes one service's slots and count; returns its id.

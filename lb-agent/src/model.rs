@@ -268,7 +268,24 @@ pub fn desired_state(
     state
 }
 
-fn namespaced(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+/// The part of the desired state one Service contributes, from that Service and its slices
+/// alone (`slices` must be the ones labelled for it). [`desired_state`] is the union of these
+/// parts, which is what lets the agent recompute only the Services a change touches.
+pub fn service_part(
+    service: &Service,
+    slices: &[&EndpointSlice],
+    settings: &Settings,
+) -> DesiredState {
+    let mut state = DesiredState::default();
+    let mut sorted = slices.to_vec();
+    sorted.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    let grouped = BTreeMap::from([(namespaced(&service.metadata), sorted)]);
+    add_service(service, &grouped, settings, &mut state);
+    state
+}
+
+/// `namespace/name` of an object.
+pub fn namespaced(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
     format!(
         "{}/{}",
         meta.namespace.as_deref().unwrap_or("default"),

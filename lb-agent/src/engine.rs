@@ -1,0 +1,419 @@
+//! Incremental programming: objects come in one by one (watch events), and only the Services
+//! they touch are recomputed and re-applied. A change to one endpoint of one Service costs the
+//! model that Service and the maps a handful of writes, whatever the size of the cluster.
+//!
+//! The engine keeps each Service's part of the desired state ([`model::service_part`]) and
+//! counts, per backend, the parts that use it, so it can tell the applier which backends are new
+//! and which nobody uses any more without looking at the other Services.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+use crate::model::{self, Backend, DesiredService, DesiredState, Settings};
+
+/// What changed in the desired state since the last [`Engine::take_delta`].
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Delta {
+    /// Entries (`ns/name:port/PROTO[#local]`) that are new or differ.
+    pub upsert: BTreeMap<String, DesiredService>,
+    /// Entries that are gone.
+    pub remove: BTreeSet<String>,
+    /// Every backend the changed Services use (chosen or known), with its flags
+    /// (`BACKEND_REMOTE`, `BACKEND_TERMINATING`): written when new or when the flags differ.
+    pub backends: BTreeMap<Backend, u8>,
+    /// Backends no Service uses any more.
+    pub released: BTreeSet<Backend>,
+    /// The Services (`ns/name`) recomputed.
+    pub services: BTreeSet<String>,
+}
+
+impl Delta {
+    pub fn is_empty(&self) -> bool {
+        self.upsert.is_empty()
+            && self.remove.is_empty()
+            && self.released.is_empty()
+            && self.backends.is_empty()
+    }
+}
+
+/// Objects in, per-Service parts of the desired state out.
+#[derive(Default)]
+pub struct Engine {
+    settings: Settings,
+    services: HashMap<String, Service>,
+    slices: HashMap<String, EndpointSlice>,
+    /// Slice key -> the Service key its label names.
+    slice_owner: HashMap<String, String>,
+    slices_by_service: HashMap<String, BTreeSet<String>>,
+    parts: HashMap<String, DesiredState>,
+    /// Parts using each backend (chosen or known).
+    backend_users: HashMap<Backend, u32>,
+    dirty: BTreeSet<String>,
+}
+
+fn slice_service(slice: &EndpointSlice) -> Option<String> {
+    let service = slice
+        .metadata
+        .labels
+        .as_ref()?
+        .get(model::LABEL_SERVICE_NAME)?;
+    let namespace = slice.metadata.namespace.as_deref().unwrap_or("default");
+    Some(format!("{namespace}/{service}"))
+}
+
+/// The backends a part uses, with the flags the datapath's backend entry carries.
+fn part_backends(part: &DesiredState) -> BTreeMap<Backend, u8> {
+    let mut out: BTreeMap<Backend, u8> = BTreeMap::new();
+    for service in part.services.values() {
+        for backend in &service.backends {
+            out.entry(*backend).or_default();
+        }
+        for backend in &service.terminating {
+            *out.entry(*backend).or_default() |= lb_common::BACKEND_TERMINATING;
+        }
+    }
+    for backend in &part.known_backends {
+        out.entry(*backend).or_default();
+    }
+    for backend in &part.remote_backends {
+        if let Some(flags) = out.get_mut(backend) {
+            *flags |= lb_common::BACKEND_REMOTE;
+        }
+    }
+    out
+}
+
+impl Engine {
+    pub fn new(settings: Settings) -> Self {
+        Self {
+            settings,
+            ..Self::default()
+        }
+    }
+
+    /// New node settings (zone, addresses) change every Service's part.
+    pub fn set_settings(&mut self, settings: Settings) {
+        if settings != self.settings {
+            self.settings = settings;
+            self.dirty.extend(self.services.keys().cloned());
+        }
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn apply_service(&mut self, service: Service) {
+        let key = model::namespaced(&service.metadata);
+        self.dirty.insert(key.clone());
+        self.services.insert(key, service);
+    }
+
+    pub fn delete_service(&mut self, key: &str) {
+        if self.services.remove(key).is_some() {
+            self.dirty.insert(key.to_string());
+        }
+    }
+
+    pub fn apply_slice(&mut self, slice: EndpointSlice) {
+        let key = model::namespaced(&slice.metadata);
+        let owner = slice_service(&slice);
+        // A slice relabelled to another Service leaves the first one.
+        if let Some(previous) = self.slice_owner.remove(&key) {
+            if let Some(set) = self.slices_by_service.get_mut(&previous) {
+                set.remove(&key);
+            }
+            self.dirty.insert(previous);
+        }
+        if let Some(owner) = owner {
+            self.slices_by_service
+                .entry(owner.clone())
+                .or_default()
+                .insert(key.clone());
+            self.slice_owner.insert(key.clone(), owner.clone());
+            self.dirty.insert(owner);
+        }
+        self.slices.insert(key, slice);
+    }
+
+    pub fn delete_slice(&mut self, key: &str) {
+        self.slices.remove(key);
+        if let Some(owner) = self.slice_owner.remove(key) {
+            if let Some(set) = self.slices_by_service.get_mut(&owner) {
+                set.remove(key);
+            }
+            self.dirty.insert(owner);
+        }
+    }
+
+    /// Replaces every object (a relist): only the Services whose objects differ are marked.
+    pub fn replace_all(&mut self, services: Vec<Service>, slices: Vec<EndpointSlice>) {
+        let services: HashMap<String, Service> = services
+            .into_iter()
+            .map(|s| (model::namespaced(&s.metadata), s))
+            .collect();
+        let slices: HashMap<String, EndpointSlice> = slices
+            .into_iter()
+            .map(|s| (model::namespaced(&s.metadata), s))
+            .collect();
+        let gone: Vec<String> = self
+            .services
+            .keys()
+            .filter(|k| !services.contains_key(*k))
+            .cloned()
+            .collect();
+        for key in gone {
+            self.delete_service(&key);
+        }
+        let gone: Vec<String> = self
+            .slices
+            .keys()
+            .filter(|k| !slices.contains_key(*k))
+            .cloned()
+            .collect();
+        for key in gone {
+            self.delete_slice(&key);
+        }
+        for (key, service) in services {
+            if self.services.get(&key) != Some(&service) {
+                self.apply_service(service);
+            }
+        }
+        for (key, slice) in slices {
+            if self.slices.get(&key) != Some(&slice) {
+                self.apply_slice(slice);
+            }
+        }
+    }
+
+    /// Recomputes the Services marked since the last call and returns what changed.
+    pub fn take_delta(&mut self) -> Delta {
+        let mut delta = Delta::default();
+        for key in std::mem::take(&mut self.dirty) {
+            let new = self.services.get(&key).map(|service| {
+                let slices: Vec<&EndpointSlice> = self
+                    .slices_by_service
+                    .get(&key)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|k| self.slices.get(k))
+                    .collect();
+                model::service_part(service, &slices, &self.settings)
+            });
+            let old = match &new {
+                Some(new) => self.parts.insert(key.clone(), new.clone()),
+                None => self.parts.remove(&key),
+            };
+            if old.as_ref() == new.as_ref() {
+                continue;
+            }
+            let empty = DesiredState::default();
+            let (old, new) = (old.unwrap_or_default(), new.unwrap_or(empty));
+            for (name, entry) in &new.services {
+                if old.services.get(name) != Some(entry) {
+                    delta.upsert.insert(name.clone(), entry.clone());
+                }
+            }
+            for name in old.services.keys() {
+                if !new.services.contains_key(name) {
+                    delta.remove.insert(name.clone());
+                }
+            }
+            let (old_backends, new_backends) = (part_backends(&old), part_backends(&new));
+            for backend in new_backends.keys() {
+                if !old_backends.contains_key(backend) {
+                    *self.backend_users.entry(*backend).or_default() += 1;
+                }
+            }
+            for backend in old_backends.keys() {
+                if !new_backends.contains_key(backend) {
+                    let users = self.backend_users.entry(*backend).or_default();
+                    *users = users.saturating_sub(1);
+                    if *users == 0 {
+                        self.backend_users.remove(backend);
+                        delta.released.insert(*backend);
+                    }
+                }
+            }
+            for (backend, flags) in new_backends {
+                delta.released.remove(&backend);
+                *delta.backends.entry(backend).or_default() |= flags;
+            }
+            delta.services.insert(key);
+        }
+        // A backend released by one Service and taken up by another in the same round stays.
+        delta
+            .released
+            .retain(|b| !self.backend_users.contains_key(b));
+        delta
+    }
+
+    /// The whole desired state (for a full resync): the union of the parts.
+    pub fn desired(&self) -> DesiredState {
+        let mut state = DesiredState {
+            node_addresses: self
+                .settings
+                .node_addresses
+                .iter()
+                .chain(&self.settings.local_addresses)
+                .copied()
+                .collect(),
+            ..DesiredState::default()
+        };
+        let mut keys: Vec<&String> = self.parts.keys().collect();
+        keys.sort();
+        for key in keys {
+            let part = &self.parts[key];
+            state.services.extend(
+                part.services
+                    .iter()
+                    .map(|(name, entry)| (name.clone(), entry.clone())),
+            );
+            state.known_backends.extend(&part.known_backends);
+            state.remote_backends.extend(&part.remote_backends);
+            state.health_checks.extend(
+                part.health_checks
+                    .iter()
+                    .map(|(port, check)| (*port, check.clone())),
+            );
+            state.errors.extend(part.errors.iter().cloned());
+            state.skipped.extend(part.skipped.iter().cloned());
+        }
+        state
+    }
+
+    /// Services with a pending change.
+    pub fn pending(&self) -> usize {
+        self.dirty.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(name: &str, ip: &str) -> Service {
+        serde_yaml::from_str(&format!(
+            "metadata: {{name: {name}, namespace: ns}}\n\
+             spec: {{clusterIP: {ip}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}"
+        ))
+        .unwrap()
+    }
+
+    fn slice(service: &str, name: &str, addresses: &[&str]) -> EndpointSlice {
+        let endpoints: Vec<String> = addresses
+            .iter()
+            .map(|a| format!("{{addresses: [\"{a}\"]}}"))
+            .collect();
+        serde_yaml::from_str(&format!(
+            "metadata: {{name: {name}, namespace: ns, labels: {{kubernetes.io/service-name: {service}}}}}\n\
+             addressType: IPv4\n\
+             ports: [{{name: http, port: 8080}}]\n\
+             endpoints: [{}]",
+            endpoints.join(",")
+        ))
+        .unwrap()
+    }
+
+    fn backend(addr: &str) -> Backend {
+        Backend {
+            addr: addr.parse().unwrap(),
+            port: 8080,
+            protocol: model::Protocol::Tcp,
+        }
+    }
+
+    fn full(engine: &Engine) -> DesiredState {
+        let services: Vec<Service> = engine.services.values().cloned().collect();
+        let slices: Vec<EndpointSlice> = engine.slices.values().cloned().collect();
+        model::desired_state(&services, &slices, &engine.settings)
+    }
+
+    #[test]
+    fn one_endpoint_change_touches_one_service() {
+        let mut engine = Engine::default();
+        for i in 0..50 {
+            engine.apply_service(service(&format!("s{i}"), &format!("10.96.0.{i}")));
+            engine.apply_slice(slice(
+                &format!("s{i}"),
+                &format!("s{i}-a"),
+                &[&format!("10.1.{i}.1"), &format!("10.1.{i}.2")],
+            ));
+        }
+        let first = engine.take_delta();
+        assert_eq!(first.upsert.len(), 50);
+        assert_eq!(first.backends.len(), 100);
+        assert_eq!(engine.desired(), full(&engine));
+
+        engine.apply_slice(slice("s7", "s7-a", &["10.1.7.1", "10.1.7.9"]));
+        let delta = engine.take_delta();
+        assert_eq!(delta.services, BTreeSet::from(["ns/s7".to_string()]));
+        assert_eq!(delta.upsert.keys().collect::<Vec<_>>(), ["ns/s7:http/TCP"]);
+        assert!(delta.remove.is_empty());
+        assert_eq!(delta.released, BTreeSet::from([backend("10.1.7.2")]));
+        assert!(delta.backends.contains_key(&backend("10.1.7.9")));
+        assert_eq!(engine.desired(), full(&engine));
+
+        // Nothing changed: nothing to do.
+        engine.apply_slice(slice("s7", "s7-a", &["10.1.7.1", "10.1.7.9"]));
+        assert!(engine.take_delta().is_empty());
+    }
+
+    #[test]
+    fn shared_backends_are_released_only_by_their_last_user() {
+        let mut engine = Engine::default();
+        engine.apply_service(service("a", "10.96.0.1"));
+        engine.apply_service(service("b", "10.96.0.2"));
+        engine.apply_slice(slice("a", "a-1", &["10.1.0.1"]));
+        engine.apply_slice(slice("b", "b-1", &["10.1.0.1"]));
+        engine.take_delta();
+        engine.delete_service("ns/a");
+        let delta = engine.take_delta();
+        assert_eq!(delta.remove, BTreeSet::from(["ns/a:http/TCP".to_string()]));
+        assert!(delta.released.is_empty(), "b still uses it");
+        engine.delete_slice("ns/b-1");
+        let delta = engine.take_delta();
+        assert_eq!(delta.released, BTreeSet::from([backend("10.1.0.1")]));
+        assert_eq!(engine.desired(), full(&engine));
+    }
+
+    #[test]
+    fn a_relabelled_slice_moves_between_services_and_a_relist_marks_only_differences() {
+        let mut engine = Engine::default();
+        engine.apply_service(service("a", "10.96.0.1"));
+        engine.apply_service(service("b", "10.96.0.2"));
+        engine.apply_slice(slice("a", "x", &["10.1.0.1"]));
+        engine.take_delta();
+        engine.apply_slice(slice("b", "x", &["10.1.0.1"]));
+        let delta = engine.take_delta();
+        assert_eq!(
+            delta.services,
+            BTreeSet::from(["ns/a".to_string(), "ns/b".to_string()])
+        );
+        assert!(delta.released.is_empty(), "moved, not released");
+        assert_eq!(engine.desired(), full(&engine));
+
+        let services = vec![service("a", "10.96.0.1"), service("b", "10.96.0.2")];
+        engine.replace_all(services.clone(), vec![slice("b", "x", &["10.1.0.1"])]);
+        assert_eq!(engine.pending(), 0, "identical relist: nothing marked");
+        engine.replace_all(services, vec![]);
+        let delta = engine.take_delta();
+        assert_eq!(delta.services, BTreeSet::from(["ns/b".to_string()]));
+        assert_eq!(delta.released, BTreeSet::from([backend("10.1.0.1")]));
+    }
+
+    #[test]
+    fn new_settings_recompute_everything() {
+        let mut engine = Engine::default();
+        engine.apply_service(service("a", "10.96.0.1"));
+        engine.take_delta();
+        engine.set_settings(Settings::default());
+        assert_eq!(engine.pending(), 0, "same settings");
+        engine.set_settings(Settings {
+            node_name: "n1".into(),
+            ..Settings::default()
+        });
+        assert_eq!(engine.pending(), 1);
+    }
+}
