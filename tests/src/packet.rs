@@ -395,6 +395,82 @@ impl Harness {
     }
 }
 
+/// BPF_PROG_TEST_RUN flag (uapi; aya's bindings predate it): the skb starts in CHECKSUM_COMPLETE
+/// state and the run fails with EBADMSG if the program left `skb->csum` out of step with the
+/// packet.
+pub const BPF_F_TEST_SKB_CHECKSUM_COMPLETE: u32 = 1 << 2;
+
+/// `union bpf_attr` as BPF_PROG_TEST_RUN reads it.
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    /// Explicit, so it is zero: the kernel refuses non-zero bytes past the fields it knows.
+    _pad: u32,
+}
+
+impl Harness {
+    /// Runs one frame through `lb_ingress` with test-run `flags`, calling bpf(2) directly since
+    /// aya only passes XDP flags. The error is the raw errno, so a caller can tell an input
+    /// the kernel refuses (EINVAL) from a failed checksum check (EBADMSG).
+    pub fn run_with_flags(&mut self, frame: &[u8], flags: u32) -> std::io::Result<Verdict> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let program: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(loader::PROGRAM)
+            .expect("lb_ingress in the object")
+            .try_into()
+            .expect("a tc program");
+        let fd = program.fd().map_err(std::io::Error::other)?;
+        // Room for a reject answer, which may be longer than a short input.
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut attr = TestRunAttr {
+            prog_fd: fd.as_fd().as_raw_fd() as u32,
+            data_size_in: frame.len() as u32,
+            data_size_out: out.len() as u32,
+            data_in: frame.as_ptr() as u64,
+            data_out: out.as_mut_ptr() as u64,
+            repeat: 1,
+            flags,
+            ..TestRunAttr::default()
+        };
+        // SAFETY: `attr` is a properly laid out bpf_attr prefix whose pointers stay valid (and
+        // `out` writable for `data_size_out` bytes) for the duration of the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                libc::c_long::from(BPF_PROG_TEST_RUN),
+                &mut attr as *mut TestRunAttr,
+                std::mem::size_of::<TestRunAttr>(),
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        out.truncate(attr.data_size_out as usize);
+        Ok(Verdict {
+            action: attr.retval as i32,
+            packet: out,
+        })
+    }
+}
+
+const BPF_PROG_TEST_RUN: i32 = 10;
+
 impl Harness {
     /// Datapath counter `name` (as `lb-agent stats` names it).
     pub fn counter(&self, name: &str) -> u64 {
