@@ -6,11 +6,14 @@
 //! counts, per backend, the parts that use it, so it can tell the applier which backends are new
 //! and which nobody uses any more without looking at the other Services.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Arc,
+};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
-use crate::model::{self, Backend, DesiredService, DesiredState, Settings};
+use crate::model::{self, Backend, DesiredService, DesiredState, HealthCheck, Settings};
 
 /// What changed in the desired state since the last [`Engine::take_delta`].
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -26,6 +29,10 @@ pub struct Delta {
     pub released: BTreeSet<Backend>,
     /// The Services (`ns/name`) recomputed.
     pub services: BTreeSet<String>,
+    /// Field errors of the recomputed Services (they are left out, in whole or in part).
+    pub errors: Vec<model::ModelError>,
+    /// Recomputed Services that rightly get no frontend, with why.
+    pub skipped: Vec<(String, String)>,
 }
 
 impl Delta {
@@ -41,14 +48,21 @@ impl Delta {
 #[derive(Default)]
 pub struct Engine {
     settings: Settings,
-    services: HashMap<String, Service>,
-    slices: HashMap<String, EndpointSlice>,
+    /// Shared with the watch stores: the engine adds no copy of the objects.
+    services: HashMap<String, Arc<Service>>,
+    slices: HashMap<String, Arc<EndpointSlice>>,
     /// Slice key -> the Service key its label names.
     slice_owner: HashMap<String, String>,
     slices_by_service: HashMap<String, BTreeSet<String>>,
     parts: HashMap<String, DesiredState>,
     /// Parts using each backend (chosen or known).
     backend_users: HashMap<Backend, u32>,
+    /// Health-check NodePorts of every part.
+    health_checks: BTreeMap<u16, HealthCheck>,
+    /// Entries claiming each frontend address, port and protocol. Two Services may claim one
+    /// (an externalIP, say); the first by name gets it, as in a full sync, so every claimant
+    /// of a contested frontend goes into a delta that changes any of the claims.
+    claims: HashMap<(std::net::Ipv4Addr, u16, model::Protocol), BTreeSet<String>>,
     dirty: BTreeSet<String>,
 }
 
@@ -65,21 +79,22 @@ fn slice_service(slice: &EndpointSlice) -> Option<String> {
 /// The backends a part uses, with the flags the datapath's backend entry carries.
 fn part_backends(part: &DesiredState) -> BTreeMap<Backend, u8> {
     let mut out: BTreeMap<Backend, u8> = BTreeMap::new();
-    for service in part.services.values() {
-        for backend in &service.backends {
-            out.entry(*backend).or_default();
+    // Flags are the endpoint's own (its node, its conditions), the same in every part that
+    // lists it, so writing them from the parts that changed agrees with the others.
+    for backend in part
+        .services
+        .values()
+        .flat_map(|s| &s.backends)
+        .chain(&part.known_backends)
+    {
+        let mut flags = 0;
+        if part.remote_backends.contains(backend) {
+            flags |= lb_common::BACKEND_REMOTE;
         }
-        for backend in &service.terminating {
-            *out.entry(*backend).or_default() |= lb_common::BACKEND_TERMINATING;
+        if part.terminating_backends.contains(backend) {
+            flags |= lb_common::BACKEND_TERMINATING;
         }
-    }
-    for backend in &part.known_backends {
-        out.entry(*backend).or_default();
-    }
-    for backend in &part.remote_backends {
-        if let Some(flags) = out.get_mut(backend) {
-            *flags |= lb_common::BACKEND_REMOTE;
-        }
+        out.insert(*backend, flags);
     }
     out
 }
@@ -104,7 +119,8 @@ impl Engine {
         &self.settings
     }
 
-    pub fn apply_service(&mut self, service: Service) {
+    pub fn apply_service(&mut self, service: impl Into<Arc<Service>>) {
+        let service = service.into();
         let key = model::namespaced(&service.metadata);
         self.dirty.insert(key.clone());
         self.services.insert(key, service);
@@ -116,7 +132,8 @@ impl Engine {
         }
     }
 
-    pub fn apply_slice(&mut self, slice: EndpointSlice) {
+    pub fn apply_slice(&mut self, slice: impl Into<Arc<EndpointSlice>>) {
+        let slice = slice.into();
         let key = model::namespaced(&slice.metadata);
         let owner = slice_service(&slice);
         // A slice relabelled to another Service leaves the first one.
@@ -148,12 +165,12 @@ impl Engine {
     }
 
     /// Replaces every object (a relist): only the Services whose objects differ are marked.
-    pub fn replace_all(&mut self, services: Vec<Service>, slices: Vec<EndpointSlice>) {
-        let services: HashMap<String, Service> = services
+    pub fn replace_all(&mut self, services: Vec<Arc<Service>>, slices: Vec<Arc<EndpointSlice>>) {
+        let services: HashMap<String, Arc<Service>> = services
             .into_iter()
             .map(|s| (model::namespaced(&s.metadata), s))
             .collect();
-        let slices: HashMap<String, EndpointSlice> = slices
+        let slices: HashMap<String, Arc<EndpointSlice>> = slices
             .into_iter()
             .map(|s| (model::namespaced(&s.metadata), s))
             .collect();
@@ -190,6 +207,7 @@ impl Engine {
     /// Recomputes the Services marked since the last call and returns what changed.
     pub fn take_delta(&mut self) -> Delta {
         let mut delta = Delta::default();
+        let mut contested = BTreeSet::new();
         for key in std::mem::take(&mut self.dirty) {
             let new = self.services.get(&key).map(|service| {
                 let slices: Vec<&EndpointSlice> = self
@@ -197,7 +215,7 @@ impl Engine {
                     .get(&key)
                     .into_iter()
                     .flatten()
-                    .filter_map(|k| self.slices.get(k))
+                    .filter_map(|k| self.slices.get(k).map(|s| &**s))
                     .collect();
                 model::service_part(service, &slices, &self.settings)
             });
@@ -210,6 +228,40 @@ impl Engine {
             }
             let empty = DesiredState::default();
             let (old, new) = (old.unwrap_or_default(), new.unwrap_or(empty));
+            for port in old.health_checks.keys() {
+                self.health_checks.remove(port);
+            }
+            self.health_checks.extend(
+                new.health_checks
+                    .iter()
+                    .map(|(port, check)| (*port, check.clone())),
+            );
+            let claim_key = |f: &model::Frontend| (f.addr, f.port, f.protocol);
+            for (name, entry) in &old.services {
+                for frontend in &entry.frontends {
+                    let key = claim_key(frontend);
+                    if let Some(claimants) = self.claims.get_mut(&key) {
+                        if claimants.len() > 1 {
+                            contested.insert(key);
+                        }
+                        claimants.remove(name);
+                        if claimants.is_empty() {
+                            self.claims.remove(&key);
+                        }
+                    }
+                }
+            }
+            for (name, entry) in &new.services {
+                for frontend in &entry.frontends {
+                    let claimants = self.claims.entry(claim_key(frontend)).or_default();
+                    claimants.insert(name.clone());
+                    if claimants.len() > 1 {
+                        contested.insert(claim_key(frontend));
+                    }
+                }
+            }
+            delta.errors.extend(new.errors.iter().cloned());
+            delta.skipped.extend(new.skipped.iter().cloned());
             for (name, entry) in &new.services {
                 if old.services.get(name) != Some(entry) {
                     delta.upsert.insert(name.clone(), entry.clone());
@@ -242,6 +294,20 @@ impl Engine {
             }
             delta.services.insert(key);
         }
+        for key in contested {
+            let Some(claimants) = self.claims.get(&key) else {
+                continue;
+            };
+            for name in claimants {
+                if delta.upsert.contains_key(name) {
+                    continue;
+                }
+                let service = name.split_once(':').map_or(name.as_str(), |(s, _)| s);
+                if let Some(entry) = self.parts.get(service).and_then(|p| p.services.get(name)) {
+                    delta.upsert.insert(name.clone(), entry.clone());
+                }
+            }
+        }
         // A backend released by one Service and taken up by another in the same round stays.
         delta
             .released
@@ -252,13 +318,7 @@ impl Engine {
     /// The whole desired state (for a full resync): the union of the parts.
     pub fn desired(&self) -> DesiredState {
         let mut state = DesiredState {
-            node_addresses: self
-                .settings
-                .node_addresses
-                .iter()
-                .chain(&self.settings.local_addresses)
-                .copied()
-                .collect(),
+            node_addresses: self.node_addresses(),
             ..DesiredState::default()
         };
         let mut keys: Vec<&String> = self.parts.keys().collect();
@@ -272,6 +332,9 @@ impl Engine {
             );
             state.known_backends.extend(&part.known_backends);
             state.remote_backends.extend(&part.remote_backends);
+            state
+                .terminating_backends
+                .extend(&part.terminating_backends);
             state.health_checks.extend(
                 part.health_checks
                     .iter()
@@ -281,6 +344,26 @@ impl Engine {
             state.skipped.extend(part.skipped.iter().cloned());
         }
         state
+    }
+
+    /// The node's addresses, as the applier marks frontends on them.
+    pub fn node_addresses(&self) -> BTreeSet<std::net::Ipv4Addr> {
+        self.settings
+            .node_addresses
+            .iter()
+            .chain(&self.settings.local_addresses)
+            .copied()
+            .collect()
+    }
+
+    /// Health-check NodePorts of every Service.
+    pub fn health_checks(&self) -> &BTreeMap<u16, HealthCheck> {
+        &self.health_checks
+    }
+
+    /// Field errors of every Service as last computed.
+    pub fn errors(&self) -> impl Iterator<Item = &model::ModelError> {
+        self.parts.values().flat_map(|p| &p.errors)
     }
 
     /// Services with a pending change.
@@ -325,8 +408,8 @@ mod tests {
     }
 
     fn full(engine: &Engine) -> DesiredState {
-        let services: Vec<Service> = engine.services.values().cloned().collect();
-        let slices: Vec<EndpointSlice> = engine.slices.values().cloned().collect();
+        let services: Vec<Service> = engine.services.values().map(|s| (**s).clone()).collect();
+        let slices: Vec<EndpointSlice> = engine.slices.values().map(|s| (**s).clone()).collect();
         model::desired_state(&services, &slices, &engine.settings)
     }
 
@@ -394,8 +477,14 @@ mod tests {
         assert!(delta.released.is_empty(), "moved, not released");
         assert_eq!(engine.desired(), full(&engine));
 
-        let services = vec![service("a", "10.96.0.1"), service("b", "10.96.0.2")];
-        engine.replace_all(services.clone(), vec![slice("b", "x", &["10.1.0.1"])]);
+        let services = vec![
+            Arc::new(service("a", "10.96.0.1")),
+            Arc::new(service("b", "10.96.0.2")),
+        ];
+        engine.replace_all(
+            services.clone(),
+            vec![Arc::new(slice("b", "x", &["10.1.0.1"]))],
+        );
         assert_eq!(engine.pending(), 0, "identical relist: nothing marked");
         engine.replace_all(services, vec![]);
         let delta = engine.take_delta();

@@ -5,7 +5,7 @@
 //! watch or a `410 Gone` never empties the state in between: nothing is deleted until a fresh
 //! list proves it gone.
 
-use std::{path::Path, pin::Pin, time::Duration};
+use std::{path::Path, pin::Pin, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use futures::{Stream, StreamExt as _};
@@ -74,11 +74,18 @@ pub struct Stores {
     pub nodes: Store<Node>,
 }
 
-/// What a watch stream reports to the agent's loop.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a watch stream reports to the agent's loop. Objects are read from the stores, which
+/// the reflector has updated by the time the signal arrives.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Signal {
-    /// A store changed.
-    Changed,
+    /// This Service (`namespace/name`) was created, changed or deleted.
+    Service(String),
+    /// This EndpointSlice (`namespace/name`) was created, changed or deleted.
+    Slice(String),
+    /// The agent's Node changed.
+    Node,
+    /// A complete list replaced this resource's store (start, or relist after `410 Gone`).
+    Relisted(&'static str),
     /// A watch (of this resource) failed and is being retried with backoff (the stores keep
     /// their contents).
     Restarted(&'static str),
@@ -94,6 +101,7 @@ pub fn watch(client: Client, node_name: &str) -> (Stores, Signals) {
     let config = watcher::Config::default();
     let services_stream = signals(
         "services",
+        |s: &Service| Signal::Service(crate::model::namespaced(&s.metadata)),
         reflector::reflector(
             services_writer,
             watcher(Api::<Service>::all(client.clone()), config.clone()),
@@ -101,6 +109,7 @@ pub fn watch(client: Client, node_name: &str) -> (Stores, Signals) {
     );
     let slices_stream = signals(
         "endpointslices",
+        |s: &EndpointSlice| Signal::Slice(crate::model::namespaced(&s.metadata)),
         reflector::reflector(
             slices_writer,
             watcher(Api::<EndpointSlice>::all(client.clone()), config.clone()),
@@ -108,6 +117,7 @@ pub fn watch(client: Client, node_name: &str) -> (Stores, Signals) {
     );
     let nodes_stream = signals(
         "nodes",
+        |_: &Node| Signal::Node,
         reflector::reflector(
             nodes_writer,
             watcher(
@@ -127,17 +137,23 @@ pub fn watch(client: Client, node_name: &str) -> (Stores, Signals) {
     )
 }
 
-fn signals<K, S>(resource: &'static str, stream: S) -> Signals
+fn signals<K, S>(resource: &'static str, changed: fn(&K) -> Signal, stream: S) -> Signals
 where
     S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
     K: Send + 'static,
 {
-    Box::pin(stream.default_backoff().map(move |event| match event {
-        Ok(_) => Signal::Changed,
-        Err(err) => {
-            warn!(resource, "watch failed, retrying (state kept): {err}");
-            Signal::Restarted(resource)
-        }
+    use watcher::Event;
+    Box::pin(stream.default_backoff().filter_map(move |event| {
+        futures::future::ready(match event {
+            Ok(Event::Apply(object) | Event::Delete(object)) => Some(changed(&object)),
+            // A relist is buffered by the reflector and swapped in at its end.
+            Ok(Event::Init | Event::InitApply(_)) => None,
+            Ok(Event::InitDone) => Some(Signal::Relisted(resource)),
+            Err(err) => {
+                warn!(resource, "watch failed, retrying (state kept): {err}");
+                Some(Signal::Restarted(resource))
+            }
+        })
     }))
 }
 
@@ -159,6 +175,16 @@ impl Stores {
         Ok(())
     }
 
+    /// The Service `namespace/name`, if the store has it.
+    pub fn service(&self, key: &str) -> Option<Arc<Service>> {
+        get(&self.services, key)
+    }
+
+    /// The EndpointSlice `namespace/name`, if the store has it.
+    pub fn slice(&self, key: &str) -> Option<Arc<EndpointSlice>> {
+        get(&self.endpoint_slices, key)
+    }
+
     /// The current objects, as owned values for the model.
     pub fn snapshot(&self) -> crate::manifest::Manifests {
         crate::manifest::Manifests {
@@ -178,4 +204,12 @@ impl Stores {
             ..Default::default()
         }
     }
+}
+
+fn get<K>(store: &Store<K>, key: &str) -> Option<Arc<K>>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + 'static,
+{
+    let (namespace, name) = key.split_once('/')?;
+    store.get(&reflector::ObjectRef::new(name).within(namespace))
 }

@@ -336,9 +336,9 @@ async fn run_standalone(
     }
 }
 
-/// Kubernetes mode: watchers fill stores; changes are applied at most every
-/// `--min-sync-period` (bursts batched), and everything is re-applied every `--sync-period`
-/// to repair drift.
+/// Kubernetes mode: watchers fill stores, and each event marks the Service it touches in the
+/// engine; changes are applied at most every `--min-sync-period` (bursts batched), only for the
+/// Services marked, and everything is re-applied every `--sync-period` to repair drift.
 async fn run_kubernetes(
     args: &RunArgs,
     pin_dir: &Path,
@@ -373,37 +373,85 @@ async fn run_kubernetes(
         }
     }
     info!("initial lists complete");
-    programmer.apply(stores.snapshot(), true, None);
+    let node_settings = |stores: &kubernetes::Stores, node: &NodeIdentity| {
+        let nodes: Vec<_> = stores.nodes.state().iter().map(|n| (**n).clone()).collect();
+        lb_agent::node::settings(
+            &node.name,
+            &nodes,
+            &node.node_port_addresses,
+            &node.discovered,
+        )
+    };
+    let mut engine = lb_agent::engine::Engine::new(node_settings(&stores, &programmer.node));
+    let relist = |engine: &mut lb_agent::engine::Engine| {
+        engine.replace_all(stores.services.state(), stores.endpoint_slices.state());
+    };
+    relist(&mut engine);
+    // The first program is a full one: the pinned maps may hold anything (a previous agent's
+    // state, or nothing).
+    engine.take_delta();
+    programmer.program_engine_full(&engine, true, None);
 
     let mut resync = tokio::time::interval(args.sync_period);
     resync.reset(); // the first tick would fire at once
     let mut gc = tokio::time::interval(args.conntrack_gc_interval);
     let mut conntrack = maps::open_conntrack(pin_dir)?;
     let mut pending_since: Option<std::time::Instant> = None;
+    // A delta that left something undone is followed by a full sync, which retries it.
+    let mut needs_full = false;
     let mut last_sync = tokio::time::Instant::now();
     loop {
         let next_allowed = last_sync + args.min_sync_period;
         tokio::select! {
             _ = &mut stop => return Ok(()),
-            signal = signals.next() => match signal {
-                Some(Signal::Changed) => {
+            signal = signals.next() => {
+                match signal {
+                    Some(Signal::Service(key)) => match stores.service(&key) {
+                        Some(service) => engine.apply_service(service),
+                        None => engine.delete_service(&key),
+                    },
+                    Some(Signal::Slice(key)) => match stores.slice(&key) {
+                        Some(slice) => engine.apply_slice(slice),
+                        None => engine.delete_slice(&key),
+                    },
+                    Some(Signal::Node) => {
+                        engine.set_settings(node_settings(&stores, &programmer.node));
+                    }
+                    Some(Signal::Relisted(resource)) => {
+                        debug!(resource, "relisted");
+                        relist(&mut engine);
+                        engine.set_settings(node_settings(&stores, &programmer.node));
+                    }
+                    Some(Signal::Restarted(resource)) => {
+                        programmer
+                            .metrics
+                            .watch_restarts
+                            .get_or_create(&lb_agent::metrics::ResourceLabel { resource })
+                            .inc();
+                    }
+                    None => anyhow::bail!("the watch streams ended"),
+                }
+                if engine.pending() > 0 {
                     pending_since.get_or_insert_with(std::time::Instant::now);
                 }
-                Some(Signal::Restarted(resource)) => {
-                    programmer
-                        .metrics
-                        .watch_restarts
-                        .get_or_create(&lb_agent::metrics::ResourceLabel { resource })
-                        .inc();
+            }
+            _ = tokio::time::sleep_until(next_allowed), if pending_since.is_some() || needs_full => {
+                let seen = pending_since.take();
+                if needs_full {
+                    // Once: what still fails after it (a conflict, a full map) waits for the
+                    // next change or --sync-period, rather than costing a full sync per tick.
+                    engine.take_delta();
+                    programmer.program_engine_full(&engine, false, seen);
+                    needs_full = false;
+                } else {
+                    needs_full = !programmer.program_delta(&mut engine, seen);
                 }
-                None => anyhow::bail!("the watch streams ended"),
-            },
-            _ = tokio::time::sleep_until(next_allowed), if pending_since.is_some() => {
-                programmer.apply(stores.snapshot(), false, pending_since.take());
                 last_sync = tokio::time::Instant::now();
             }
             _ = resync.tick() => {
-                programmer.apply(stores.snapshot(), true, pending_since.take());
+                engine.take_delta();
+                programmer.program_engine_full(&engine, true, pending_since.take());
+                needs_full = false;
                 last_sync = tokio::time::Instant::now();
             }
             _ = gc.tick() => collect_garbage(&mut conntrack),
@@ -457,14 +505,6 @@ impl Programmer {
         if !force && self.last.as_ref() == Some(&desired) {
             return;
         }
-        if force {
-            // A full resync diffs against what the maps really hold, repairing any drift.
-            match maps::Applier::open(&self.pin_dir) {
-                Ok(applier) => self.applier = applier,
-                Err(err) => warn!("re-reading the maps failed, diffing from memory: {err:#}"),
-            }
-        }
-        // Report problems when they change, not on every poll.
         let problems: Vec<String> = manifests
             .errors
             .iter()
@@ -478,26 +518,121 @@ impl Programmer {
                 .map(|e| e.object.as_deref())
                 .chain(desired.errors.iter().map(|e| Some(e.object.as_str()))),
         );
+        self.report_problems(problems, &desired.skipped, &settings);
+        self.program_full(desired, force, seen);
+    }
+
+    /// Logs skipped objects when the set changes, not on every poll or resync.
+    fn report_problems(
+        &mut self,
+        problems: Vec<String>,
+        skipped: &[(String, String)],
+        settings: &model::Settings,
+    ) {
         if problems != self.last_problems {
             for problem in &problems {
                 warn!("skipped: {problem}");
             }
-            for (object, reason) in &desired.skipped {
+            for (object, reason) in skipped {
                 info!(%object, "left out: {reason}");
             }
             info!(zone = ?settings.node_zone, node_port_addresses = ?settings.node_addresses, "node");
             self.last_problems = problems;
         }
+    }
+
+    /// Kubernetes mode, full: every Service the engine holds.
+    fn program_engine_full(
+        &mut self,
+        engine: &lb_agent::engine::Engine,
+        force: bool,
+        seen: Option<std::time::Instant>,
+    ) {
+        let desired = engine.desired();
+        self.metrics
+            .set_invalid_objects(desired.errors.iter().map(|e| Some(e.object.as_str())));
+        let problems = desired.errors.iter().map(ToString::to_string).collect();
+        self.report_problems(problems, &desired.skipped, engine.settings());
+        self.program_full(desired, force, seen);
+    }
+
+    /// Kubernetes mode, incremental: only the Services changed since the last sync. Returns
+    /// whether everything was programmed.
+    fn program_delta(
+        &mut self,
+        engine: &mut lb_agent::engine::Engine,
+        seen: Option<std::time::Instant>,
+    ) -> bool {
         let started = std::time::Instant::now();
-        let result = |result| lb_agent::metrics::ResultLabel { result };
-        let report = match self.applier.sync(&desired) {
+        let delta = engine.take_delta();
+        if delta.is_empty() {
+            return true;
+        }
+        for error in &delta.errors {
+            warn!("skipped: {error}");
+        }
+        for (object, reason) in &delta.skipped {
+            info!(%object, "left out: {reason}");
+        }
+        self.metrics
+            .set_invalid_objects(engine.errors().map(|e| Some(e.object.as_str())));
+        let result = self.applier.apply_delta(&delta, &engine.node_addresses());
+        let done = match self.record(result, started, seen) {
+            Some(report) => {
+                debug!(services = ?delta.services, "recomputed");
+                report.errors.is_empty()
+            }
+            None => false,
+        };
+        self.health_checks.sync(engine.health_checks());
+        // The last full state no longer describes the maps.
+        self.last = None;
+        done
+    }
+
+    /// Writes `desired` whole (diffed against what the maps hold when `force`).
+    fn program_full(
+        &mut self,
+        desired: model::DesiredState,
+        force: bool,
+        seen: Option<std::time::Instant>,
+    ) {
+        if force {
+            // A full resync diffs against what the maps really hold, repairing any drift.
+            match maps::Applier::open(&self.pin_dir) {
+                Ok(applier) => self.applier = applier,
+                Err(err) => warn!("re-reading the maps failed, diffing from memory: {err:#}"),
+            }
+        }
+        let started = std::time::Instant::now();
+        let result = self.applier.sync(&desired);
+        let Some(report) = self.record(result, started, seen) else {
+            self.last = None;
+            return;
+        };
+        self.health_checks.sync(&desired.health_checks);
+        // Anything left undone is tried again at the next change, poll or resync.
+        self.last = report.errors.is_empty().then_some(desired);
+    }
+
+    /// Metrics, log and node health for one sync; the report if it ran.
+    fn record(
+        &mut self,
+        result: anyhow::Result<maps::SyncReport>,
+        started: std::time::Instant,
+        seen: Option<std::time::Instant>,
+    ) -> Option<maps::SyncReport> {
+        let result_label = |result| lb_agent::metrics::ResultLabel { result };
+        let report = match result {
             Ok(report) => report,
             Err(err) => {
                 warn!("sync failed, keeping the current datapath: {err:#}");
-                self.metrics.syncs.get_or_create(&result("failed")).inc();
+                self.metrics
+                    .syncs
+                    .get_or_create(&result_label("failed"))
+                    .inc();
                 self.set_node_health(503, r#"{"status":"sync failed"}"#.to_string());
-                self.last = None;
-                return;
+                return None;
             }
         };
         let metrics = &self.metrics;
@@ -521,7 +656,7 @@ impl Programmer {
         metrics.programming_errors.set(report.errors.len() as i64);
         metrics
             .syncs
-            .get_or_create(&result(if report.errors.is_empty() {
+            .get_or_create(&result_label(if report.errors.is_empty() {
                 "ok"
             } else {
                 "partial"
@@ -540,11 +675,13 @@ impl Programmer {
             latency_us = seen.map(|s| s.elapsed().as_micros() as u64),
             "datapath programmed"
         );
-        self.health_checks.sync(&desired.health_checks);
-        let healthy = report.errors.is_empty();
-        // A Service refused (say, a full map) is reported but leaves the node serving every
-        // other one: still 200, or the probes would restart an agent that is doing its job.
-        let status = if healthy { "ok" } else { "degraded" };
+        let status = if report.errors.is_empty() {
+            "ok"
+        } else {
+            // A Service refused (say, a full map) is reported but leaves the node serving
+            // every other one: still 200, or the probes would restart an agent doing its job.
+            "degraded"
+        };
         self.set_node_health(
             200,
             format!(
@@ -553,8 +690,7 @@ impl Programmer {
                 report.errors.len()
             ),
         );
-        // Anything left undone is tried again at the next change, poll or resync.
-        self.last = healthy.then_some(desired);
+        Some(report)
     }
 }
 

@@ -277,6 +277,10 @@ pub struct Applier {
     service_ids: StdHashMap<String, u32>,
     service_alloc: IdAllocator,
     frontends: StdHashMap<FrontendKey, FrontendValue>,
+    /// The keys of `frontends`, by the service id they point at.
+    frontends_by_service: StdHashMap<u32, BTreeSet<FrontendKey>>,
+    /// How many slots (of all services) hold each backend id.
+    slot_refs: StdHashMap<u32, u32>,
     /// (frontend, client prefix length, client prefix) entries of LB_SOURCE_RANGES.
     source_ranges: BTreeSet<(FrontendKey, u32, [u8; 4])>,
 }
@@ -341,6 +345,19 @@ impl Applier {
             source_ranges.insert((data.frontend, key.prefix_len(), data.client));
         }
         let backend_ids = backends.iter().map(|(&id, &b)| (b, id)).collect();
+        let mut frontends_by_service: StdHashMap<u32, BTreeSet<FrontendKey>> = StdHashMap::new();
+        for (key, value) in &frontends {
+            frontends_by_service
+                .entry(value.service_id)
+                .or_default()
+                .insert(*key);
+        }
+        let mut slot_refs: StdHashMap<u32, u32> = StdHashMap::new();
+        for (_, ids) in services.values() {
+            for id in ids {
+                *slot_refs.entry(*id).or_default() += 1;
+            }
+        }
         let service_ids = services
             .iter()
             .map(|(&id, (name, _))| (name.clone(), id))
@@ -356,6 +373,8 @@ impl Applier {
             service_flags,
             service_ids,
             frontends,
+            frontends_by_service,
+            slot_refs,
             source_ranges,
         })
     }
@@ -383,11 +402,7 @@ impl Applier {
         // Chosen backends first: near capacity, a draining endpoint never takes the id a
         // serving one needs.
         let known_only = desired.known_backends.difference(&chosen);
-        let terminating: BTreeSet<Backend> = desired
-            .services
-            .values()
-            .flat_map(|s| s.terminating.iter().copied())
-            .collect();
+        let terminating = &desired.terminating_backends;
         for backend in chosen.iter().chain(known_only) {
             let mut flags = 0;
             if desired.remote_backends.contains(backend) {
@@ -462,7 +477,7 @@ impl Applier {
             }
             match self.maps.frontends.insert(key, value, 0) {
                 Ok(()) => {
-                    self.frontends.insert(*key, *value);
+                    self.record_frontend(*key, Some(*value));
                     report.writes += 1;
                 }
                 Err(err) => report
@@ -481,7 +496,7 @@ impl Applier {
                 .frontends
                 .remove(&key)
                 .context("removing a frontend")?;
-            self.frontends.remove(&key);
+            self.record_frontend(key, None);
             report.deletes += 1;
         }
         let stale: Vec<RangeEntry> = self
@@ -685,7 +700,7 @@ impl Applier {
             }
             match self.maps.frontends.insert(key, value, 0) {
                 Ok(()) => {
-                    self.frontends.insert(*key, *value);
+                    self.record_frontend(*key, Some(*value));
                     report.writes += 1;
                 }
                 Err(err) => report
@@ -696,18 +711,19 @@ impl Applier {
 
         // 4. Removals: frontends the changed entries no longer have, their source ranges,
         //    services that are gone, backends nobody uses.
-        let stale: Vec<FrontendKey> = self
-            .frontends
+        let stale: Vec<FrontendKey> = changing
             .iter()
-            .filter(|(k, v)| changing.contains(&v.service_id) && !wanted_frontends.contains_key(k))
-            .map(|(k, _)| *k)
+            .filter_map(|id| self.frontends_by_service.get(id))
+            .flatten()
+            .filter(|k| !wanted_frontends.contains_key(k))
+            .copied()
             .collect();
         for key in &stale {
             self.maps
                 .frontends
                 .remove(key)
                 .context("removing a frontend")?;
-            self.frontends.remove(key);
+            self.record_frontend(*key, None);
             report.deletes += 1;
         }
         let touched: BTreeSet<FrontendKey> = stale
@@ -729,31 +745,66 @@ impl Applier {
             let Some(&id) = self.service_ids.get(name) else {
                 continue;
             };
-            if !self.frontends.values().any(|v| v.service_id == id) {
+            if !self.frontends_by_service.contains_key(&id) {
                 self.remove_service(id, &mut report)?;
             }
         }
-        if !delta.released.is_empty() {
-            let in_slots: BTreeSet<u32> = self
-                .services
-                .values()
-                .flat_map(|(_, ids)| ids.iter().copied())
-                .collect();
-            for backend in &delta.released {
-                let Some(&id) = self.backend_ids.get(backend) else {
-                    continue;
-                };
-                if in_slots.contains(&id) {
-                    continue; // still in a refused service's old slots
-                }
-                self.remove_backend(id)?;
-                report.deletes += 1;
+        for backend in &delta.released {
+            let Some(&id) = self.backend_ids.get(backend) else {
+                continue;
+            };
+            if self.slot_refs.contains_key(&id) {
+                continue; // still in a refused service's old slots
             }
+            self.remove_backend(id)?;
+            report.deletes += 1;
         }
         report.services = self.services.len();
         report.frontends = self.frontends.len();
         report.backends = self.backends.len();
         Ok(report)
+    }
+
+    /// Keeps `frontends` and its index in step: `Some` written, `None` removed.
+    fn record_frontend(&mut self, key: FrontendKey, value: Option<FrontendValue>) {
+        let old = match value {
+            Some(value) => self.frontends.insert(key, value),
+            None => self.frontends.remove(&key),
+        };
+        if let Some(old) = old {
+            if let Some(keys) = self.frontends_by_service.get_mut(&old.service_id) {
+                keys.remove(&key);
+                if keys.is_empty() {
+                    self.frontends_by_service.remove(&old.service_id);
+                }
+            }
+        }
+        if let Some(value) = value {
+            self.frontends_by_service
+                .entry(value.service_id)
+                .or_default()
+                .insert(key);
+        }
+    }
+
+    /// Records the slots a service's entry now exposes, keeping `slot_refs` in step.
+    fn record_slots(&mut self, id: u32, name: &str, slots: Vec<u32>) {
+        let old = self
+            .services
+            .insert(id, (name.to_string(), slots.clone()))
+            .map(|(_, old)| old)
+            .unwrap_or_default();
+        for backend in old {
+            if let Some(refs) = self.slot_refs.get_mut(&backend) {
+                *refs -= 1;
+                if *refs == 0 {
+                    self.slot_refs.remove(&backend);
+                }
+            }
+        }
+        for backend in slots {
+            *self.slot_refs.entry(backend).or_default() += 1;
+        }
     }
 
     fn insert_range(&mut self, entry: &RangeEntry, report: &mut SyncReport) {
@@ -812,7 +863,7 @@ impl Applier {
                 let mut record = old.clone();
                 let result =
                     self.write_slots(id, &old, wanted, flags, false, name, &mut record, report);
-                self.services.insert(id, (name.to_string(), record));
+                self.record_slots(id, name, record);
                 result.map(|()| id)
             }
             None => {
@@ -830,7 +881,7 @@ impl Applier {
                     Ok(()) => {
                         debug!(service = name, id, "new service");
                         self.service_ids.insert(name.to_string(), id);
-                        self.services.insert(id, (name.to_string(), record));
+                        self.record_slots(id, name, record);
                         Ok(id)
                     }
                     Err(err) => {
@@ -953,6 +1004,7 @@ impl Applier {
                 .with_context(|| format!("removing a slot of service {name}"))?;
             report.deletes += 1;
         }
+        self.record_slots(id, &name, Vec::new());
         self.services.remove(&id);
         self.service_flags.remove(&id);
         self.service_ids.remove(&name);

@@ -209,6 +209,8 @@ pub struct DesiredState {
     pub node_addresses: BTreeSet<Ipv4Addr>,
     /// Endpoints known to run on another node (their `nodeName` is not ours).
     pub remote_backends: BTreeSet<Backend>,
+    /// Endpoints whose conditions say terminating (chosen or not), for operators.
+    pub terminating_backends: BTreeSet<Backend>,
     /// `healthCheckNodePort` of each LoadBalancer Service with `externalTrafficPolicy: Local`.
     pub health_checks: BTreeMap<u16, HealthCheck>,
     /// Objects or parts of objects that were left out, with the reason (bad field values).
@@ -554,6 +556,12 @@ fn add_service(
         state
             .remote_backends
             .extend(endpoints.iter().filter(|e| e.remote).map(|e| e.backend));
+        state.terminating_backends.extend(
+            endpoints
+                .iter()
+                .filter(|e| e.terminating)
+                .map(|e| e.backend),
+        );
         let externally_accessible = frontends.iter().any(|f| f.kind != FrontendKind::ClusterIP);
         let policy = Policy {
             internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),

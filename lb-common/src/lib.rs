@@ -223,7 +223,8 @@ pub struct SlotKey {
 /// `BackendValue::flags`: the endpoint runs on another node. External traffic to it is
 /// source-NATed to this node (externalTrafficPolicy Cluster), so its replies come back here.
 pub const BACKEND_REMOTE: u8 = 1;
-/// `BackendValue::flags`: the endpoint is terminating (used because no ready one is left).
+/// `BackendValue::flags`: the endpoint is terminating (new flows use it only when no ready
+/// endpoint is left).
 /// For operators only; the datapath does not read it.
 pub const BACKEND_TERMINATING: u8 = 2;
 

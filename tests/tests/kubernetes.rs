@@ -121,9 +121,22 @@ fn agent_follows_the_api_through_watch_drops_gone_relists_bookmarks_and_an_outag
         "{servers:?}"
     );
 
-    // 2. A watch event.
+    // 2. A watch event, applied as a delta: one endpoint more is a backend, a slot and the
+    //    service's count, as the map-operations metric tells.
+    let map_operations = || {
+        let (_, metrics) =
+            lb_tests::echo::http_get_path(&lab.node, "127.0.0.1:10249", "/metrics").unwrap();
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("lb_map_operations_total{"))
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let before = map_operations();
     api.apply_yaml(&slice(&[1, 2, 3])).unwrap();
     wait_for(&mut agent, &[1, 2, 3], "watch event applied");
+    let operations = map_operations() - before;
+    assert_eq!(operations, 3.0, "backend, slot, count");
 
     // 3. The watch is dropped; the client resumes from its resource version and sees the next
     //    change.

@@ -123,6 +123,12 @@ fn flows_survive_agent_restarts_and_cleanup_removes_the_datapath() {
 
     // --cleanup removes everything: no program, no pins, the VIP is no longer translated.
     cli(&pin_dir, &["--cleanup"]).expect("cleanup");
+    // Unpinning drops the link's last reference when bpffs frees the inode, after an RCU grace
+    // period: the detach is near, not synchronous.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while programs_on_client_link(&lab) != 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(programs_on_client_link(&lab), 0);
     assert!(!pin_dir.exists(), "pins removed");
     let after = lab
