@@ -1,6 +1,6 @@
 //! The agent against a fake Kubernetes API server speaking the real list/watch protocol to the
 //! real kube-rs client: initial list, watch events, dropped watches, `410 Gone` and relist,
-//! bookmarks, an outage. The agent drives real maps and real traffic flows meanwhile.
+//! bookmarks, a minute-long outage. The agent drives real maps and real traffic flows meanwhile.
 
 use std::{
     collections::BTreeSet,
@@ -13,7 +13,7 @@ use lb_agent::maps::read_services;
 use lb_tests::{
     agent::Agent,
     echo::{start_backends, tcp_request},
-    fake_api::FakeApi,
+    fake_api::{FakeApi, Kind},
     lab::{backend_addr, NodeLab, TEST_PREFIX},
 };
 
@@ -44,6 +44,32 @@ ports: [{{name: http, port: 8080}}]
 endpoints:{endpoints}
 "
     )
+}
+
+/// How long the API server is away in the outage step (the issue asks for a minute).
+const OUTAGE: Duration = Duration::from_secs(60);
+
+/// A second Service, deleted in the API during the outage.
+const GONE: &str = "apiVersion: v1
+kind: Service
+metadata: {name: gone, namespace: default}
+spec:
+  clusterIP: 10.96.0.20
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: gone-1, namespace: default, labels: {kubernetes.io/service-name: gone}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- {addresses: [10.244.2.2], nodeName: node-a}
+";
+
+fn service_names(pin_dir: &Path) -> BTreeSet<String> {
+    read_services(pin_dir)
+        .map(|s| s.into_iter().map(|s| s.name).collect())
+        .unwrap_or_default()
 }
 
 fn programmed(pin_dir: &Path) -> BTreeSet<Ipv4Addr> {
@@ -181,21 +207,51 @@ fn agent_follows_the_api_through_watch_drops_gone_relists_bookmarks_and_an_outag
     api.apply_yaml(&slice(&[1, 2, 3])).unwrap();
     wait_for(&mut agent, &[1, 2, 3], "change after the relist");
 
-    // 6. An outage: the API server is gone for a while; forwarding goes on, nothing is
-    //    deleted, and the agent catches up when it returns.
+    // 6. An outage of a minute: the API server is gone; forwarding goes on and nothing is
+    //    deleted, not even what is deleted in the API meanwhile, until a fresh list (after
+    //    `410 Gone`: the history expired in between) proves it gone; then the agent catches up.
+    api.apply_yaml(GONE).unwrap();
+    agent
+        .wait_until(Duration::from_secs(20), || {
+            service_names(&pin_dir).contains("default/gone:http/TCP")
+        })
+        .expect("second Service programmed");
+    let (lists_before, _) = api.requests();
     api.set_down(true);
-    let outage_end = Instant::now() + Duration::from_secs(4);
+    api.delete(Kind::Service, "default", "gone");
+    api.delete(Kind::EndpointSlice, "default", "gone-1");
+    api.apply_yaml(&slice(&[3])).unwrap(); // a change made while the agent cannot see it
+    api.expire_history();
+    let outage_end = Instant::now() + OUTAGE;
     while Instant::now() < outage_end {
         assert_eq!(
             programmed(&pin_dir),
             lab_backends(&[1, 2, 3]),
+            "nothing changed in the outage"
+        );
+        assert!(
+            service_names(&pin_dir).contains("default/gone:http/TCP"),
             "nothing deleted in the outage"
         );
         assert_eq!(traffic(&lab).len(), 20, "traffic flows in the outage");
+        std::thread::sleep(Duration::from_millis(500));
     }
-    api.apply_yaml(&slice(&[3])).unwrap(); // a change made while the agent could not see it
     api.set_down(false);
-    wait_for(&mut agent, &[3], "caught up after the outage");
+    let back = Instant::now();
+    // The watches back off while the server is down and again on `410 Gone` (kube-rs's
+    // default, as client-go's reflector: up to 30 s between attempts, with jitter).
+    agent
+        .wait_until(Duration::from_secs(120), || {
+            programmed(&pin_dir) == lab_backends(&[3])
+                && !service_names(&pin_dir).contains("default/gone:http/TCP")
+        })
+        .expect("caught up after the outage: the change applied, the deleted Service gone");
+    eprintln!(
+        "caught up {:?} after the API server returned",
+        back.elapsed()
+    );
+    assert!(api.requests().0 > lists_before, "relisted after 410 Gone");
+    assert_eq!(traffic(&lab).len(), 20, "traffic flows after the outage");
 
     let log = agent.log_text();
     assert!(
