@@ -5,7 +5,7 @@
 //! agent adopts the state it finds) and writes only the difference on every sync.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap as StdHashMap},
+    collections::{BTreeMap, BTreeSet, HashMap as StdHashMap, HashSet as StdHashSet},
     net::Ipv4Addr,
     path::Path,
 };
@@ -248,6 +248,12 @@ impl IdAllocator {
     fn release(&mut self, id: u32) {
         self.free.insert(id);
     }
+
+    /// How many ids below `limit` are free.
+    fn available(&self, limit: u32) -> usize {
+        let below = self.free.range(..limit).count();
+        below + limit.saturating_sub(self.next) as usize
+    }
 }
 
 /// What one sync changed.
@@ -398,9 +404,7 @@ impl Applier {
             .chain(&desired.known_backends)
             .copied()
             .collect();
-        let mut missing = BTreeSet::new();
-        // Chosen backends first: near capacity, a draining endpoint never takes the id a
-        // serving one needs.
+        let room = self.plan_backends(desired.services.values(), &desired.known_backends);
         let known_only = desired.known_backends.difference(&chosen);
         let terminating = &desired.terminating_backends;
         for backend in chosen.iter().chain(known_only) {
@@ -411,7 +415,9 @@ impl Applier {
             if terminating.contains(backend) {
                 flags |= BACKEND_TERMINATING;
             }
-            self.put_backend(backend, flags, &mut missing, &mut report);
+            if self.backend_ids.contains_key(backend) || room.contains(backend) {
+                self.put_backend(backend, flags, &mut report);
+            }
         }
 
         // 2. Each service's slots and backend count. A service that cannot be written whole
@@ -421,7 +427,7 @@ impl Applier {
         let mut wanted_ranges: BTreeSet<RangeEntry> = BTreeSet::new();
         let mut kept: BTreeSet<u32> = BTreeSet::new();
         for (name, service) in &desired.services {
-            let result = self.write_entry(name, service, &missing, &mut report);
+            let result = self.write_entry(name, service, &mut report);
             let service_id = match result {
                 Ok(id) => id,
                 Err(err) => {
@@ -552,15 +558,48 @@ impl Applier {
         Ok(report)
     }
 
-    /// Stores one backend (new, or with new flags); a backend that cannot be stored goes to
-    /// `missing`, and the services that need it are refused.
-    fn put_backend(
-        &mut self,
-        backend: &Backend,
-        flags: u8,
-        missing: &mut BTreeSet<Backend>,
-        report: &mut SyncReport,
-    ) {
+    /// Which new backends get an id when `LB_BACKENDS` cannot hold them all: whole services
+    /// (in the order given: name order), never part of one, so a Service that does not fit is
+    /// refused whole and cannot starve the ones after it; then endpoints that are only known
+    /// (draining ones), while room is left.
+    fn plan_backends<'a>(
+        &self,
+        services: impl Iterator<Item = &'a DesiredService>,
+        known: impl IntoIterator<Item = &'a Backend>,
+    ) -> StdHashSet<Backend> {
+        let mut room = self.backend_alloc.available(self.maps.backends.len());
+        let mut planned = StdHashSet::new();
+        let mut chosen = StdHashSet::new();
+        for service in services {
+            chosen.extend(service.backends.iter().copied());
+            let new: BTreeSet<&Backend> = service
+                .backends
+                .iter()
+                .filter(|b| !self.backend_ids.contains_key(b) && !planned.contains(*b))
+                .collect();
+            if new.len() <= room {
+                room -= new.len();
+                planned.extend(new.into_iter().copied());
+            }
+        }
+        // A refused Service's own backends are not worth an id as merely known ones.
+        for backend in known {
+            if room == 0 {
+                break;
+            }
+            if !chosen.contains(backend)
+                && !self.backend_ids.contains_key(backend)
+                && planned.insert(*backend)
+            {
+                room -= 1;
+            }
+        }
+        planned
+    }
+
+    /// Stores one backend (new, or with new flags); one that cannot be stored leaves the
+    /// services that need it refused (see [`Applier::write_entry`]).
+    fn put_backend(&mut self, backend: &Backend, flags: u8, report: &mut SyncReport) {
         if let Some(&id) = self.backend_ids.get(backend) {
             if self.backend_flags.get(&id) != Some(&flags) {
                 match self.maps.backends.set(id, backend_value(backend, flags), 0) {
@@ -576,7 +615,6 @@ impl Applier {
             return;
         }
         let Some(id) = self.backend_alloc.allocate(self.maps.backends.len()) else {
-            missing.insert(*backend);
             return;
         };
         if let Err(err) = self.maps.backends.set(id, backend_value(backend, flags), 0) {
@@ -584,7 +622,6 @@ impl Applier {
             report
                 .errors
                 .push(format!("backend {}:{}: {err}", backend.addr, backend.port));
-            missing.insert(*backend);
             return;
         }
         self.backends.insert(id, *backend);
@@ -598,10 +635,13 @@ impl Applier {
         &mut self,
         name: &str,
         service: &DesiredService,
-        missing: &BTreeSet<Backend>,
         report: &mut SyncReport,
     ) -> anyhow::Result<u32> {
-        if let Some(b) = service.backends.iter().find(|b| missing.contains(b)) {
+        if let Some(b) = service
+            .backends
+            .iter()
+            .find(|b| !self.backend_ids.contains_key(b))
+        {
             anyhow::bail!(
                 "backend {}:{} could not be stored (LB_BACKENDS full? see --max-backends)",
                 b.addr,
@@ -634,9 +674,11 @@ impl Applier {
     ) -> anyhow::Result<SyncReport> {
         let mut report = SyncReport::default();
         // 1. Backends.
-        let mut missing = BTreeSet::new();
+        let room = self.plan_backends(delta.upsert.values(), delta.backends.keys());
         for (backend, &flags) in &delta.backends {
-            self.put_backend(backend, flags, &mut missing, &mut report);
+            if self.backend_ids.contains_key(backend) || room.contains(backend) {
+                self.put_backend(backend, flags, &mut report);
+            }
         }
 
         // 2. Slots and service entries of the changed entries; their frontends are collected.
@@ -647,7 +689,7 @@ impl Applier {
         let mut wanted_ranges: BTreeSet<RangeEntry> = BTreeSet::new();
         let mut entries = Vec::new();
         for (name, service) in &delta.upsert {
-            match self.write_entry(name, service, &missing, &mut report) {
+            match self.write_entry(name, service, &mut report) {
                 Ok(id) => {
                     changing.insert(id);
                     entries.push((name, service, id));

@@ -314,3 +314,53 @@ fn a_half_written_service_is_recorded_as_written_and_repaired_later() {
             .to_vec()
     );
 }
+
+#[test]
+fn a_service_too_big_for_the_backend_map_is_refused_whole_and_starves_no_other() {
+    // Backend ids 1..=3 only.
+    let mut h = Harness::with_settings(&DatapathSettings {
+        capacity: Capacity {
+            backends: 4,
+            ..Capacity::default()
+        },
+        ..DatapathSettings::default()
+    })
+    .unwrap();
+    // The big one's addresses sort first: handing out ids address by address would give it
+    // the three ids and leave both Services without a complete set.
+    let state = DesiredState {
+        services: BTreeMap::from([
+            one(
+                "ns/a-big:80/TCP",
+                "10.96.0.1",
+                &["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5"],
+            ),
+            one("ns/b-small:80/TCP", "10.96.0.2", &["10.9.0.1"]),
+        ]),
+        ..Default::default()
+    };
+    let report = h.applier.sync(&state).unwrap();
+    assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
+    assert!(
+        report.errors[0].contains("ns/a-big") && report.errors[0].contains("--max-backends"),
+        "{:?}",
+        report.errors
+    );
+    assert_eq!(
+        backends_of(&h.pin_dir, "ns/b-small:80/TCP"),
+        [Ipv4Addr::new(10, 9, 0, 1)]
+    );
+    assert!(
+        backends_of(&h.pin_dir, "ns/a-big:80/TCP").is_empty(),
+        "never half programmed"
+    );
+    assert!(
+        !read_services(&h.pin_dir)
+            .unwrap()
+            .iter()
+            .any(|s| s.name == "ns/a-big:80/TCP"),
+        "no entry, no frontend"
+    );
+    // No id is held for the refused one: the map has the small one's backend only.
+    assert_eq!(report.backends, 1);
+}
