@@ -118,21 +118,23 @@ pub fn parse_into(file: &Path, text: &str, out: &mut Manifests) {
             .unwrap_or("");
         let object = describe(&value);
         match (api_version, kind) {
-            ("v1", "Service") => match decode::<Service>(value) {
+            ("v1", "Service") => match decode::<Service>(value).and_then(named) {
                 Ok(mut service) => {
                     default_namespace(&mut service.metadata);
                     out.services.push(service);
                 }
                 Err(message) => out.errors.push(error(Some(object), message)),
             },
-            ("discovery.k8s.io/v1", "EndpointSlice") => match decode::<EndpointSlice>(value) {
-                Ok(mut slice) => {
-                    default_namespace(&mut slice.metadata);
-                    out.endpoint_slices.push(slice);
+            ("discovery.k8s.io/v1", "EndpointSlice") => {
+                match decode::<EndpointSlice>(value).and_then(named) {
+                    Ok(mut slice) => {
+                        default_namespace(&mut slice.metadata);
+                        out.endpoint_slices.push(slice);
+                    }
+                    Err(message) => out.errors.push(error(Some(object), message)),
                 }
-                Err(message) => out.errors.push(error(Some(object), message)),
-            },
-            ("v1", "Endpoints") => match decode::<Endpoints>(value) {
+            }
+            ("v1", "Endpoints") => match decode::<Endpoints>(value).and_then(named) {
                 Ok(mut endpoints) => {
                     default_namespace(&mut endpoints.metadata);
                     out.endpoints.push(endpoints);
@@ -145,9 +147,9 @@ pub fn parse_into(file: &Path, text: &str, out: &mut Manifests) {
             },
             (_, "Service" | "EndpointSlice" | "Endpoints" | "Node") => out.errors.push(error(
                 Some(object),
-                format!("unsupported apiVersion {api_version:?} for kind {kind} (want v1 / discovery.k8s.io/v1)"),
+                format!("field `apiVersion`: unsupported {api_version:?} for kind {kind} (want v1 / discovery.k8s.io/v1)"),
             )),
-            (_, "") => out.errors.push(error(None, "document has no `kind`".to_string())),
+            (_, "") => out.errors.push(error(None, "field `kind`: missing".to_string())),
             _ => out.ignored.push(object),
         }
     }
@@ -164,6 +166,19 @@ fn decode<T: DeserializeOwned>(value: serde_yaml::Value) -> Result<T, String> {
             format!("field `{path}`: {inner}")
         }
     })
+}
+
+/// Refuses a nameless object: it could not exist in a cluster, and two of them would be taken
+/// for one.
+fn named<
+    T: k8s_openapi::Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>,
+>(
+    object: T,
+) -> Result<T, String> {
+    if object.metadata().name.as_deref().unwrap_or("").is_empty() {
+        return Err("field `metadata.name`: missing".to_string());
+    }
+    Ok(object)
 }
 
 /// `Kind namespace/name` as far as the raw document tells.
@@ -320,8 +335,10 @@ spec:
         let deployment = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n";
         let out = parse(&format!("{no_kind}---\n{old_slice}---\n{deployment}"));
         assert_eq!(out.errors.len(), 2, "{:?}", out.errors);
-        assert!(out.errors[0].message.contains("no `kind`"));
-        assert!(out.errors[1].message.contains("unsupported apiVersion"));
+        assert_eq!(out.errors[0].message, "field `kind`: missing");
+        assert!(out.errors[1]
+            .message
+            .starts_with("field `apiVersion`: unsupported"));
         assert_eq!(
             out.errors[1].object.as_deref(),
             Some("EndpointSlice shop/web-abc")

@@ -137,14 +137,21 @@ impl Metrics {
         })
     }
 
-    /// Sets the invalid-object gauges from the objects' `Kind ns/name` descriptions.
+    /// Sets the invalid-object gauges from the `Kind ns/name` of every error (`None`: a
+    /// document that did not load).
     pub fn set_invalid_objects<'a>(&self, objects: impl Iterator<Item = Option<&'a str>>) {
         let mut counts: std::collections::BTreeMap<String, i64> =
             ["Service", "EndpointSlice", "Endpoints", "Node", "document"]
                 .into_iter()
                 .map(|k| (k.to_string(), 0))
                 .collect();
+        // An object with two bad fields is one invalid object; documents that did not load
+        // have no name and each count.
+        let mut seen = std::collections::HashSet::new();
         for object in objects {
+            if object.is_some_and(|o| !seen.insert(o)) {
+                continue;
+            }
             let kind = object
                 .and_then(|o| o.split_whitespace().next())
                 .unwrap_or("document");

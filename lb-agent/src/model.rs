@@ -328,10 +328,6 @@ fn add_service(
 ) {
     let name = namespaced(&service.metadata);
     let object = format!("Service {name}");
-    let Some(spec) = &service.spec else {
-        state.skipped.push((object, "no spec".to_string()));
-        return;
-    };
     if let Some(proxy) = service
         .metadata
         .labels
@@ -343,6 +339,15 @@ fn add_service(
             .push((object, format!("belongs to service proxy {proxy:?}")));
         return;
     }
+    let error = |field: &str, message: String| ModelError {
+        object: object.clone(),
+        field: field.to_string(),
+        message,
+    };
+    let Some(spec) = &service.spec else {
+        state.errors.push(error("spec", "missing".to_string()));
+        return;
+    };
     if spec.type_.as_deref() == Some("ExternalName") {
         state.skipped.push((
             object,
@@ -358,6 +363,7 @@ fn add_service(
         return;
     }
     let mut frontend_addrs = Vec::new();
+    let mut bad_cluster_ip = false;
     for (index, ip) in cluster_ips.iter().enumerate() {
         let field = if spec.cluster_ips.is_some() {
             format!("spec.clusterIPs[{index}]")
@@ -372,16 +378,17 @@ fn add_service(
                 format!("{field} {ip}: IPv6 not supported yet"),
             )),
             Err(_) => {
-                state.errors.push(ModelError {
-                    object: object.clone(),
-                    field,
-                    message: format!("{ip:?} is not an IP address"),
-                });
-                return;
+                bad_cluster_ip = true;
+                state
+                    .errors
+                    .push(error(&field, format!("{ip:?} is not an IP address")));
             }
         }
     }
     if frontend_addrs.is_empty() {
+        if bad_cluster_ip {
+            return; // reported above
+        }
         state
             .skipped
             .push((object, "no IPv4 cluster IP assigned".to_string()));
@@ -392,16 +399,29 @@ fn add_service(
         .get(&name)
         .map(Vec::as_slice)
         .unwrap_or_default();
-    let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
+    // Kubernetes refuses any other type; the cluster IP is the part that is surely meant.
+    let type_ = match spec.type_.as_deref().unwrap_or("") {
+        "" => "ClusterIP",
+        known @ ("ClusterIP" | "NodePort" | "LoadBalancer") => known,
+        other => {
+            state.errors.push(error(
+                "spec.type",
+                format!("{other:?} is not a Service type; serving the cluster IP only"),
+            ));
+            "ClusterIP"
+        }
+    };
     // kube-proxy serves a NodePort whenever one is set on a NodePort or LoadBalancer Service;
     // `allocateLoadBalancerNodePorts: false` only means none is allocated automatically.
     let wants_node_port = type_ == "NodePort" || type_ == "LoadBalancer";
+    // The API holds external IPs to the rules of endpoint addresses.
     let external_ips = parse_addresses(
         spec.external_ips
             .iter()
             .flatten()
             .enumerate()
             .map(|(i, ip)| (format!("spec.externalIPs[{i}]"), ip.as_str())),
+        true,
         &object,
         state,
     );
@@ -424,6 +444,7 @@ fn add_service(
                         .as_deref()
                         .map(|ip| (format!("status.loadBalancer.ingress[{i}].ip"), ip))
                 }),
+            false,
             &object,
             state,
         )
@@ -467,6 +488,7 @@ fn add_service(
         });
 
     let affinity = match spec.session_affinity.as_deref() {
+        None | Some("" | "None") => None,
         Some("ClientIP") => {
             let timeout = spec
                 .session_affinity_config
@@ -487,22 +509,77 @@ fn add_service(
                 Some(DEFAULT_AFFINITY_TIMEOUT_SECONDS as u32)
             }
         }
-        _ => None,
+        Some(other) => {
+            state.errors.push(error(
+                "spec.sessionAffinity",
+                format!("{other:?} is neither ClientIP nor None; no affinity"),
+            ));
+            None
+        }
     };
+    // Unknown values mean Cluster, the default, as they do to kube-proxy.
+    let mut local_policy = |field: &str, value: Option<&String>| match value.map(String::as_str) {
+        None | Some("" | "Cluster") => false,
+        Some("Local") => true,
+        Some(other) => {
+            state.errors.push(error(
+                field,
+                format!("{other:?} is neither Cluster nor Local; using Cluster"),
+            ));
+            false
+        }
+    };
+    let internal_local = local_policy(
+        "spec.internalTrafficPolicy",
+        spec.internal_traffic_policy.as_ref(),
+    );
+    let external_local = local_policy(
+        "spec.externalTrafficPolicy",
+        spec.external_traffic_policy.as_ref(),
+    );
+    if spec.ports.as_ref().is_none_or(Vec::is_empty) {
+        state.errors.push(error(
+            "spec.ports",
+            "no ports: a Service with a cluster IP needs at least one".to_string(),
+        ));
+    }
 
     let mut local_endpoints: BTreeSet<Ipv4Addr> = BTreeSet::new();
+    // Earlier valid ports by name and by number: a duplicate would overwrite or shadow them.
+    let mut names: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut numbers: BTreeMap<(u16, Protocol), usize> = BTreeMap::new();
     for (index, port) in spec.ports.iter().flatten().enumerate() {
         let (port_number, protocol) = match service_port(port) {
             Ok(p) => p,
-            Err(message) => {
-                state.errors.push(ModelError {
-                    object: object.clone(),
-                    field: format!("spec.ports[{index}]"),
-                    message,
-                });
+            Err((field, message)) => {
+                state
+                    .errors
+                    .push(error(&format!("spec.ports[{index}].{field}"), message));
                 continue;
             }
         };
+        if let Some(first) = numbers.get(&(port_number, protocol)) {
+            state.errors.push(error(
+                &format!("spec.ports[{index}].port"),
+                format!("{port_number}/{protocol} is already spec.ports[{first}]"),
+            ));
+            continue;
+        }
+        // Slices match ports by name, so two ports of one name would share backends.
+        let port_name = port.name.as_deref().unwrap_or("");
+        if let Some(first) = names.get(port_name) {
+            let message = if port_name.is_empty() {
+                format!("unnamed, as is spec.ports[{first}]: each port of a multi-port Service needs a name")
+            } else {
+                format!("{port_name:?} is already the name of spec.ports[{first}]")
+            };
+            state
+                .errors
+                .push(error(&format!("spec.ports[{index}].name"), message));
+            continue;
+        }
+        numbers.insert((port_number, protocol), index);
+        names.insert(port_name, index);
         let key = format!(
             "{name}:{}/{protocol}",
             port.name
@@ -521,22 +598,22 @@ fn add_service(
             .map(|&addr| frontend(addr, port_number, FrontendKind::ClusterIP))
             .collect();
         if wants_node_port {
-            match port.node_port.map(u16::try_from) {
-                Some(Ok(node_port)) if node_port != 0 => frontends.extend(
+            // 0 is the API's "unset" (omitted on the wire): not allocated, nothing to serve.
+            match port.node_port.filter(|&p| p != 0).map(u16::try_from) {
+                Some(Ok(node_port)) => frontends.extend(
                     settings
                         .node_addresses
                         .iter()
                         .map(|&addr| frontend(addr, node_port, FrontendKind::NodePort)),
                 ),
-                Some(_) => state.errors.push(ModelError {
-                    object: object.clone(),
-                    field: format!("spec.ports[{index}].nodePort"),
-                    message: format!(
+                Some(Err(_)) => state.errors.push(error(
+                    &format!("spec.ports[{index}].nodePort"),
+                    format!(
                         "node port {} is outside 1-65535",
                         port.node_port.unwrap_or_default()
                     ),
-                }),
-                None => {} // not allocated yet: nothing to serve
+                )),
+                None => {}
             }
         }
         frontends.extend(
@@ -564,8 +641,8 @@ fn add_service(
         );
         let externally_accessible = frontends.iter().any(|f| f.kind != FrontendKind::ClusterIP);
         let policy = Policy {
-            internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
-            external_local: spec.external_traffic_policy.as_deref() == Some("Local"),
+            internal_local,
+            external_local,
             externally_accessible,
         };
         let sets = categorize(
@@ -621,10 +698,13 @@ fn add_service(
             );
         }
     }
-    let local_policy = spec.external_traffic_policy.as_deref() == Some("Local");
-    if type_ == "LoadBalancer" && local_policy {
-        match spec.health_check_node_port.map(u16::try_from) {
-            Some(Ok(port)) if port != 0 => {
+    if type_ == "LoadBalancer" && external_local {
+        match spec
+            .health_check_node_port
+            .filter(|&p| p != 0)
+            .map(u16::try_from)
+        {
+            Some(Ok(port)) => {
                 let (namespace, service_name) = name.split_once('/').unwrap_or(("", &name));
                 state.health_checks.insert(
                     port,
@@ -635,39 +715,64 @@ fn add_service(
                     },
                 );
             }
-            Some(_) => state.errors.push(ModelError {
-                object: object.clone(),
-                field: "spec.healthCheckNodePort".to_string(),
-                message: format!(
+            Some(Err(_)) => state.errors.push(error(
+                "spec.healthCheckNodePort",
+                format!(
                     "{} is outside 1-65535",
                     spec.health_check_node_port.unwrap_or_default()
                 ),
-            }),
+            )),
             None => {}
         }
     }
 }
 
 /// Parses IPv4 addresses, reporting the bad ones by field; IPv6 ones are skipped quietly
-/// (this datapath is IPv4 only).
+/// (this datapath is IPv4 only). `as_endpoint`: also refuse what an endpoint cannot be.
 fn parse_addresses<'a>(
     addresses: impl Iterator<Item = (String, &'a str)>,
+    as_endpoint: bool,
     object: &str,
     state: &mut DesiredState,
 ) -> Vec<Ipv4Addr> {
     let mut out = Vec::new();
     for (field, text) in addresses {
-        match text.parse::<std::net::IpAddr>() {
-            Ok(std::net::IpAddr::V4(addr)) => out.push(addr),
-            Ok(std::net::IpAddr::V6(_)) => {}
-            Err(_) => state.errors.push(ModelError {
-                object: object.to_string(),
-                field,
-                message: format!("{text:?} is not an IP address"),
-            }),
-        }
+        let message = match text.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(addr)) => match unusable(addr).filter(|_| as_endpoint) {
+                None => {
+                    out.push(addr);
+                    continue;
+                }
+                Some(why) => format!("{text:?} is not a usable address ({why})"),
+            },
+            Ok(std::net::IpAddr::V6(_)) => continue,
+            Err(_) => format!("{text:?} is not an IP address"),
+        };
+        state.errors.push(ModelError {
+            object: object.to_string(),
+            field,
+            message,
+        });
     }
     out
+}
+
+/// Why an address cannot be an endpoint, after Kubernetes' `ValidateEndpointIP` (plus the
+/// broadcast address): these reach the node itself or nothing, never a pod.
+fn unusable(addr: Ipv4Addr) -> Option<&'static str> {
+    if addr.is_unspecified() {
+        Some("unspecified")
+    } else if addr.is_loopback() {
+        Some("loopback")
+    } else if addr.is_link_local() {
+        Some("link-local")
+    } else if addr.octets()[..3] == [224, 0, 0] {
+        Some("link-local multicast")
+    } else if addr.is_broadcast() {
+        Some("broadcast")
+    } else {
+        None
+    }
 }
 
 fn cluster_ips(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Vec<String> {
@@ -678,12 +783,13 @@ fn cluster_ips(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Vec<String> {
     }
 }
 
-fn service_port(port: &ServicePort) -> Result<(u16, Protocol), String> {
-    let protocol = Protocol::parse(port.protocol.as_deref())?;
+/// A Service port's number and protocol, or the offending field (under `spec.ports[i]`) and why.
+fn service_port(port: &ServicePort) -> Result<(u16, Protocol), (&'static str, String)> {
+    let protocol = Protocol::parse(port.protocol.as_deref()).map_err(|m| ("protocol", m))?;
     let number = u16::try_from(port.port)
         .ok()
         .filter(|&p| p != 0)
-        .ok_or_else(|| format!("port {} is outside 1-65535", port.port))?;
+        .ok_or_else(|| ("port", format!("port {} is outside 1-65535", port.port)))?;
     Ok((number, protocol))
 }
 
@@ -724,26 +830,67 @@ fn endpoints_for_port(
     let port_name = port_name.unwrap_or("");
     let mut endpoints: Vec<EndpointInfo> = Vec::new();
     for slice in slices {
-        if slice.address_type != "IPv4" {
-            continue; // IPv6 and FQDN slices carry nothing this IPv4 datapath can use
-        }
         let object = format!("EndpointSlice {}", namespaced(&slice.metadata));
-        let target = slice.ports.iter().flatten().enumerate().find(|(_, p)| {
-            p.name.as_deref().unwrap_or("") == port_name
-                && Protocol::parse(p.protocol.as_deref()).ok() == Some(protocol)
-        });
-        let Some((port_index, target)) = target else {
-            continue;
+        // Each port of the Service reads the slice again: report its faults once.
+        let mut report = |field: String, message: String| {
+            let error = ModelError {
+                object: object.clone(),
+                field,
+                message,
+            };
+            if !state.errors.contains(&error) {
+                state.errors.push(error);
+            }
         };
-        let Some(target_port) = target.port else {
-            continue; // a slice port without a number means "no port": nothing to send to
-        };
-        let Some(target_port) = u16::try_from(target_port).ok().filter(|&p| p != 0) else {
-            state.errors.push(ModelError {
-                object,
-                field: format!("ports[{port_index}].port"),
-                message: format!("port {target_port} is outside 1-65535"),
-            });
+        match slice.address_type.as_str() {
+            "IPv4" => {}
+            // Nothing this IPv4 datapath can use, rightly.
+            "IPv6" | "FQDN" => continue,
+            "" => {
+                report("addressType".to_string(), "missing".to_string());
+                continue;
+            }
+            other => {
+                report(
+                    "addressType".to_string(),
+                    format!("{other:?} is not one of IPv4, IPv6, FQDN"),
+                );
+                continue;
+            }
+        }
+        let mut target = None;
+        for (index, port) in slice.ports.iter().flatten().enumerate() {
+            let port_protocol = match port.protocol.as_deref() {
+                // Valid, only not served here: the Service port reports it.
+                Some("SCTP") => None,
+                other => match Protocol::parse(other) {
+                    Ok(p) => Some(p),
+                    Err(message) => {
+                        report(format!("ports[{index}].protocol"), message);
+                        continue;
+                    }
+                },
+            };
+            // No number means "no port": nothing to send to, and not an error.
+            let number = match port.port.map(|n| (n, u16::try_from(n))) {
+                None => None,
+                Some((_, Ok(n))) if n != 0 => Some(n),
+                Some((n, _)) => {
+                    report(
+                        format!("ports[{index}].port"),
+                        format!("port {n} is outside 1-65535"),
+                    );
+                    continue;
+                }
+            };
+            if target.is_none()
+                && port.name.as_deref().unwrap_or("") == port_name
+                && port_protocol == Some(protocol)
+            {
+                target = Some(number);
+            }
+        }
+        let Some(Some(target_port)) = target else {
             continue;
         };
         for (endpoint_index, endpoint) in slice.endpoints.iter().enumerate() {
@@ -773,19 +920,29 @@ fn endpoints_for_port(
                 .flatten()
                 .map(|n| n.name.clone())
                 .collect();
+            if endpoint.addresses.is_empty() {
+                report(
+                    format!("endpoints[{endpoint_index}].addresses"),
+                    "no address (an endpoint needs at least one)".to_string(),
+                );
+            }
             // Like kube-proxy, only the first address: the others are the same pod in other
             // families or aliases, not more endpoints.
             for (address_index, address) in endpoint.addresses.iter().enumerate().take(1) {
-                let addr = match address.parse::<Ipv4Addr>() {
-                    Ok(addr) if !addr.is_unspecified() && !addr.is_broadcast() => addr,
-                    _ => {
-                        state.errors.push(ModelError {
-                            object: object.clone(),
-                            field: format!(
-                                "endpoints[{endpoint_index}].addresses[{address_index}]"
-                            ),
-                            message: format!("{address:?} is not a usable IPv4 address"),
-                        });
+                let reason = match address.parse::<Ipv4Addr>() {
+                    Ok(addr) => match unusable(addr) {
+                        None => Ok(addr),
+                        Some(why) => Err(format!(" ({why})")),
+                    },
+                    Err(_) => Err(String::new()),
+                };
+                let addr = match reason {
+                    Ok(addr) => addr,
+                    Err(why) => {
+                        report(
+                            format!("endpoints[{endpoint_index}].addresses[{address_index}]"),
+                            format!("{address:?} is not a usable IPv4 address{why}"),
+                        );
                         continue;
                     }
                 };
@@ -1136,9 +1293,9 @@ endpoints: [{addresses: [10.244.1.999]}, {addresses: [10.244.1.7]}]
             errors,
             vec![
                 "Service default/bad-ip: field `spec.clusterIP`: \"10.96.0.300\" is not an IP address",
-                "Service default/bad-port: field `spec.ports[0]`: port 70000 is outside 1-65535",
+                "Service default/bad-port: field `spec.ports[0].port`: port 70000 is outside 1-65535",
                 "EndpointSlice default/bad-port-1: field `endpoints[0].addresses[0]`: \"10.244.1.999\" is not a usable IPv4 address",
-                "Service default/bad-port: field `spec.ports[2]`: protocol \"SCTP\" is not supported (TCP and UDP are)",
+                "Service default/bad-port: field `spec.ports[2].protocol`: protocol \"SCTP\" is not supported (TCP and UDP are)",
             ]
         );
         assert_eq!(
