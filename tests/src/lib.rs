@@ -9,6 +9,7 @@ pub mod echo;
 pub mod fake_api;
 pub mod lab;
 pub mod packet;
+pub mod soak;
 
 use lb_agent::model::{Backend, DesiredService, Frontend, FrontendKind, Protocol};
 
