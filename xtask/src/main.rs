@@ -71,6 +71,8 @@ fn main() -> anyhow::Result<()> {
         Task::Bench { quick } => {
             setup::run()?;
             require_root("the benchmarks load BPF programs")?;
+            // The lab parts (churn soak) run the agent binary next to lb-bench.
+            cmd(Command::new("cargo").args(["build", "--release", "--package", "lb-agent"]))?;
             let mut bench = Command::new("cargo");
             bench.args([
                 "run",

@@ -276,6 +276,43 @@ fn main() -> anyhow::Result<()> {
         );
         text.push_str(&String::from_utf8_lossy(&output.stdout));
     }
+    if !cli.quick {
+        // The churn soak at full length (the tests run 10 s of it).
+        let config = lb_tests::soak::Config {
+            duration: Duration::from_secs(60),
+            changes_per_second: 500,
+            addresses_per_backend: 20,
+            grace: Duration::from_millis(300),
+            clients: 2,
+        };
+        eprintln!("bench: churn soak, {:?} ...", config.duration);
+        let r = lb_tests::soak::run(&config).context("churn soak")?;
+        text.push_str(&format!(
+            "\nChurn soak: one Service, endpoints added, made terminating and (after {} ms) \
+             removed through the fake API at {}/s for {} s while {} clients connect, request, \
+             close; the agent follows with --min-sync-period 20ms.\n\n\
+             | changes | per second | requests | failed | syncs | mean programming latency | most backends | backend entries after / endpoints | conntrack after |\n\
+             |---:|---:|---:|---:|---:|---:|---:|---:|---:|\n\
+             | {} | {:.0} | {} | {} | {:.0} | {:.1} ms | {} | {} / {} | {} |\n",
+            config.grace.as_millis(),
+            config.changes_per_second,
+            config.duration.as_secs(),
+            config.clients,
+            r.changes,
+            r.changes as f64 / r.seconds,
+            r.requests,
+            r.failed,
+            r.syncs,
+            r.mean_programming_ms,
+            r.most_backends_programmed,
+            r.backend_entries_after,
+            r.endpoints_after,
+            r.conntrack_after,
+        ));
+        for failure in &r.first_failures {
+            eprintln!("bench: soak failure: {failure}");
+        }
+    }
     println!("{text}");
     if let Some(path) = cli.output {
         let old = fs::read_to_string(&path).unwrap_or_default();
