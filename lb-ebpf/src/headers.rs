@@ -7,6 +7,7 @@ use core::mem::size_of;
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    helpers::bpf_csum_update,
     programs::TcContext,
 };
 use lb_common::{CtKey, PROTO_TCP, PROTO_UDP};
@@ -254,13 +255,16 @@ impl Packet {
         let new_port = new_port.to_be();
         let addr_changed = new_addr != old_addr;
         let port_changed = new_port != old_port;
+        let csum_off = self.l4_csum_off();
+        // Read before any write: a UDP datagram without checksum needs the port fixed below.
+        let udp_unchecked =
+            port_changed && self.proto == PROTO_UDP && read::<u16>(ctx, csum_off) == Some(0);
         if addr_changed {
             write(ctx, addr_off, new_addr)?;
         }
         if port_changed {
             write(ctx, port_off, new_port)?;
         }
-        let csum_off = self.l4_csum_off();
         let flags = self.l4_csum_flags();
         if addr_changed {
             ctx.l4_csum_replace(
@@ -281,6 +285,13 @@ impl Packet {
                 flags | size_of::<u16>() as u64,
             )
             .map_err(|_| ())?;
+            if udp_unchecked {
+                // That helper leaves a zero checksum alone, skb->csum included, so nothing
+                // balances the port's bytes in a CHECKSUM_COMPLETE skb's sum: add their change.
+                // SAFETY: plain helper call on the program's own skb; it fails (harmlessly)
+                // unless the skb is CHECKSUM_COMPLETE.
+                unsafe { bpf_csum_update(ctx.skb.skb, u32::from(!old_port) + u32::from(new_port)) };
+            }
         }
         Ok(())
     }

@@ -27,6 +27,11 @@ struct Offsets {
 }
 
 pub fn translate_error(ctx: &TcContext, ip: &Ipv4) -> Result<i32, ()> {
+    // The quote (IPv4 header and ports) must lie inside the IPv4 packet: bytes past its total
+    // length are padding, which the ICMP checksum does not cover.
+    if ip.total_len < ip.ihl + 8 + 20 + 4 {
+        return Ok(TC_ACT_UNSPEC);
+    }
     let icmp_off = ETH_HLEN + ip.ihl;
     let Some(icmp_type) = load::<u8>(ctx, icmp_off) else {
         return Ok(TC_ACT_UNSPEC);

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | build | test | bench | demo`.
+//! Project tasks: `cargo xtask setup | build | test | chart | fuzz | bench | demo`.
 
 mod chart;
 mod setup;
@@ -29,6 +29,16 @@ enum Task {
     },
     /// Only the Helm chart's tests (lint, render, schemas), in a project-local virtualenv.
     Chart,
+    /// The packet fuzzer at length: random and mutated frames through the real program
+    /// (`cargo xtask test` runs a bounded part of it).
+    Fuzz {
+        /// Cases to run (a release build does about 300,000 a second here).
+        #[arg(long, default_value_t = 2_000_000)]
+        cases: u64,
+        /// Seed (decimal or 0x-hex) to reproduce a run; default: a fresh one, printed.
+        #[arg(long)]
+        seed: Option<String>,
+    },
     /// Benchmarks; results go to docs/benchmarks.md.
     Bench {
         /// A smoke run with small sizes (what `cargo xtask test` runs); results not written.
@@ -47,6 +57,26 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Task::Setup => setup::run(),
+        Task::Fuzz { cases, seed } => {
+            setup::run()?;
+            require_root("the fuzzer loads the BPF program")?;
+            let mut fuzz = Command::new("cargo");
+            fuzz.args([
+                "test",
+                "--release",
+                "--package",
+                "lb-tests",
+                "--test",
+                "packet_fuzz",
+                "--",
+                "--nocapture",
+            ])
+            .env("LB_FUZZ_CASES", cases.to_string());
+            if let Some(seed) = seed {
+                fuzz.env("LB_FUZZ_SEED", seed);
+            }
+            cmd(&mut fuzz)
+        }
         Task::Chart => {
             build()?;
             chart::test()
