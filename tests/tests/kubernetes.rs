@@ -238,8 +238,8 @@ fn agent_follows_the_api_through_watch_drops_gone_relists_bookmarks_and_an_outag
     }
     api.set_down(false);
     let back = Instant::now();
-    // The watches back off while the server is down and again on `410 Gone` (kube-rs's
-    // default, as client-go's reflector: up to 30 s between attempts, with jitter).
+    // The watches back off while the server is down and again on `410 Gone` (up to 10 s
+    // between attempts, with jitter: see `kubernetes::backoff`).
     agent
         .wait_until(Duration::from_secs(120), || {
             programmed(&pin_dir) == lab_backends(&[3])
