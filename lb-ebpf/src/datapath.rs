@@ -17,7 +17,7 @@ use lb_common::{
     ct_other_half, ct_timeout_ns, AffinityKey, AffinityValue, BackendValue, Counter, CtKey,
     CtValue, FrontendKey, ServiceValue, SlotKey, BACKEND_REMOTE, CT_FORWARD, CT_REPLY,
     FRONTEND_LOCAL_ADDRESS, FRONTEND_SOURCE_RANGES, KIND_CLUSTER_IP, PROTO_TCP, PROTO_UDP,
-    SERVICE_DROP_WHEN_EMPTY, TCP_ACK, TCP_SYN,
+    SERVICE_DROP_WHEN_EMPTY, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
 
 use crate::{
@@ -89,9 +89,19 @@ fn try_lb_ingress(ctx: &TcContext) -> Result<i32, ()> {
                 }
             }
         };
+        // A new connection on the ports of one that has closed (a client reusing a port in
+        // TIME_WAIT) is a new flow, balanced anew like nf_conntrack does, not sent to the old
+        // connection's backend, which may be terminating by now.
+        let reopened = ct.direction == CT_FORWARD
+            && pkt.proto == PROTO_TCP
+            && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+            && ct.tcp_flags & (TCP_FIN | TCP_RST) != 0;
         if expired {
             // Stale: as if it were not there.
             count(Counter::CtExpired);
+            let _ = LB_CONNTRACK.remove(key);
+        } else if reopened {
+            let _ = LB_CONNTRACK.remove(ct_other_half(&key, ct));
             let _ = LB_CONNTRACK.remove(key);
         } else if ct.direction == CT_REPLY {
             refresh(ct, now, &pkt);

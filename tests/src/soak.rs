@@ -115,6 +115,12 @@ pub fn run(config: &Config) -> anyhow::Result<Report> {
     let backends = 3;
     let lab = NodeLab::new(TEST_PREFIX, backends).context("lab")?;
     let _servers = start_backends(&lab, 8080)?;
+    // A load generator's client: thousands of short connections a second would otherwise run
+    // out of ports held in TIME_WAIT (EADDRNOTAVAIL) within the minute. Reusing them is also
+    // what exercises the datapath's handling of a new SYN on a closed connection's ports.
+    lab.client.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+    lab.client
+        .sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
     let mut pool = Vec::new();
     for (i, ns) in lab.backends.iter().enumerate() {
         let i = i + 1;

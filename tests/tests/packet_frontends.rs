@@ -399,6 +399,32 @@ fn established_flows_to_a_terminating_backend_carry_on_while_new_ones_avoid_it()
 }
 
 #[test]
+fn a_new_connection_on_the_ports_of_a_closed_one_is_balanced_anew() {
+    let mut h = harness();
+    let syn = Flow::tcp(CLIENT, 48700, "10.96.0.10", 80, TCP_SYN);
+    let first = expect_dnat(&mut h, &syn, 8080);
+    // The client closes; the endpoint then turns terminating (known, no longer chosen).
+    let fin = Flow::tcp(CLIENT, 48700, "10.96.0.10", 80, TCP_FIN | TCP_ACK);
+    assert_eq!(
+        expect_dnat(&mut h, &fin, 8080),
+        first,
+        "the close goes through"
+    );
+    let mut state = desired();
+    for service in state.services.values_mut() {
+        service.backends.retain(|b| b.addr != first);
+    }
+    h.program(&state).unwrap();
+    // A SYN retransmitted within a connection keeps its backend; a SYN after the close is a
+    // new connection (a client reusing a port in TIME_WAIT): balanced among the ready ones.
+    let again = expect_dnat(&mut h, &syn, 8080);
+    assert_ne!(again, first, "not sent to the terminating endpoint");
+    let retransmit = expect_dnat(&mut h, &syn, 8080);
+    assert_eq!(retransmit, again, "a retransmitted SYN keeps its backend");
+    assert_eq!(h.counter("reset_backend_gone"), 0);
+}
+
+#[test]
 fn conntrack_lifetimes_follow_the_protocol_and_state() {
     let mut h = harness();
     let ct = |h: &Harness, flow: &Flow| {
