@@ -95,6 +95,8 @@ fn cli_and_metrics_show_services_connections_fill_levels_and_traffic() {
             "32768",
             "--manifest-poll-interval",
             "200ms",
+            "--log-format",
+            "json",
         ],
     )
     .expect("start agent");
@@ -372,4 +374,45 @@ fn cli_and_metrics_show_services_connections_fill_levels_and_traffic() {
         .request()
         .expect("the long-lived connection still works");
     assert!(agent.stop().unwrap().success());
+
+    // Structured logs: one JSON object per line, with level, target and fields.
+    let log = agent.log_text();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(lines
+        .iter()
+        .all(|l| l["level"].is_string() && l["target"].is_string()));
+    assert!(
+        lines.iter().any(|l| l["level"] == "WARN"
+            && l["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("Service default/broken"))),
+        "the skipped Service is logged with its name: {log}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["fields"]["message"] == "datapath programmed"
+                && l["fields"]["writes"].is_u64())
+    );
+
+    // The CLI reads the pins, so it works with no agent running.
+    let table = cli(&pin_dir, &["services"]).unwrap();
+    assert!(table.contains("default/demo-service:http/TCP"), "{table}");
+    let stats: serde_json::Value =
+        serde_json::from_str(&cli(&pin_dir, &["stats", "-o", "json"]).unwrap()).unwrap();
+    assert!(stats["counters"]["new_flow"].as_u64().unwrap() > 0);
+    let flows: serde_json::Value =
+        serde_json::from_str(&cli(&pin_dir, &["conntrack", "-o", "json"]).unwrap()).unwrap();
+    assert!(
+        flows
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["client"] == client.as_str()),
+        "the long-lived connection outlives the agent"
+    );
 }
