@@ -3,10 +3,17 @@
 //! though node-b has its own, shorter way to the client.
 //!
 //! ```text
-//!            ┌── eth-a 192.168.77.2 ── lb-c0 node-a (10.10.0.1) ── lb-b1 ── backend-a 10.244.1.2
-//!   client ──┤                              │ lb-n0
-//!            └── eth-b 192.168.78.2 ── lb-c0 node-b (10.10.0.2) ── lb-b1 ── backend-b 10.244.2.2
+//!                                                           ┌ lb-b1 ── backend-a 10.244.1.2
+//!            ┌── eth-a 192.168.77.2 ── lb-c0 node-a (10.10.0.1)
+//!            │                              │ lb-n0         └ lb-b2 ── pod-a     10.244.3.2
+//!   client ──┤                              │
+//!            │                              │               ┌ lb-b1 ── backend-b 10.244.2.2
+//!            └── eth-b 192.168.78.2 ── lb-c0 node-b (10.10.0.2)
+//!                                                           └ lb-b2 ── pod-b     10.244.4.2
 //! ```
+//!
+//! Pods (`pod-a`, `pod-b`) are clients inside the cluster, one on each node, for the internal
+//! policies (internalTrafficPolicy, topology, affinity).
 //!
 //! node-b reaches the client's 192.168.77.2 directly over its own link: a reply from backend-b
 //! to the client's own address would bypass node-a and never be translated back.
@@ -44,6 +51,8 @@ struct TwoNodes {
     client: Netns,
     node_a: Netns,
     node_b: Netns,
+    pod_a: Netns,
+    pod_b: Netns,
     _servers: [EchoServer; 2],
 }
 
@@ -54,6 +63,8 @@ fn two_nodes() -> TwoNodes {
     let node_b = lab.add_netns("node-b").unwrap();
     let backend_a = lab.add_netns("backend-a").unwrap();
     let backend_b = lab.add_netns("backend-b").unwrap();
+    let pod_a = lab.add_netns("pod-a").unwrap();
+    let pod_b = lab.add_netns("pod-b").unwrap();
     for ns in [&client, &node_a, &node_b] {
         ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
         ns.sysctl("net.ipv4.conf.all.rp_filter", "0").unwrap();
@@ -104,11 +115,33 @@ fn two_nodes() -> TwoNodes {
         "10.244.2.2/24",
     )
     .unwrap();
+    lab.link(
+        &node_a,
+        "lb-b2",
+        "10.244.3.1/24",
+        &pod_a,
+        "eth0",
+        "10.244.3.2/24",
+    )
+    .unwrap();
+    lab.link(
+        &node_b,
+        "lb-b2",
+        "10.244.4.1/24",
+        &pod_b,
+        "eth0",
+        "10.244.4.2/24",
+    )
+    .unwrap();
     client
         .ip("route add 203.0.113.0/24 via 192.168.77.1")
         .unwrap();
     node_a.ip("route add 10.244.2.0/24 via 10.10.0.2").unwrap();
+    node_a.ip("route add 10.244.4.0/24 via 10.10.0.2").unwrap();
     node_b.ip("route add 10.244.1.0/24 via 10.10.0.1").unwrap();
+    node_b.ip("route add 10.244.3.0/24 via 10.10.0.1").unwrap();
+    pod_a.ip("route add default via 10.244.3.1").unwrap();
+    pod_b.ip("route add default via 10.244.4.1").unwrap();
     // node-b's own way to the client: straight over its link, not through node-a.
     node_b
         .ip("route add 192.168.77.0/24 via 192.168.78.2")
@@ -125,6 +158,8 @@ fn two_nodes() -> TwoNodes {
         client,
         node_a,
         node_b,
+        pod_a,
+        pod_b,
         _servers,
     }
 }
@@ -142,6 +177,7 @@ fn agent_on(lab: &Lab, node: &Netns, name: &str, snat: &str, dir: &std::path::Pa
             "lb-c0".to_string(),
             "lb-n0".to_string(),
             "lb-b1".to_string(),
+            "lb-b2".to_string(),
         ],
         &log,
         &[
@@ -245,6 +281,7 @@ fn local_policy_keeps_the_client_address_on_the_endpoint_node_and_drops_on_the_o
         node_a,
         node_b,
         _servers,
+        ..
     } = two_nodes();
     let tmp = tempfile::tempdir().unwrap();
     std::fs::write(tmp.path().join("local.yaml"), LOCAL_POLICY).unwrap();
@@ -310,4 +347,223 @@ fn local_policy_keeps_the_client_address_on_the_endpoint_node_and_drops_on_the_o
     };
     wait_status("192.168.78.1:32097", 200);
     wait_status("192.168.77.1:32097", 503);
+}
+
+/// Requests from `ns` to `target`: which backend answered each, and the address it saw.
+fn ask(ns: &Netns, target: &str, count: usize) -> anyhow::Result<Vec<(String, String)>> {
+    let target: SocketAddr = target.parse()?;
+    ns.run(move || {
+        (0..count)
+            .map(|_| {
+                tcp_request(target, Duration::from_secs(2))
+                    .map(|r| (r.server, r.peer.ip().to_string()))
+            })
+            .collect()
+    })
+}
+
+/// Both agents over `manifests` (one file), waiting until each has programmed `entries`.
+fn both_agents(
+    lab: &Lab,
+    node_a: &Netns,
+    node_b: &Netns,
+    dir: &std::path::Path,
+    manifests: &str,
+    entries: usize,
+) -> (Agent, Agent) {
+    std::fs::write(dir.join("services.yaml"), manifests).unwrap();
+    let mut a = agent_on(lab, node_a, "node-a", "10.10.0.1", dir);
+    let mut b = agent_on(lab, node_b, "node-b", "10.10.0.2", dir);
+    for agent in [&mut a, &mut b] {
+        let pin_dir = agent.pin_dir.clone();
+        agent
+            .wait_until(Duration::from_secs(20), || {
+                read_services(&pin_dir).is_ok_and(|s| s.len() == entries)
+            })
+            .expect("agent ready");
+    }
+    (a, b)
+}
+
+const NODES: &str = "apiVersion: v1
+kind: Node
+metadata: {name: node-a, labels: {topology.kubernetes.io/zone: zone-a}}
+status: {addresses: [{type: InternalIP, address: 192.168.77.1}]}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-b, labels: {topology.kubernetes.io/zone: zone-b}}
+status: {addresses: [{type: InternalIP, address: 192.168.78.1}]}
+";
+
+const INTERNAL_LOCAL: &str = "
+---
+apiVersion: v1
+kind: Service
+metadata: {name: both, namespace: default}
+spec:
+  clusterIP: 10.96.0.62
+  internalTrafficPolicy: Local
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: both-1, namespace: default, labels: {kubernetes.io/service-name: both}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- {addresses: [10.244.1.2], nodeName: node-a}
+- {addresses: [10.244.2.2], nodeName: node-b}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: only-b, namespace: default}
+spec:
+  clusterIP: 10.96.0.63
+  internalTrafficPolicy: Local
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: only-b-1, namespace: default, labels: {kubernetes.io/service-name: only-b}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- {addresses: [10.244.2.2], nodeName: node-b}
+";
+
+#[test]
+fn internal_local_policy_keeps_pods_on_their_own_node() {
+    let TwoNodes {
+        lab,
+        node_a,
+        node_b,
+        pod_a,
+        pod_b,
+        _servers,
+        ..
+    } = two_nodes();
+    let tmp = tempfile::tempdir().unwrap();
+    let manifests = format!("{NODES}{INTERNAL_LOCAL}");
+    let (agent_a, agent_b) = both_agents(&lab, &node_a, &node_b, tmp.path(), &manifests, 2);
+    let logs = || format!("{}\n{}", agent_a.log_text(), agent_b.log_text());
+
+    // Each pod reaches only its own node's endpoint, which sees the pod's own address.
+    for (pod, backend, address) in [
+        (&pod_a, "backend-a", "10.244.3.2"),
+        (&pod_b, "backend-b", "10.244.4.2"),
+    ] {
+        let replies = ask(pod, "10.96.0.62:80", 20).unwrap_or_else(|e| panic!("{e:#}\n{}", logs()));
+        for (server, seen) in &replies {
+            assert_eq!(server, backend, "node-local endpoint only");
+            assert_eq!(seen, address, "the pod's own address");
+        }
+    }
+
+    // A node without a local endpoint drops (kube-proxy's semantics: no fallback to others).
+    let replies = ask(&pod_b, "10.96.0.63:80", 5).unwrap_or_else(|e| panic!("{e:#}\n{}", logs()));
+    assert!(replies.iter().all(|(server, _)| server == "backend-b"));
+    let target: SocketAddr = "10.96.0.63:80".parse().unwrap();
+    let dropped = pod_a
+        .run(move || Ok(tcp_request(target, Duration::from_millis(700)).is_err()))
+        .unwrap();
+    assert!(dropped, "pod-a has no local endpoint for only-b: dropped");
+    let stats: serde_json::Value = serde_json::from_str(
+        &lb_tests::agent::cli(&agent_a.pin_dir, &["stats", "-o", "json"]).unwrap(),
+    )
+    .unwrap();
+    assert!(
+        stats["drops"]["no_backend"].as_u64().unwrap_or(0) > 0,
+        "{stats}"
+    );
+    assert_eq!(
+        stats["drops"]["no_backend_rejected"], 0,
+        "dropped, not rejected"
+    );
+}
+
+/// A PreferClose Service with an endpoint in each zone; `complete`: both carry zone hints,
+/// else only the first (incomplete hints: kube-proxy then ignores them all).
+fn topology(complete: bool) -> String {
+    let hint = |zone: &str| format!(", hints: {{forZones: [{{name: {zone}}}]}}");
+    format!(
+        "
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: zonal, namespace: default}}
+spec:
+  clusterIP: 10.96.0.64
+  trafficDistribution: PreferClose
+  ports: [{{name: http, port: 80, targetPort: 8080}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: zonal-1, namespace: default, labels: {{kubernetes.io/service-name: zonal}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints:
+- {{addresses: [10.244.1.2], nodeName: node-a, zone: zone-a{}}}
+- {{addresses: [10.244.2.2], nodeName: node-b, zone: zone-b{}}}
+",
+        hint("zone-a"),
+        if complete {
+            hint("zone-b")
+        } else {
+            String::new()
+        },
+    )
+}
+
+#[test]
+fn prefer_close_keeps_traffic_in_the_zone_and_falls_back_without_complete_hints() {
+    let TwoNodes {
+        lab,
+        node_a,
+        node_b,
+        pod_a,
+        pod_b,
+        _servers,
+        ..
+    } = two_nodes();
+    let tmp = tempfile::tempdir().unwrap();
+    let (agent_a, agent_b) = both_agents(
+        &lab,
+        &node_a,
+        &node_b,
+        tmp.path(),
+        &format!("{NODES}{}", topology(true)),
+        1,
+    );
+    let logs = || format!("{}\n{}", agent_a.log_text(), agent_b.log_text());
+    for (pod, backend) in [(&pod_a, "backend-a"), (&pod_b, "backend-b")] {
+        let replies = ask(pod, "10.96.0.64:80", 30).unwrap_or_else(|e| panic!("{e:#}\n{}", logs()));
+        assert!(
+            replies.iter().all(|(server, _)| server == backend),
+            "the zone's own endpoint: {replies:?}"
+        );
+    }
+
+    // Hints become incomplete: every endpoint for everyone, across the nodes too.
+    std::fs::write(
+        tmp.path().join("services.yaml"),
+        format!("{NODES}{}", topology(false)),
+    )
+    .unwrap();
+    for pod in [&pod_a, &pod_b] {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let replies =
+                ask(pod, "10.96.0.64:80", 30).unwrap_or_else(|e| panic!("{e:#}\n{}", logs()));
+            let servers: BTreeSet<String> = replies.into_iter().map(|(s, _)| s).collect();
+            if servers.len() == 2 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "fallback to every endpoint: {servers:?}\n{}",
+                logs()
+            );
+        }
+    }
 }
