@@ -182,6 +182,63 @@ pub fn tcp_request(to: SocketAddr, timeout: Duration) -> anyhow::Result<Reply> {
     session.request()
 }
 
+/// One TCP connection like [`tcp_request`], from the source address `from` (one of the
+/// calling namespace's own addresses): many clients from one namespace.
+pub fn tcp_request_from(
+    from: Ipv4Addr,
+    to: SocketAddr,
+    timeout: Duration,
+) -> anyhow::Result<Reply> {
+    use std::os::fd::FromRawFd as _;
+    let SocketAddr::V4(to4) = to else {
+        bail!("{to}: IPv4 only");
+    };
+    let sockaddr = |addr: Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(addr).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: a fresh socket, owned by the TcpStream below (closed with it, also on error).
+    let stream = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).context("socket");
+        }
+        TcpStream::from_raw_fd(fd)
+    };
+    // Bounds connect() too (Linux applies the send timeout to it).
+    stream.set_write_timeout(Some(timeout))?;
+    stream.set_read_timeout(Some(timeout))?;
+    let local = sockaddr(from, 0);
+    let remote = sockaddr(*to4.ip(), to4.port());
+    // SAFETY: valid sockaddr_in values and lengths, on a socket this function owns.
+    unsafe {
+        if libc::bind(
+            stream.as_raw_fd(),
+            (&local as *const libc::sockaddr_in).cast(),
+            len,
+        ) != 0
+        {
+            return Err(std::io::Error::last_os_error()).with_context(|| format!("binding {from}"));
+        }
+        if libc::connect(
+            stream.as_raw_fd(),
+            (&remote as *const libc::sockaddr_in).cast(),
+            len,
+        ) != 0
+        {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("connecting from {from} to {to}"));
+        }
+    }
+    let mut session = TcpSession::from_stream(stream)?;
+    session.request()
+}
+
 /// One UDP exchange from a fresh socket (so a fresh source port, a fresh flow).
 pub fn udp_request(to: SocketAddr, timeout: Duration) -> anyhow::Result<Reply> {
     let socket = UdpSocket::bind("0.0.0.0:0").context("binding UDP client")?;
@@ -209,6 +266,10 @@ impl TcpSession {
             .with_context(|| format!("connecting to {to}"))?;
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
+        Self::from_stream(stream)
+    }
+
+    fn from_stream(stream: TcpStream) -> anyhow::Result<Self> {
         let local = stream.local_addr()?;
         Ok(Self {
             stream: BufReader::new(stream),

@@ -567,3 +567,97 @@ fn prefer_close_keeps_traffic_in_the_zone_and_falls_back_without_complete_hints(
         }
     }
 }
+
+const STICKY: &str = "
+---
+apiVersion: v1
+kind: Service
+metadata: {name: sticky, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.65
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 2}}
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30098}]
+status: {loadBalancer: {ingress: [{ip: 203.0.113.65}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: sticky-1, namespace: default, labels: {kubernetes.io/service-name: sticky}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- {addresses: [10.244.1.2], nodeName: node-a}
+- {addresses: [10.244.2.2], nodeName: node-b}
+";
+
+#[test]
+fn client_ip_affinity_keeps_each_client_on_its_backend_until_the_timeout() {
+    let TwoNodes {
+        lab,
+        client,
+        node_a,
+        node_b,
+        _servers,
+        ..
+    } = two_nodes();
+    // Twenty external clients, each its own address, all entering at node-a.
+    let clients: Vec<std::net::Ipv4Addr> = (10..30)
+        .map(|i| std::net::Ipv4Addr::new(192, 168, 77, i))
+        .collect();
+    for addr in &clients {
+        client.ip(&format!("addr add {addr}/24 dev eth-a")).unwrap();
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (agent_a, _agent_b) = both_agents(
+        &lab,
+        &node_a,
+        &node_b,
+        tmp.path(),
+        &format!("{NODES}{STICKY}"),
+        1,
+    );
+    let target: SocketAddr = "203.0.113.65:80".parse().unwrap();
+    let round = |per_client: usize| -> Vec<Vec<String>> {
+        let clients = clients.clone();
+        client
+            .run(move || {
+                clients
+                    .iter()
+                    .map(|&from| {
+                        (0..per_client)
+                            .map(|_| {
+                                lb_tests::echo::tcp_request_from(
+                                    from,
+                                    target,
+                                    Duration::from_secs(2),
+                                )
+                                .map(|r| r.server)
+                            })
+                            .collect()
+                    })
+                    .collect()
+            })
+            .unwrap_or_else(|e| panic!("{e:#}\n{}", agent_a.log_text()))
+    };
+
+    // Many connections per client: one backend each; across clients, both.
+    let first = round(8);
+    for (addr, servers) in clients.iter().zip(&first) {
+        let distinct: BTreeSet<&String> = servers.iter().collect();
+        assert_eq!(distinct.len(), 1, "{addr} keeps its backend: {servers:?}");
+    }
+    let used: BTreeSet<&String> = first.iter().map(|s| &s[0]).collect();
+    assert_eq!(used.len(), 2, "different clients spread over both backends");
+
+    // After the timeout (2 s) with no traffic, a client is balanced anew: with twenty
+    // clients and two backends, some land elsewhere (all staying: one chance in a million).
+    std::thread::sleep(Duration::from_millis(2600));
+    let after = round(1);
+    let moved = first
+        .iter()
+        .zip(&after)
+        .filter(|(before, now)| before[0] != now[0])
+        .count();
+    assert!(moved > 0, "after the timeout clients may move: none did");
+}
