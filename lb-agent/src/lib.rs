@@ -6,6 +6,7 @@
 //! - [`model`] computes this node's desired datapath state (pure);
 //! - [`plan`] renders that state for operators (`lb-agent plan`);
 //! - [`engine`] recomputes only the Services a change touches (Kubernetes mode);
+//! - [`maglev`] computes Maglev lookup tables;
 //! - [`maps`] opens the pinned maps, applies the desired state, reads it back;
 //! - [`loader`] loads the kernel object and attaches it;
 //! - [`metrics`] and [`health`] are the agent's HTTP endpoints.
@@ -14,6 +15,7 @@ pub mod engine;
 pub mod health;
 pub mod kubernetes;
 pub mod loader;
+pub mod maglev;
 pub mod manifest;
 pub mod maps;
 pub mod metrics;

@@ -61,7 +61,11 @@ pub struct DatapathSettings {
     /// This node's address for external traffic sent to endpoints on other nodes
     /// (externalTrafficPolicy Cluster); `None`: never source-NAT.
     pub snat_addr: Option<Ipv4Addr>,
-    /// Map sizes (entries). They apply when the maps are created; pinned maps keep theirs.
+    /// Entries per Maglev lookup table (M, prime): a flow's entry is its hash modulo M.
+    pub maglev_table_size: u32,
+    /// Map sizes (entries). They apply when the maps are created; pinned maps keep theirs
+    /// (except `LB_MAGLEV`, rebuilt when its size or table size changes: the agent rewrites
+    /// its content anyway).
     pub capacity: Capacity,
 }
 
@@ -75,6 +79,9 @@ pub struct Capacity {
     pub backends: u32,
     pub source_ranges: u32,
     pub conntrack: u32,
+    /// Services that may use Maglev at once (one table of `maglev_table_size` entries each,
+    /// 4 bytes per entry, preallocated).
+    pub maglev_services: u32,
 }
 
 impl Default for Capacity {
@@ -86,6 +93,7 @@ impl Default for Capacity {
             backends: capacity::BACKENDS,
             source_ranges: capacity::SOURCE_RANGES,
             conntrack: capacity::CONNTRACK,
+            maglev_services: capacity::MAGLEV_SERVICES,
         }
     }
 }
@@ -96,6 +104,7 @@ impl Default for DatapathSettings {
             no_backend_drop: false,
             hairpin_addr: Ipv4Addr::new(169, 254, 42, 1),
             snat_addr: None,
+            maglev_table_size: lb_common::MAGLEV_TABLE_SIZE,
             capacity: Capacity::default(),
         }
     }
@@ -108,6 +117,17 @@ pub fn load(pin_dir: &Path, settings: &DatapathSettings) -> anyhow::Result<Ebpf>
     fs::create_dir_all(pin_dir)
         .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
     check_layout(pin_dir)?;
+    let maglev_size = settings.maglev_table_size;
+    if !crate::maglev::is_prime(maglev_size) {
+        bail!("the Maglev table size {maglev_size} is not a prime number");
+    }
+    let maglev_entries = settings
+        .capacity
+        .maglev_services
+        .checked_mul(maglev_size)
+        .and_then(|n| n.checked_add(1))
+        .context("Maglev services times the table size is too large")?;
+    check_maglev(pin_dir, maglev_entries, maglev_size)?;
     let no_backend_drop = u8::from(settings.no_backend_drop);
     let hairpin = settings.hairpin_addr.octets();
     let snat = settings.snat_addr.map_or([0; 4], |a| a.octets());
@@ -115,7 +135,8 @@ pub fn load(pin_dir: &Path, settings: &DatapathSettings) -> anyhow::Result<Ebpf>
     loader
         .override_global(globals::NO_BACKEND_DROP, &no_backend_drop, true)
         .override_global(globals::HAIRPIN_ADDR, &hairpin, true)
-        .override_global(globals::SNAT_ADDR, &snat, true);
+        .override_global(globals::SNAT_ADDR, &snat, true)
+        .override_global(globals::MAGLEV_TABLE_SIZE, &maglev_size, true);
     let c = &settings.capacity;
     loader
         .map_max_entries(map_names::FRONTENDS, c.frontends)
@@ -125,7 +146,8 @@ pub fn load(pin_dir: &Path, settings: &DatapathSettings) -> anyhow::Result<Ebpf>
         .map_max_entries(map_names::SLOTS, c.slots)
         .map_max_entries(map_names::BACKENDS, c.backends)
         .map_max_entries(map_names::SOURCE_RANGES, c.source_ranges)
-        .map_max_entries(map_names::CONNTRACK, c.conntrack);
+        .map_max_entries(map_names::CONNTRACK, c.conntrack)
+        .map_max_entries(map_names::MAGLEV, maglev_entries);
     for name in map_names::ALL {
         loader.map_pin_path(name, pin_dir.join(name));
     }
@@ -150,7 +172,42 @@ pub fn load(pin_dir: &Path, settings: &DatapathSettings) -> anyhow::Result<Ebpf>
         0,
     )
     .context("stamping the layout version")?;
+    // Entry 0 of LB_MAGLEV says how its tables are laid out, for the applier and readers.
+    let mut maglev: Array<_, u32> = Array::try_from(
+        ebpf.map_mut(map_names::MAGLEV)
+            .context("map LB_MAGLEV missing from the object")?,
+    )?;
+    maglev
+        .set(0, maglev_size, 0)
+        .context("stamping the Maglev table size")?;
     Ok(ebpf)
+}
+
+/// A pinned `LB_MAGLEV` of another size or table size is removed (and rebuilt empty by the
+/// load): its tables would be read with the wrong stride. Nothing is lost: the agent rewrites
+/// every table at its first sync, and until then a Maglev service's empty entries make the
+/// datapath fall back to a random backend.
+fn check_maglev(pin_dir: &Path, entries: u32, size: u32) -> anyhow::Result<()> {
+    let path = pin_dir.join(map_names::MAGLEV);
+    if !path.exists() {
+        return Ok(());
+    }
+    let data = aya::maps::MapData::from_pin(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let same = data.info().map(|i| i.max_entries()).ok() == Some(entries)
+        && Array::<_, u32>::try_from(aya::maps::Map::Array(data))
+            .ok()
+            .and_then(|a| a.get(&0, 0).ok())
+            == Some(size);
+    if !same {
+        warn!(
+            path = %path.display(),
+            table_size = size,
+            "the pinned Maglev tables have another layout: rebuilding them"
+        );
+        fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// Pinned maps of another layout are never reused: they are removed (and rebuilt by the load),

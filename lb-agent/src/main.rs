@@ -138,6 +138,25 @@ struct RunArgs {
     /// Distinct backends (address, port, protocol), and backend slots four times that.
     #[arg(long, default_value_t = lb_common::capacity::BACKENDS)]
     max_backends: u32,
+    /// Entries of each Maglev lookup table (prime). Larger tables move fewer flows when a
+    /// backend changes; each costs 4 bytes per entry.
+    #[arg(long, default_value_t = lb_common::MAGLEV_TABLE_SIZE, value_parser = parse_prime)]
+    maglev_table_size: u32,
+    /// Services (ports) that may use Maglev at once (annotation
+    /// `lb.example.dev/lb-algorithm: maglev`); one table each, preallocated.
+    #[arg(long, default_value_t = lb_common::capacity::MAGLEV_SERVICES)]
+    max_maglev_services: u32,
+}
+
+/// A prime number (the Maglev permutation needs one).
+fn parse_prime(text: &str) -> Result<u32, String> {
+    let n: u32 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number"))?;
+    if !lb_agent::maglev::is_prime(n) {
+        return Err(format!("{n} is not prime (try 16381, 32749 or 65521)"));
+    }
+    Ok(n)
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -255,8 +274,10 @@ fn run(pin_dir: &Path, args: RunArgs) -> anyhow::Result<()> {
             slots: args.max_backends.saturating_mul(4),
             backends: args.max_backends,
             conntrack: args.conntrack_max,
+            maglev_services: args.max_maglev_services,
             ..loader::Capacity::default()
         },
+        maglev_table_size: args.maglev_table_size,
     };
 
     let mut ebpf = loader::load(pin_dir, &datapath)?;

@@ -16,10 +16,10 @@ use aya::maps::{
     Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues,
 };
 use lb_common::{
-    map_names, BackendValue, Counter, CtKey, CtValue, FrontendKey, FrontendValue, ServiceName,
-    ServiceStats, ServiceValue, SlotKey, SourceRangeKey, BACKEND_REMOTE, BACKEND_TERMINATING,
-    FRONTEND_LOCAL_ADDRESS, FRONTEND_SOURCE_RANGES, SERVICE_DROP_WHEN_EMPTY, SERVICE_NAME_LEN,
-    SOURCE_RANGE_FRONTEND_BITS,
+    maglev_start, map_names, BackendValue, Counter, CtKey, CtValue, FrontendKey, FrontendValue,
+    ServiceName, ServiceStats, ServiceValue, SlotKey, SourceRangeKey, BACKEND_REMOTE,
+    BACKEND_TERMINATING, FRONTEND_LOCAL_ADDRESS, FRONTEND_SOURCE_RANGES, SERVICE_DROP_WHEN_EMPTY,
+    SERVICE_MAGLEV, SERVICE_NAME_LEN, SOURCE_RANGE_FRONTEND_BITS,
 };
 use serde::Serialize;
 use tracing::{debug, warn};
@@ -39,6 +39,7 @@ pub type ServiceNameMap = HashMap<MapData, u32, ServiceName>;
 pub type ConntrackMap = HashMap<MapData, CtKey, CtValue>;
 pub type SourceRangeMap = LpmTrie<MapData, SourceRangeKey, u8>;
 pub type ServiceStatsMap = PerCpuArray<MapData, ServiceStats>;
+pub type MaglevMap = Array<MapData, u32>;
 
 /// The service maps, opened from their pins.
 pub struct Maps {
@@ -49,6 +50,7 @@ pub struct Maps {
     pub backends: BackendMap,
     pub source_ranges: SourceRangeMap,
     pub service_stats: ServiceStatsMap,
+    pub maglev: MaglevMap,
 }
 
 fn open_map(pin_dir: &Path, name: &str) -> anyhow::Result<Map> {
@@ -84,7 +86,29 @@ impl Maps {
                 .context("map LB_SOURCE_RANGES does not have the layout this agent expects")?,
             service_stats: PerCpuArray::try_from(open_map(pin_dir, map_names::SERVICE_STATS)?)
                 .context("map LB_SERVICE_STATS does not have the layout this agent expects")?,
+            maglev: Array::try_from(open_map(pin_dir, map_names::MAGLEV)?)
+                .context("map LB_MAGLEV does not have the layout this agent expects")?,
         })
+    }
+}
+
+impl Maps {
+    /// The Maglev table size the pinned `LB_MAGLEV` is laid out for (its entry 0, stamped by
+    /// the loader) and how many tables it holds; (0, 0) when unusable.
+    pub fn maglev_layout(&self) -> (u32, u32) {
+        let size = self.maglev.get(&0, 0).unwrap_or(0);
+        if size == 0 {
+            return (0, 0);
+        }
+        (size, self.maglev.len().saturating_sub(1) / size)
+    }
+
+    /// The backend id of each entry of Maglev table `table` (1-based).
+    fn read_maglev_table(&self, table: u32, size: u32) -> anyhow::Result<Vec<u32>> {
+        let start = maglev_start(table, size);
+        (start..start + size)
+            .map(|i| self.maglev.get(&i, 0).context("reading LB_MAGLEV"))
+            .collect()
     }
 }
 
@@ -278,8 +302,8 @@ pub struct Applier {
     backend_alloc: IdAllocator,
     /// Service id -> (name, backend ids by slot).
     services: BTreeMap<u32, (String, Vec<u32>)>,
-    /// `ServiceValue` flags and affinity timeout as written, by service id.
-    service_flags: StdHashMap<u32, (u32, u32)>,
+    /// `ServiceValue` flags, affinity timeout and Maglev table as written, by service id.
+    service_flags: StdHashMap<u32, ServiceSettings>,
     service_ids: StdHashMap<String, u32>,
     service_alloc: IdAllocator,
     frontends: StdHashMap<FrontendKey, FrontendValue>,
@@ -289,7 +313,25 @@ pub struct Applier {
     slot_refs: StdHashMap<u32, u32>,
     /// (frontend, client prefix length, client prefix) entries of LB_SOURCE_RANGES.
     source_ranges: BTreeSet<(FrontendKey, u32, [u8; 4])>,
+    /// `LB_MAGLEV` layout: entries per table (M) and how many tables fit.
+    maglev_size: u32,
+    maglev_count: u32,
+    /// Table ids (1-based) held by services.
+    maglev_alloc: IdAllocator,
+    /// What each table holds in the map, entry by entry (a table released by one service
+    /// keeps its content, so the next one diffs against it); `MAGLEV_UNKNOWN` = not known.
+    maglev_tables: StdHashMap<u32, Vec<u32>>,
+    /// The (sorted) backends each table was last written whole from: an unchanged set costs
+    /// no recomputation.
+    maglev_inputs: StdHashMap<u32, Vec<Backend>>,
 }
+
+/// What `LB_SERVICES` holds for a service besides its count: (flags, affinity timeout,
+/// Maglev table).
+type ServiceSettings = (u32, u32, u32);
+
+/// Never a backend id (ids index `LB_BACKENDS`): forces the write of a table entry.
+const MAGLEV_UNKNOWN: u32 = u32::MAX;
 
 impl Applier {
     /// Opens the pinned maps and adopts whatever they already hold.
@@ -319,7 +361,26 @@ impl Applier {
                 .unwrap_or_default();
             services.insert(id, (name, Vec::new()));
             counts.insert(id, value.backend_count);
-            service_flags.insert(id, (value.flags, value.affinity_timeout_s));
+            service_flags.insert(
+                id,
+                (value.flags, value.affinity_timeout_s, value.maglev_table),
+            );
+        }
+        // Adopt the Maglev tables the services point at, so a restart rewrites none of them.
+        // One that does not fit the map (rebuilt smaller, or for another table size) is
+        // forgotten: the next write of its service takes a new one.
+        let (maglev_size, maglev_count) = maps.maglev_layout();
+        let mut maglev_tables = StdHashMap::new();
+        for settings in service_flags.values_mut() {
+            let table = settings.2;
+            if table == 0 {
+                continue;
+            }
+            if table > maglev_count || maglev_tables.contains_key(&table) {
+                settings.2 = MAGLEV_UNKNOWN;
+                continue;
+            }
+            maglev_tables.insert(table, maps.read_maglev_table(table, maglev_size)?);
         }
         let mut slots: Vec<(SlotKey, u32)> = Vec::new();
         for entry in maps.slots.iter() {
@@ -382,6 +443,11 @@ impl Applier {
             frontends_by_service,
             slot_refs,
             source_ranges,
+            maglev_size,
+            maglev_count,
+            maglev_alloc: IdAllocator::from_used(maglev_tables.keys().copied()),
+            maglev_tables,
+            maglev_inputs: StdHashMap::new(),
         })
     }
 
@@ -660,7 +726,10 @@ impl Applier {
             },
             service.affinity_timeout_seconds.unwrap_or(0),
         );
-        self.write_service(name, &ids, flags, report)
+        // No backend, no table: the datapath looks at the count first.
+        let maglev: Option<Vec<Backend>> = (service.maglev && !service.backends.is_empty())
+            .then(|| service.backends.iter().copied().collect());
+        self.write_service(name, &ids, flags, maglev.as_deref(), report)
     }
 
     /// Applies a [`Delta`](crate::engine::Delta): only the entries and backends it names are
@@ -895,6 +964,7 @@ impl Applier {
         name: &str,
         wanted: &[u32],
         flags: (u32, u32),
+        maglev: Option<&[Backend]>,
         report: &mut SyncReport,
     ) -> anyhow::Result<u32> {
         match self.service_ids.get(name) {
@@ -903,8 +973,16 @@ impl Applier {
                 // Whatever happens, the record says what the maps now hold, so a later sync
                 // diffs against the truth.
                 let mut record = old.clone();
-                let result =
-                    self.write_slots(id, &old, wanted, flags, false, name, &mut record, report);
+                let result = self.write_slots(
+                    id,
+                    &old,
+                    wanted,
+                    (flags, maglev),
+                    false,
+                    name,
+                    &mut record,
+                    report,
+                );
                 self.record_slots(id, name, record);
                 result.map(|()| id)
             }
@@ -917,7 +995,16 @@ impl Applier {
                     .ok_or_else(|| anyhow!("no free service id (see --max-services)"))?;
                 let mut record = Vec::new();
                 let result = self.clear_counters(id).and_then(|()| {
-                    self.write_slots(id, &[], wanted, flags, true, name, &mut record, report)
+                    self.write_slots(
+                        id,
+                        &[],
+                        wanted,
+                        (flags, maglev),
+                        true,
+                        name,
+                        &mut record,
+                        report,
+                    )
                 });
                 match result {
                     Ok(()) => {
@@ -936,7 +1023,9 @@ impl Applier {
                         }
                         let _ = self.maps.services.remove(&id);
                         let _ = self.maps.service_names.remove(&id);
-                        self.service_flags.remove(&id);
+                        if let Some((_, _, table)) = self.service_flags.remove(&id) {
+                            self.release_maglev(table);
+                        }
                         self.service_alloc.release(id);
                         Err(err)
                     }
@@ -964,7 +1053,7 @@ impl Applier {
         id: u32,
         old: &[u32],
         wanted: &[u32],
-        flags: (u32, u32),
+        (flags, maglev): ((u32, u32), Option<&[Backend]>),
         is_new: bool,
         name: &str,
         record: &mut Vec<u32>,
@@ -989,6 +1078,32 @@ impl Applier {
                 report.writes += 1;
             }
         }
+        // The Maglev table after the slots (it names the same backends), before the entry
+        // that makes the datapath use it. A service that cannot have one (no free table) is
+        // served at random meanwhile, and reported.
+        let old_table = self.service_flags.get(&id).map_or(0, |f| f.2);
+        let table = match maglev {
+            Some(backends) => match self.write_maglev(old_table, backends, report) {
+                Ok(table) => table,
+                Err(err) => {
+                    report.errors.push(format!(
+                        "service {name}: {err:#}; new flows are spread at random meanwhile"
+                    ));
+                    0
+                }
+            },
+            None => 0,
+        };
+        let flags = (
+            flags.0 | if table != 0 { SERVICE_MAGLEV } else { 0 },
+            flags.1,
+            table,
+        );
+        let release_new_table = |this: &mut Self| {
+            if table != 0 && table != old_table {
+                this.release_maglev(table);
+            }
+        };
         if is_new || old.len() != new.len() || self.service_flags.get(&id) != Some(&flags) {
             if is_new {
                 self.maps
@@ -1000,14 +1115,18 @@ impl Applier {
                 backend_count: new.len() as u32,
                 flags: flags.0,
                 affinity_timeout_s: flags.1,
-                _pad: 0,
+                maglev_table: flags.2,
             };
-            self.maps
-                .services
-                .insert(id, value, 0)
-                .context("writing the service entry")?;
+            if let Err(err) = self.maps.services.insert(id, value, 0) {
+                release_new_table(self);
+                return Err(err).context("writing the service entry");
+            }
             self.service_flags.insert(id, flags);
             report.writes += 1;
+        }
+        // The entry no longer names the old table: free it for another service.
+        if old_table != 0 && old_table != table {
+            self.release_maglev(old_table);
         }
         *record = new.clone();
         for slot in new.len()..old.len() {
@@ -1022,6 +1141,72 @@ impl Applier {
             report.deletes += 1;
         }
         Ok(())
+    }
+
+    /// Writes the Maglev table of `backends` (all stored already) into `table` (the
+    /// service's current one, 0 = none yet: one is allocated); returns the table used. Only
+    /// entries that differ from what the map holds are written, each one atomically, and
+    /// every entry names a stored backend throughout, so readers never see a broken table.
+    fn write_maglev(
+        &mut self,
+        table: u32,
+        backends: &[Backend],
+        report: &mut SyncReport,
+    ) -> anyhow::Result<u32> {
+        let size = self.maglev_size;
+        let valid = |t: u32| t != 0 && t <= self.maglev_count;
+        let (table, is_new) = if valid(table) {
+            (table, false)
+        } else {
+            let t = self
+                .maglev_alloc
+                .allocate(self.maglev_count + 1)
+                .ok_or_else(|| anyhow!("no free Maglev table (see --max-maglev-services)"))?;
+            (t, true)
+        };
+        let mut sorted = backends.to_vec();
+        sorted.sort();
+        if self.maglev_inputs.get(&table) == Some(&sorted) {
+            return Ok(table);
+        }
+        // Until it is written whole, the table matches no input.
+        self.maglev_inputs.remove(&table);
+        let ids: Vec<u32> = sorted
+            .iter()
+            .map(|b| self.backend_ids.get(b).copied().unwrap_or(0))
+            .collect();
+        let entries = crate::maglev::table(&sorted, size);
+        let record = self
+            .maglev_tables
+            .entry(table)
+            .or_insert_with(|| vec![MAGLEV_UNKNOWN; size as usize]);
+        let start = maglev_start(table, size);
+        for (index, &pick) in entries.iter().enumerate() {
+            let backend_id = ids[pick as usize];
+            if record[index] == backend_id {
+                continue;
+            }
+            if let Err(err) = self.maps.maglev.set(start + index as u32, backend_id, 0) {
+                if is_new {
+                    self.maglev_alloc.release(table);
+                }
+                return Err(err).context("writing a Maglev table entry");
+            }
+            record[index] = backend_id;
+            report.writes += 1;
+        }
+        self.maglev_inputs.insert(table, sorted);
+        Ok(table)
+    }
+
+    /// Frees a table no service entry names any more. Its content record stays (it is what
+    /// the map holds, so the next owner diffs against it), but not its input: backend ids may
+    /// be reused by then, so the same backends must not be taken for the same entries.
+    fn release_maglev(&mut self, table: u32) {
+        if table != 0 && table <= self.maglev_count {
+            self.maglev_alloc.release(table);
+            self.maglev_inputs.remove(&table);
+        }
     }
 
     fn remove_service(&mut self, id: u32, report: &mut SyncReport) -> anyhow::Result<()> {
@@ -1048,7 +1233,11 @@ impl Applier {
         }
         self.record_slots(id, &name, Vec::new());
         self.services.remove(&id);
-        self.service_flags.remove(&id);
+        if let Some((_, _, table)) = self.service_flags.remove(&id) {
+            if table != 0 {
+                self.release_maglev(table);
+            }
+        }
         self.service_ids.remove(&name);
         self.service_alloc.release(id);
         Ok(())
@@ -1118,14 +1307,31 @@ pub struct BackendView {
     pub state: &'static str,
     /// The endpoint runs on another node.
     pub remote: bool,
+    /// Maglev services: how many entries of the lookup table name this backend (its share
+    /// of new flows, out of the table size).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub maglev_entries: Option<u32>,
 }
 
 /// Reads services, frontends and backends back from the pinned maps.
 pub fn read_services(pin_dir: &Path) -> anyhow::Result<Vec<ServiceView>> {
     let maps = Maps::open(pin_dir)?;
+    let (maglev_size, maglev_count) = maps.maglev_layout();
     let mut views: BTreeMap<u32, ServiceView> = BTreeMap::new();
     for entry in maps.services.iter() {
         let (id, value) = entry.context("reading LB_SERVICES")?;
+        let table = value.maglev_table;
+        let maglev: Option<StdHashMap<u32, u32>> =
+            (value.flags & SERVICE_MAGLEV != 0 && table != 0 && table <= maglev_count)
+                .then(|| maps.read_maglev_table(table, maglev_size))
+                .transpose()?
+                .map(|entries| {
+                    let mut counts = StdHashMap::new();
+                    for backend_id in entries {
+                        *counts.entry(backend_id).or_default() += 1;
+                    }
+                    counts
+                });
         let mut backends = Vec::new();
         for slot in 0..value.backend_count {
             let backend_id = maps
@@ -1158,6 +1364,9 @@ pub fn read_services(pin_dir: &Path) -> anyhow::Result<Vec<ServiceView>> {
                     "active"
                 },
                 remote: backend.flags & BACKEND_REMOTE != 0,
+                maglev_entries: maglev
+                    .as_ref()
+                    .map(|c| c.get(&backend_id).copied().unwrap_or(0)),
             });
         }
         let stats = match maps.service_stats.get(&id, 0) {

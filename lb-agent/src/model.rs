@@ -18,6 +18,9 @@ use serde::Serialize;
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 /// Services carrying this label belong to another proxy.
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+/// Service annotation choosing how new flows pick a backend: `random` (the default) or
+/// `maglev` (consistent hashing of the 5-tuple, see datapath.md).
+pub const ANNOTATION_ALGORITHM: &str = "lb.example.dev/lb-algorithm";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub enum Protocol {
@@ -195,6 +198,8 @@ pub struct DesiredService {
     pub when_empty: WhenEmpty,
     /// `sessionAffinity: ClientIP` timeout.
     pub affinity_timeout_seconds: Option<u32>,
+    /// New flows are placed by Maglev consistent hashing (annotation `ANNOTATION_ALGORITHM`).
+    pub maglev: bool,
 }
 
 /// The whole desired state, keyed by `namespace/name:port/protocol` (the port's name, or its
@@ -517,6 +522,23 @@ fn add_service(
             None
         }
     };
+    let maglev = match service
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_ALGORITHM))
+        .map(|v| v.trim())
+    {
+        None | Some("" | "random") => false,
+        Some("maglev") => true,
+        Some(other) => {
+            state.errors.push(error(
+                &format!("metadata.annotations[{ANNOTATION_ALGORITHM}]"),
+                format!("{other:?} is neither random nor maglev; using random"),
+            ));
+            false
+        }
+    };
     // Unknown values mean Cluster, the default, as they do to kube-proxy.
     let mut local_policy = |field: &str, value: Option<&String>| match value.map(String::as_str) {
         None | Some("" | "Cluster") => false,
@@ -674,6 +696,7 @@ fn add_service(
                 source_ranges: source_ranges.clone(),
                 when_empty,
                 affinity_timeout_seconds: affinity,
+                maglev,
             };
         if !cluster_frontends.is_empty() {
             let chosen = sets.cluster.clone().unwrap_or_default();

@@ -27,6 +27,9 @@ pub struct PlanFrontend {
     pub backends: Vec<PlanBackend>,
     pub when_empty: WhenEmpty,
     pub affinity_timeout_seconds: Option<u32>,
+    /// Maglev consistent hashing; left out of the JSON when false (the default, random).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub maglev: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -68,6 +71,7 @@ pub fn plan(node: &str, state: &DesiredState) -> Plan {
                 backends: backends.clone(),
                 when_empty: service.when_empty,
                 affinity_timeout_seconds: service.affinity_timeout_seconds,
+                maglev: service.maglev,
             });
         }
     }

@@ -14,6 +14,7 @@
 //! LB_AFFINITY       AffinityKey {service_id, client}      -> AffinityValue {backend_id} (LRU)
 //! LB_SERVICE_NAMES  service_id                            -> ServiceName (operators only)
 //! LB_SLOTS          SlotKey {service_id, slot}            -> backend_id (slots 0..backend_count)
+//! LB_MAGLEV         0 -> M; 1 + (table - 1) * M + index    -> backend_id (Maglev services)
 //! LB_BACKENDS       backend_id (array index)              -> BackendValue {addr, port}
 //! LB_SOURCE_RANGES  LPM {frontend, client prefix}         -> 1 (allowed)
 //! LB_CONNTRACK      CtKey {src, dst, sport, dport, proto} -> CtValue (LRU)
@@ -27,7 +28,7 @@
 #![no_std]
 
 /// Bumped whenever a key or value layout below changes; stamped into the pinned state.
-pub const MAP_LAYOUT_VERSION: u32 = 5;
+pub const MAP_LAYOUT_VERSION: u32 = 6;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -53,9 +54,11 @@ pub mod map_names {
     pub const STATS: &str = "LB_STATS";
     pub const META: &str = "LB_META";
     pub const AFFINITY: &str = "LB_AFFINITY";
-    pub const ALL: [&str; 11] = [
+    pub const MAGLEV: &str = "LB_MAGLEV";
+    pub const ALL: [&str; 12] = [
         META,
         AFFINITY,
+        MAGLEV,
         FRONTENDS,
         SERVICES,
         SERVICE_NAMES,
@@ -77,7 +80,16 @@ pub mod capacity {
     pub const SOURCE_RANGES: u32 = 16_384;
     pub const CONNTRACK: u32 = 262_144;
     pub const AFFINITY: u32 = 65_536;
+    /// Services that may use Maglev at once (each holds one table of the table size).
+    pub const MAGLEV_SERVICES: u32 = 64;
+    /// `LB_MAGLEV` entries: the size stamp, then `MAGLEV_SERVICES` tables of the default size.
+    pub const MAGLEV_ENTRIES: u32 = 1 + MAGLEV_SERVICES * super::MAGLEV_TABLE_SIZE;
 }
+
+/// Default Maglev lookup table size (entries per Maglev service). Prime, as the permutation
+/// needs, and about 160 entries per backend at 100 backends, which keeps the disruption of a
+/// backend change small.
+pub const MAGLEV_TABLE_SIZE: u32 = 16_381;
 
 /// Conntrack lifetimes: how long an entry lives after its latest packet.
 pub mod timeouts {
@@ -103,6 +115,8 @@ pub mod globals {
     /// `[u8; 4]`: source address given to hairpin flows (a pod reaching itself through its
     /// Service), so the pod answers through the node instead of to itself.
     pub const HAIRPIN_ADDR: &str = "LB_HAIRPIN_ADDR";
+    /// `u32`: entries per Maglev table (`M`, prime); a flow's entry is `flow_hash % M`.
+    pub const MAGLEV_TABLE_SIZE: &str = "LB_MAGLEV_TABLE_SIZE";
 }
 
 /// A service frontend: where clients send traffic.
@@ -172,7 +186,9 @@ pub struct ServiceValue {
     pub flags: u32,
     /// `sessionAffinity: ClientIP` timeout in seconds; 0 = no affinity.
     pub affinity_timeout_s: u32,
-    pub _pad: u32,
+    /// With `SERVICE_MAGLEV`: the service's table in `LB_MAGLEV`, from 1 (its entries start
+    /// at `maglev_start(maglev_table, M)`); 0 = none.
+    pub maglev_table: u32,
 }
 
 /// `LB_AFFINITY` key: a client of a service.
@@ -197,6 +213,40 @@ pub struct AffinityValue {
 /// `ServiceValue::flags`: a new flow finding no backend is dropped, not rejected (a Local
 /// traffic policy leaves this node without endpoints while other nodes have some).
 pub const SERVICE_DROP_WHEN_EMPTY: u32 = 1;
+/// `ServiceValue::flags`: new flows pick `LB_MAGLEV[table][flow_hash % M]` (consistent
+/// hashing) instead of a random slot.
+pub const SERVICE_MAGLEV: u32 = 2;
+/// `AffinityValue::slot` with this bit: the rest is the Maglev table index the backend was
+/// picked from (the entry holds while that index still names it), not a slot.
+pub const AFFINITY_MAGLEV_INDEX: u32 = 1 << 31;
+
+/// `LB_MAGLEV` is one array: entry 0 holds the table size M it was laid out for (so readers
+/// and a restarted agent need no flag to interpret it), then table 1, table 2, ... of M
+/// entries each. An array, not a map per service: one lookup, preallocated, no map-in-map.
+#[inline(always)]
+pub const fn maglev_start(table: u32, size: u32) -> u32 {
+    // Wrapping: never panics in the kernel build; table 0 is never looked up.
+    table.wrapping_sub(1).wrapping_mul(size).wrapping_add(1)
+}
+
+/// The hash a Maglev service's table is indexed with (`% M`): a murmur3-style mix of the
+/// 5-tuple, the same on every node and in the agent's tests. Cheap for the verifier: 32-bit
+/// multiplies and shifts, no loops.
+#[inline(always)]
+pub fn flow_hash(src: [u8; 4], dst: [u8; 4], src_port: u16, dst_port: u16, proto: u8) -> u32 {
+    #[inline(always)]
+    fn mix(mut h: u32) -> u32 {
+        h ^= h >> 16;
+        h = h.wrapping_mul(0x85eb_ca6b);
+        h ^= h >> 13;
+        h = h.wrapping_mul(0xc2b2_ae35);
+        h ^ (h >> 16)
+    }
+    let mut h = mix(0x9e37_79b9 ^ u32::from(proto));
+    h = mix(h ^ u32::from_be_bytes(src));
+    h = mix(h ^ u32::from_be_bytes(dst));
+    mix(h ^ ((u32::from(src_port) << 16) | u32::from(dst_port)))
+}
 
 /// `namespace/name:port/proto`, NUL padded; for operators (the kernel never reads it).
 #[repr(C)]

@@ -14,18 +14,20 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    ct_other_half, ct_timeout_ns, AffinityKey, AffinityValue, BackendValue, Counter, CtKey,
-    CtValue, FrontendKey, ServiceValue, SlotKey, BACKEND_REMOTE, CT_FORWARD, CT_REPLY,
-    FRONTEND_LOCAL_ADDRESS, FRONTEND_SOURCE_RANGES, KIND_CLUSTER_IP, PROTO_TCP, PROTO_UDP,
-    SERVICE_DROP_WHEN_EMPTY, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    ct_other_half, ct_timeout_ns, flow_hash, maglev_start, AffinityKey, AffinityValue,
+    BackendValue, Counter, CtKey, CtValue, FrontendKey, ServiceValue, SlotKey,
+    AFFINITY_MAGLEV_INDEX, BACKEND_REMOTE, CT_FORWARD, CT_REPLY, FRONTEND_LOCAL_ADDRESS,
+    FRONTEND_SOURCE_RANGES, KIND_CLUSTER_IP, PROTO_TCP, PROTO_UDP, SERVICE_DROP_WHEN_EMPTY,
+    SERVICE_MAGLEV, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
 
 use crate::{
     headers::{load, parse_ipv4, parse_l4, Packet, Parsed, PROTO_ICMP},
     icmp,
     maps::{
-        account, count, hairpin_addr, no_backend_drop, snat_addr, source_allowed, LB_AFFINITY,
-        LB_BACKENDS, LB_CONNTRACK, LB_FRONTENDS, LB_SERVICES, LB_SLOTS,
+        account, count, hairpin_addr, maglev_table_size, no_backend_drop, snat_addr,
+        source_allowed, LB_AFFINITY, LB_BACKENDS, LB_CONNTRACK, LB_FRONTENDS, LB_MAGLEV,
+        LB_SERVICES, LB_SLOTS,
     },
     reject,
 };
@@ -154,7 +156,7 @@ fn try_lb_ingress(ctx: &TcContext) -> Result<i32, ()> {
     // SAFETY: read-only copy of a value the agent replaces atomically.
     let service = unsafe { LB_SERVICES.get(service_id) }.copied();
     let Some((backend_id, backend)) =
-        service.and_then(|s| choose_backend(service_id, &s, key.src_addr, now))
+        service.and_then(|s| choose_backend(service_id, &s, &key, now))
     else {
         let drop_when_empty = service.is_some_and(|s| s.flags & SERVICE_DROP_WHEN_EMPTY != 0);
         if no_backend_drop() || drop_when_empty {
@@ -327,31 +329,43 @@ fn set_source(ctx: &TcContext, pkt: &Packet, ct: &CtValue) -> Result<(), ()> {
     pkt.set_src_keeping(ctx, ct.snat_addr, ct.snat_port)
 }
 
-/// The backend for a new flow: the client's affinity backend while it holds, else a random one
-/// (remembered when the service has `sessionAffinity: ClientIP`).
-#[inline(always)]
+/// The backend for a new flow: the client's affinity backend while it holds, else one picked
+/// by the service's algorithm (remembered when the service has `sessionAffinity: ClientIP`).
+/// Out of line, and a leaf: its keys and values would otherwise sit in `lb_ingress`'s frame,
+/// and the verifier caps the frames of a call chain at 512 bytes together (lb_ingress 424 +
+/// this 72, each rounded up to 16).
+#[inline(never)]
 fn choose_backend(
     service_id: u32,
     service: &ServiceValue,
-    client: [u8; 4],
+    flow: &CtKey,
     now: u64,
 ) -> Option<(u32, BackendValue)> {
     if service.affinity_timeout_s == 0 {
-        return pick_backend(service_id, service.backend_count).map(|(_, id, b)| (id, b));
+        return pick_backend(service_id, service, flow).map(|(_, id, b)| (id, b));
     }
-    let key = AffinityKey { service_id, client };
+    let key = AffinityKey {
+        service_id,
+        client: flow.src_addr,
+    };
     let timeout_ns = u64::from(service.affinity_timeout_s) * 1_000_000_000;
     if let Some(entry) = LB_AFFINITY.get_ptr_mut(key) {
         // SAFETY: pointer from a successful lookup; plain integers only.
         let entry = unsafe { &mut *entry };
         let fresh = now.saturating_sub(entry.last_used_ns) < timeout_ns;
-        // Still one of the service's usable backends: its slot still names it.
-        let slot_key = SlotKey {
-            service_id,
-            slot: entry.slot,
+        // Still one of the service's usable backends: its slot (or, picked by Maglev, its
+        // table entry) still names it.
+        let current = if entry.slot & AFFINITY_MAGLEV_INDEX != 0 {
+            maglev_entry(service.maglev_table, entry.slot & !AFFINITY_MAGLEV_INDEX)
+                == entry.backend_id
+        } else {
+            let slot_key = SlotKey {
+                service_id,
+                slot: entry.slot,
+            };
+            entry.slot < service.backend_count
+                && unsafe { LB_SLOTS.get(slot_key) }.is_some_and(|id| *id == entry.backend_id)
         };
-        let current = entry.slot < service.backend_count
-            && unsafe { LB_SLOTS.get(slot_key) }.is_some_and(|id| *id == entry.backend_id);
         if fresh && current {
             if let Some(backend) = LB_BACKENDS.get(entry.backend_id).copied() {
                 if backend.proto != 0 {
@@ -361,7 +375,7 @@ fn choose_backend(
             }
         }
     }
-    let (slot, backend_id, backend) = pick_backend(service_id, service.backend_count)?;
+    let (slot, backend_id, backend) = pick_backend(service_id, service, flow)?;
     let value = AffinityValue {
         backend_id,
         slot,
@@ -371,9 +385,62 @@ fn choose_backend(
     Some((backend_id, backend))
 }
 
+/// A new flow's backend: (slot, or `AFFINITY_MAGLEV_INDEX` | table index, backend id,
+/// backend). A Maglev service uses its table; an entry not naming a stored backend (a table
+/// not written yet) falls back to a random slot, never to no backend.
+#[inline(always)]
+fn pick_backend(
+    service_id: u32,
+    service: &ServiceValue,
+    flow: &CtKey,
+) -> Option<(u32, u32, BackendValue)> {
+    if service.backend_count == 0 {
+        return None;
+    }
+    if service.flags & SERVICE_MAGLEV != 0 {
+        let (index, backend_id) = maglev_pick(service.maglev_table, flow);
+        if let Some(backend) = LB_BACKENDS.get(backend_id).copied() {
+            if backend.proto != 0 {
+                return Some((AFFINITY_MAGLEV_INDEX | index, backend_id, backend));
+            }
+        }
+    }
+    pick_random(service_id, service.backend_count)
+}
+
+/// The flow's Maglev table index and the backend id its entry names (0: none).
+#[inline(always)]
+fn maglev_pick(table: u32, flow: &CtKey) -> (u32, u32) {
+    let size = maglev_table_size();
+    if size == 0 {
+        return (0, 0);
+    }
+    let index = flow_hash(
+        flow.src_addr,
+        flow.dst_addr,
+        flow.src_port,
+        flow.dst_port,
+        flow.proto,
+    ) % size;
+    (index, maglev_entry(table, index))
+}
+
+/// Entry `index` of Maglev table `table`: a backend id (0 = none).
+#[inline(always)]
+fn maglev_entry(table: u32, index: u32) -> u32 {
+    let size = maglev_table_size();
+    if table == 0 || index >= size {
+        return 0;
+    }
+    match LB_MAGLEV.get(maglev_start(table, size).wrapping_add(index)) {
+        Some(id) => *id,
+        None => 0,
+    }
+}
+
 /// A random slot of the service: (slot, backend id, backend).
 #[inline(always)]
-fn pick_backend(service_id: u32, count: u32) -> Option<(u32, u32, BackendValue)> {
+fn pick_random(service_id: u32, count: u32) -> Option<(u32, u32, BackendValue)> {
     if count == 0 {
         return None;
     }

@@ -38,6 +38,10 @@ pub static LB_SLOTS: HashMap<SlotKey, u32, { capacity::SLOTS as usize }, ON_DEMA
 /// Indexed by backend id: the established-flow check is an array read, not a hash lookup.
 #[btf_map]
 pub static LB_BACKENDS: Array<BackendValue, { capacity::BACKENDS as usize }> = Array::new();
+/// Maglev lookup tables (`lb_common::maglev_start`): one array for every Maglev service, so a
+/// new flow costs one array read; written only by the agent.
+#[btf_map]
+pub static LB_MAGLEV: Array<u32, { capacity::MAGLEV_ENTRIES as usize }> = Array::new();
 #[btf_map]
 pub static LB_SOURCE_RANGES: LpmTrie<SourceRangeKey, u8, { capacity::SOURCE_RANGES as usize }> =
     LpmTrie::new();
@@ -60,6 +64,14 @@ static LB_NO_BACKEND_DROP: u8 = 0;
 static LB_HAIRPIN_ADDR: [u8; 4] = [169, 254, 42, 1];
 #[unsafe(no_mangle)]
 static LB_SNAT_ADDR: [u8; 4] = [0; 4];
+#[unsafe(no_mangle)]
+static LB_MAGLEV_TABLE_SIZE: u32 = lb_common::MAGLEV_TABLE_SIZE;
+
+#[inline(always)]
+pub fn maglev_table_size() -> u32 {
+    // SAFETY: as for the other globals.
+    unsafe { core::ptr::read_volatile(&LB_MAGLEV_TABLE_SIZE) }
+}
 
 #[inline(always)]
 pub fn snat_addr() -> [u8; 4] {

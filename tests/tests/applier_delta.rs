@@ -32,8 +32,8 @@ fn view(pin_dir: &Path) -> View {
                 .iter()
                 .map(|b| {
                     format!(
-                        "{}:{}/{} {} remote={}",
-                        b.addr, b.port, b.protocol, b.state, b.remote
+                        "{}:{}/{} {} remote={} maglev={:?}",
+                        b.addr, b.port, b.protocol, b.state, b.remote, b.maglev_entries
                     )
                 })
                 .collect();
@@ -98,8 +98,15 @@ fn service(rng: &mut StdRng, i: u32) -> Service {
     } else {
         ""
     };
+    // Sometimes Maglev: its tables must end up the same through both paths too.
+    let algorithm = if rng.random_bool(0.3) {
+        "maglev"
+    } else {
+        "random"
+    };
     serde_yaml::from_str(&format!(
-        "metadata: {{name: s{i}, namespace: ns}}\n\
+        "metadata: {{name: s{i}, namespace: ns, \
+         annotations: {{lb.example.dev/lb-algorithm: {algorithm}}}}}\n\
          spec: {{type: {kind}, clusterIP: 10.96.0.{vip}, externalTrafficPolicy: {policy}, {ranges}\
          ports: [{{name: http, port: 80, targetPort: 8080{node_port}}}{udp}]}}\n{ingress}"
     ))
@@ -157,8 +164,12 @@ fn harness() -> Harness {
         capacity: Capacity {
             backends: 256,
             slots: 1024,
+            // Room for every Service to be Maglev: the paths must not compete for tables.
+            maglev_services: 256,
             ..Capacity::default()
         },
+        // Small tables keep the comparison quick (and exercise the setting).
+        maglev_table_size: 251,
         ..DatapathSettings::default()
     })
     .unwrap()
@@ -182,6 +193,7 @@ fn deltas_leave_the_maps_as_a_full_sync_would_through_random_changes() {
     // Slice name -> (owner, pods listed).
     let mut slice_defs: std::collections::BTreeMap<u32, (u32, Vec<usize>)> = Default::default();
     let mut slices: std::collections::BTreeMap<u32, EndpointSlice> = Default::default();
+    let mut maglev_seen = 0;
     for step in 0..300 {
         // A few changes per round, as a burst batched by --min-sync-period.
         for _ in 0..rng.random_range(1..4) {
@@ -240,6 +252,10 @@ fn deltas_leave_the_maps_as_a_full_sync_would_through_random_changes() {
         assert_eq!(engine.desired(), desired, "seed {seed} step {step}");
         let full_report = full.applier.sync(&desired).unwrap();
         let (a, b) = (view(&incremental.pin_dir), view(&full.pin_dir));
+        maglev_seen += a
+            .iter()
+            .filter(|(_, _, backends, _)| backends.iter().any(|b| b.contains("maglev=Some")))
+            .count();
         assert!(
             a == b,
             "seed {seed} step {step}: only incremental {:?}\nonly full {:?}\n{delta:?}\n{report:?}\n{full_report:?}",
@@ -260,6 +276,10 @@ fn deltas_leave_the_maps_as_a_full_sync_would_through_random_changes() {
             full_report.errors
         );
     }
+    assert!(
+        maglev_seen > 0,
+        "seed {seed}: no Maglev service was ever programmed"
+    );
 }
 
 #[test]
