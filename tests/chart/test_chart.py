@@ -57,6 +57,8 @@ DEFAULT_ARGS = [
     "--max-services=65536",
     "--max-frontends=65536",
     "--max-backends=65536",
+    "--maglev-table-size=16381",
+    "--max-maglev-services=64",
 ]
 
 # Values sets rendered, linted and validated besides the defaults.

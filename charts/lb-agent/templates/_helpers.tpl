@@ -83,6 +83,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $args = append $args (printf "--max-services=%d" ($a.maxServices | int64)) }}
 {{- $args = append $args (printf "--max-frontends=%d" ($a.maxFrontends | int64)) }}
 {{- $args = append $args (printf "--max-backends=%d" ($a.maxBackends | int64)) }}
+{{- $args = append $args (printf "--maglev-table-size=%d" ($a.maglevTableSize | int64)) }}
+{{- $args = append $args (printf "--max-maglev-services=%d" ($a.maxMaglevServices | int64)) }}
 {{- $args = concat $args $a.extraArgs }}
 {{- toYaml $args }}
 {{- end }}
