@@ -189,6 +189,17 @@ pub fn tcp_request_from(
     to: SocketAddr,
     timeout: Duration,
 ) -> anyhow::Result<Reply> {
+    tcp_request_from_port(from, 0, to, timeout)
+}
+
+/// Same, from a fixed source port too (`0`: any): the same 5-tuple again, as a new
+/// connection (the namespace needs `net.ipv4.tcp_tw_reuse` for the port's TIME_WAIT).
+pub fn tcp_request_from_port(
+    from: Ipv4Addr,
+    port: u16,
+    to: SocketAddr,
+    timeout: Duration,
+) -> anyhow::Result<Reply> {
     use std::os::fd::FromRawFd as _;
     let SocketAddr::V4(to4) = to else {
         bail!("{to}: IPv4 only");
@@ -213,10 +224,19 @@ pub fn tcp_request_from(
     // Bounds connect() too (Linux applies the send timeout to it).
     stream.set_write_timeout(Some(timeout))?;
     stream.set_read_timeout(Some(timeout))?;
-    let local = sockaddr(from, 0);
+    let local = sockaddr(from, port);
     let remote = sockaddr(*to4.ip(), to4.port());
-    // SAFETY: valid sockaddr_in values and lengths, on a socket this function owns.
+    // SAFETY: valid sockaddr_in values, option and lengths, on a socket this function owns.
     unsafe {
+        let one: libc::c_int = 1;
+        // A port of ours in TIME_WAIT may be bound again.
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
         if libc::bind(
             stream.as_raw_fd(),
             (&local as *const libc::sockaddr_in).cast(),
