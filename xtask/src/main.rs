@@ -39,7 +39,8 @@ enum Task {
         #[arg(long)]
         seed: Option<String>,
     },
-    /// Benchmarks; results go to docs/benchmarks.md.
+    /// Benchmarks, ours and side by side with kube-proxy's iptables and nftables modes;
+    /// results go to docs/benchmarks.md (about 20 minutes).
     Bench {
         /// A smoke run with small sizes (what `cargo xtask test` runs); results not written.
         #[arg(long)]
@@ -96,7 +97,10 @@ fn main() -> anyhow::Result<()> {
                 .args(["test", "--workspace", "--exclude", "lb-ebpf", "--"])
                 .args(args))?;
             // Keep the benchmark code from rotting: a short run, nothing written.
-            cmd(Command::new("target/debug/lb-bench").arg("--quick"))
+            cmd(Command::new("target/debug/lb-bench").arg("--quick"))?;
+            // The comparison with kube-proxy's iptables and nftables modes, short (nothing
+            // written).
+            cmd(Command::new("target/debug/lb-compare").arg("--quick"))
         }
         Task::Bench { quick } => {
             setup::run()?;
@@ -118,7 +122,23 @@ fn main() -> anyhow::Result<()> {
             } else {
                 bench.args(["--output", "docs/benchmarks.md"]);
             }
-            cmd(&mut bench)
+            cmd(&mut bench)?;
+            // Side by side with kube-proxy's iptables and nftables modes (docs/benchmarks.md
+            // and the charts next to it).
+            let mut compare = Command::new("cargo");
+            compare.args([
+                "run",
+                "--release",
+                "--package",
+                "lb-tests",
+                "--bin",
+                "lb-compare",
+                "--",
+            ]);
+            if quick {
+                compare.arg("--quick");
+            }
+            cmd(&mut compare)
         }
         Task::Demo { keep } => {
             setup::run()?;

@@ -20,6 +20,12 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip"),
     ("iputils-ping", "ping"),
     ("util-linux", "nsenter"),
+    // kube-proxy's datapaths for `lb-compare`, called by their explicit names (never through
+    // update-alternatives, which stays as the host has it): iptables-legacy-restore,
+    // iptables-nft-restore (both in Debian's `iptables`), and nft.
+    ("iptables", "iptables-legacy-restore"),
+    ("iptables", "iptables-nft-restore"),
+    ("nftables", "nft"),
 ];
 
 pub fn run() -> anyhow::Result<()> {
@@ -152,11 +158,12 @@ fn on_path(binary: &str) -> bool {
 }
 
 fn debian_packages(root: bool) -> anyhow::Result<()> {
-    let missing: Vec<&str> = PACKAGES
+    let mut missing: Vec<&str> = PACKAGES
         .iter()
         .filter(|(_, binary)| !on_path(binary))
         .map(|(package, _)| *package)
         .collect();
+    missing.dedup();
     if missing.is_empty() {
         return Ok(());
     }
