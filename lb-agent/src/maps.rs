@@ -534,29 +534,8 @@ impl Applier {
             }
         }
 
-        // 3. Source ranges before the frontends that check them (a restricted frontend never
-        //    appears with an empty allow-list), removals after.
-        for entry in &wanted_ranges {
-            if !self.source_ranges.contains(entry) {
-                self.insert_range(entry, &mut report);
-            }
-        }
-
-        // 4. Frontends: add or repoint, then remove the ones no longer wanted.
-        for (key, (value, name)) in &wanted_frontends {
-            if self.frontends.get(key) == Some(value) {
-                continue;
-            }
-            match self.maps.frontends.insert(key, value, 0) {
-                Ok(()) => {
-                    self.record_frontend(*key, Some(*value));
-                    report.writes += 1;
-                }
-                Err(err) => report
-                    .errors
-                    .push(format!("service {name}: writing frontend: {err}")),
-            }
-        }
+        // 3-4. Source ranges, then frontends (added or repointed); removals after.
+        self.write_ranges_and_frontends(&wanted_ranges, &wanted_frontends, &mut report);
         let stale: Vec<FrontendKey> = self
             .frontends
             .keys()
@@ -800,25 +779,7 @@ impl Applier {
         }
 
         // 3. Source ranges, then frontends (added or repointed).
-        for entry in &wanted_ranges {
-            if !self.source_ranges.contains(entry) {
-                self.insert_range(entry, &mut report);
-            }
-        }
-        for (key, (value, name)) in &wanted_frontends {
-            if self.frontends.get(key) == Some(value) {
-                continue;
-            }
-            match self.maps.frontends.insert(key, value, 0) {
-                Ok(()) => {
-                    self.record_frontend(*key, Some(*value));
-                    report.writes += 1;
-                }
-                Err(err) => report
-                    .errors
-                    .push(format!("service {name}: writing frontend: {err}")),
-            }
-        }
+        self.write_ranges_and_frontends(&wanted_ranges, &wanted_frontends, &mut report);
 
         // 4. Removals: frontends the changed entries no longer have, their source ranges,
         //    services that are gone, backends nobody uses.
@@ -915,6 +876,35 @@ impl Applier {
         }
         for backend in slots {
             *self.slot_refs.entry(backend).or_default() += 1;
+        }
+    }
+
+    /// Source ranges before the frontends that check them, so a restricted frontend never
+    /// appears with an empty allow-list; then each frontend that is new or points elsewhere.
+    fn write_ranges_and_frontends(
+        &mut self,
+        ranges: &BTreeSet<RangeEntry>,
+        frontends: &StdHashMap<FrontendKey, (FrontendValue, &str)>,
+        report: &mut SyncReport,
+    ) {
+        for entry in ranges {
+            if !self.source_ranges.contains(entry) {
+                self.insert_range(entry, report);
+            }
+        }
+        for (key, (value, name)) in frontends {
+            if self.frontends.get(key) == Some(value) {
+                continue;
+            }
+            match self.maps.frontends.insert(key, value, 0) {
+                Ok(()) => {
+                    self.record_frontend(*key, Some(*value));
+                    report.writes += 1;
+                }
+                Err(err) => report
+                    .errors
+                    .push(format!("service {name}: writing frontend: {err}")),
+            }
         }
     }
 

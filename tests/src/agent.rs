@@ -158,6 +158,15 @@ impl Drop for Agent {
     }
 }
 
+/// The value of the one sample of `series` (name with labels, exactly as exposed) in the
+/// agent's Prometheus text.
+pub fn metric_sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
 /// Runs an `lb-agent` CLI command (a second process) and returns its stdout.
 pub fn cli(pin_dir: &Path, args: &[&str]) -> anyhow::Result<String> {
     let binary = agent_binary()?;

@@ -105,10 +105,7 @@ endpoints:{endpoints}
 }
 
 fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+    crate::agent::metric_sample(text, series).unwrap_or(0.0)
 }
 
 pub fn run(config: &Config) -> anyhow::Result<Report> {

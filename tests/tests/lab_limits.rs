@@ -91,10 +91,7 @@ fn a_service_that_does_not_fit_is_refused_whole_reported_and_the_rest_served() {
     let (status, metrics) = http_get_path(&lab.node, "127.0.0.1:10249", "/metrics").unwrap();
     assert_eq!(status, 200);
     let value = |series: &str| {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-            .and_then(|v| v.parse::<f64>().ok())
+        lb_tests::agent::metric_sample(&metrics, series)
             .unwrap_or_else(|| panic!("{series} in\n{metrics}"))
     };
     assert_eq!(value("lb_programming_errors"), 1.0);

@@ -16,7 +16,7 @@ use std::{
 
 use lb_agent::maps::read_services;
 use lb_tests::{
-    agent::{cli, Agent},
+    agent::{cli, metric_sample as sample, Agent},
     echo::{http_get_path, start_backends, tcp_request, udp_request, TcpSession},
     lab::{NodeLab, CLIENT_ADDR, TEST_PREFIX},
 };
@@ -63,14 +63,6 @@ spec:
 "#,
     )
     .unwrap();
-}
-
-/// The value of the one sample of `series` (name with labels, exactly as exposed).
-fn sample(metrics: &str, series: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
 #[test]
