@@ -51,7 +51,10 @@ struct Row {
     program_time: Duration,
     floor: Stats,
     established: Stats,
+    /// New flows to the same working set of Services the established flows use.
     new_flow: Stats,
+    /// New flows to any of the N Services, measured in a phase of its own.
+    new_flow_any: Stats,
 }
 
 #[derive(Clone, Copy)]
@@ -105,13 +108,23 @@ fn client(n: u32) -> String {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(172, 16, 0, 0)) + n).to_string()
 }
 
+/// The main phase's traffic goes to this many Services picked at random among the N, whatever
+/// N is (10, the smallest N: every Service then), so that from one row to the next the only
+/// thing that changes is how many Services are loaded. The second phase spreads new flows
+/// over all N, which shows what a cache the maps outgrow costs.
+const WORKING_SET: usize = 10;
+/// Established flows of the main phase, spread over the working set.
+const FLOWS: usize = 256;
+
 fn measure(services: u32, calls: u32) -> anyhow::Result<Row> {
     let settings = DatapathSettings {
         capacity: Capacity {
             frontends: services.max(1024),
             services: services + 1024,
             slots: 2 * services + 1024,
-            conntrack: 4 * calls + 4096,
+            // Two entries per new flow, two phases of new flows, and room to spare so that
+            // the LRU never evicts while timing.
+            conntrack: 8 * calls + 4096,
             ..Capacity::default()
         },
         ..DatapathSettings::default()
@@ -122,11 +135,27 @@ fn measure(services: u32, calls: u32) -> anyhow::Result<Row> {
     let program_time = started.elapsed();
     let mut rng = StdRng::seed_from_u64(u64::from(services));
 
-    // Established flows: one packet each first, so that conntrack knows them.
-    let established: Vec<Vec<u8>> = (0..256)
+    // The working set: distinct Services picked at random among the N.
+    let mut working_set: Vec<u32> = Vec::new();
+    while working_set.len() < WORKING_SET.min(services as usize) {
+        let service = rng.random_range(0..services);
+        if !working_set.contains(&service) {
+            working_set.push(service);
+        }
+    }
+    // Established flows over the working set, each sent once beforehand so that conntrack
+    // knows it.
+    let established: Vec<Vec<u8>> = (0..FLOWS)
         .map(|n| {
-            let target = vip(rng.random_range(0..services)).to_string();
-            Flow::tcp(&client(n), 40000, &target, 80, TCP_ACK).build()
+            let service = working_set[n % working_set.len()];
+            Flow::tcp(
+                &client(n as u32),
+                40000,
+                &vip(service).to_string(),
+                80,
+                TCP_ACK,
+            )
+            .build()
         })
         .collect();
     for frame in &established {
@@ -134,6 +163,21 @@ fn measure(services: u32, calls: u32) -> anyhow::Result<Row> {
         anyhow::ensure!(verdict.action == TC_ACT_OK, "warm-up packet not translated");
     }
 
+    let mut next_flow = 0u32;
+    let mut new_flow = |h: &mut Harness, service: u32| -> anyhow::Result<u64> {
+        let n = next_flow;
+        next_flow += 1;
+        let syn = Flow::tcp(
+            &client(1000 + n),
+            10000 + (n % 50000) as u16,
+            &vip(service).to_string(),
+            80,
+            TCP_SYN,
+        );
+        let (verdict, took) = h.run_program(PROGRAM, &syn.build())?;
+        anyhow::ensure!(verdict.action == TC_ACT_OK, "new flow not translated");
+        Ok(took.as_nanos() as u64)
+    };
     let mut floor = Vec::new();
     let mut hit = Vec::new();
     let mut fresh = Vec::new();
@@ -141,7 +185,6 @@ fn measure(services: u32, calls: u32) -> anyhow::Result<Row> {
     // machine noise lands on all three alike, yet one kind's cache footprint does not bleed
     // into every single call of the others.
     const BLOCK: u32 = 250;
-    let mut next_flow = 0u32;
     for block in 0..calls.div_ceil(BLOCK) {
         for i in 0..BLOCK {
             let frame = &established[((block * BLOCK + i) as usize) % established.len()];
@@ -159,20 +202,17 @@ fn measure(services: u32, calls: u32) -> anyhow::Result<Row> {
             hit.push(took.as_nanos() as u64);
         }
         for _ in 0..BLOCK {
-            let n = next_flow;
-            next_flow += 1;
-            let target = vip(rng.random_range(0..services)).to_string();
-            let syn = Flow::tcp(
-                &client(1000 + n),
-                10000 + (n % 50000) as u16,
-                &target,
-                80,
-                TCP_SYN,
-            );
-            let (verdict, took) = h.run_program(PROGRAM, &syn.build())?;
-            anyhow::ensure!(verdict.action == TC_ACT_OK, "new flow not translated");
-            fresh.push(took.as_nanos() as u64);
+            let service = working_set[rng.random_range(0..working_set.len())];
+            fresh.push(new_flow(&mut h, service)?);
         }
+    }
+    // Second phase, after the first so that its walk over every map does not evict the first
+    // phase's working set: new flows to any of the N Services. This one shows what a cache
+    // that the maps outgrow costs.
+    let mut any = Vec::new();
+    for _ in 0..calls {
+        let service = rng.random_range(0..services);
+        any.push(new_flow(&mut h, service)?);
     }
     Ok(Row {
         services,
@@ -180,6 +220,7 @@ fn measure(services: u32, calls: u32) -> anyhow::Result<Row> {
         floor: stats(floor),
         established: stats(hit),
         new_flow: stats(fresh),
+        new_flow_any: stats(any),
     })
 }
 
@@ -188,13 +229,16 @@ fn table(rows: &[Row], calls: u32) -> String {
     out.push_str(&format!(
         "Per-packet cost of `lb_ingress` (BPF_PROG_TEST_RUN, repeat 1, kernel-timed, {calls} calls \
          per cell, median / p90 in ns). *Floor* is `lb_passthrough`, an empty tc program run the \
-         same way; *over floor* is the median minus the floor's median.\n\n"
+         same way; *over floor* is the median minus the floor's median. Established ({FLOWS} flows) \
+         and new flows go to the same {WORKING_SET} Services picked at random among the N, so \
+         that only the number of Services loaded changes from row to row; *new flow, any \
+         Service* picks among all N for every packet (a phase of its own, after the others).\n\n"
     ));
-    out.push_str("| services | floor | established flow | over floor | new flow | over floor | programming all services |\n");
-    out.push_str("|---:|---:|---:|---:|---:|---:|---:|\n");
+    out.push_str("| services | floor | established flow | over floor | new flow | over floor | new flow, any Service | over floor | programming all services |\n");
+    out.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for r in rows {
         out.push_str(&format!(
-            "| {} | {:.0} / {:.0} | {:.0} / {:.0} | {:.0} | {:.0} / {:.0} | {:.0} | {:.0} ms |\n",
+            "| {} | {:.0} / {:.0} | {:.0} / {:.0} | {:.0} | {:.0} / {:.0} | {:.0} | {:.0} / {:.0} | {:.0} | {:.0} ms |\n",
             r.services,
             r.floor.median,
             r.floor.p90,
@@ -204,17 +248,22 @@ fn table(rows: &[Row], calls: u32) -> String {
             r.new_flow.median,
             r.new_flow.p90,
             r.new_flow.median - r.floor.median,
+            r.new_flow_any.median,
+            r.new_flow_any.p90,
+            r.new_flow_any.median - r.floor.median,
             r.program_time.as_secs_f64() * 1000.0,
         ));
     }
     if let (Some(first), Some(last)) = (rows.first(), rows.last()) {
         let growth = |a: f64, b: f64| (b / a - 1.0) * 100.0;
         out.push_str(&format!(
-            "\nFrom {} to {} services: established flow {:+.1}%, new flow {:+.1}% (median).\n",
+            "\nFrom {} to {} services (median): established flow {:+.1}%, new flow {:+.1}%, \
+             new flow to any Service {:+.1}%.\n",
             first.services,
             last.services,
             growth(first.established.median, last.established.median),
             growth(first.new_flow.median, last.new_flow.median),
+            growth(first.new_flow_any.median, last.new_flow_any.median),
         ));
     }
     out
