@@ -346,6 +346,11 @@ impl Engine {
         state
     }
 
+    /// One Service's part of the desired state (`ns/name`), as last computed.
+    pub fn desired_service(&self, key: &str) -> Option<&DesiredState> {
+        self.parts.get(key)
+    }
+
     /// The node's addresses, as the applier marks frontends on them.
     pub fn node_addresses(&self) -> BTreeSet<std::net::Ipv4Addr> {
         self.settings

@@ -28,6 +28,9 @@ fn connections_survive_endpoint_churn_and_nothing_leaks() {
     );
     assert!(report.requests > 500, "the clients kept going: {report:?}");
     assert_eq!(report.failed, 0, "{:?}", report.first_failures);
+    // A request slower than the grace period can outlive its backend (reset by design); on a
+    // shared machine a few may, but not a noticeable share.
+    assert!(report.outlived_grace * 100 <= report.requests, "{report:?}");
     assert_eq!(
         report.backend_entries_after, report.endpoints_after,
         "no backend entry leaked"
