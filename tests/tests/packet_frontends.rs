@@ -515,6 +515,54 @@ fn expired_entries_are_ignored_by_the_datapath_and_removed_by_the_collector() {
 }
 
 #[test]
+fn garbage_collection_reads_in_batches_and_removes_exactly_the_expired_entries() {
+    let h = harness();
+    let mut ct = h.conntrack();
+    // Many more entries than one batch holds, with an unlinked other half each (a client
+    // address the datapath never saw), every third one expired.
+    let now = monotonic_ns();
+    let total = 20_000u32;
+    for n in 0..total {
+        let key = CtKey {
+            src_addr: Ipv4Addr::from(0x0a63_0000 + n).octets(),
+            dst_addr: [10, 96, 0, 10],
+            src_port: 40000,
+            dst_port: 80,
+            proto: 6,
+            _pad: [0; 3],
+        };
+        let value = lb_common::CtValue {
+            nat_addr: [10, 244, 1, 2],
+            nat_port: 8080,
+            expires_ns: if n % 3 == 0 {
+                now - 1
+            } else {
+                now + 60_000_000_000
+            },
+            created_ns: now,
+            ..Default::default()
+        };
+        ct.insert(key, value, 0).unwrap();
+    }
+    // The batched walk sees exactly what the key-by-key walk sees.
+    let key_by_key = lb_agent::maps::count_expired_key_by_key(&ct);
+    let batched = lb_agent::maps::count_expired_batched(&ct).unwrap();
+    let expired = total.div_ceil(3) as usize;
+    assert_eq!(key_by_key, (total as usize, expired));
+    assert_eq!(batched, key_by_key);
+    // A budget bounds one pass; the next pass takes the rest.
+    let (_, deleted) = collect_conntrack_garbage(&mut ct, 5000);
+    assert_eq!(deleted, 5000);
+    let (examined, deleted) = collect_conntrack_garbage(&mut ct, 100_000);
+    assert_eq!((examined, deleted), (total as usize - 5000, expired - 5000));
+    assert_eq!(ct.keys().count(), total as usize - expired);
+    assert_eq!(
+        lb_agent::maps::count_expired_batched(&ct).unwrap(),
+        (total as usize - expired, 0)
+    );
+}
+
+#[test]
 fn per_service_counters_count_packets_and_bytes_both_ways() {
     let mut h = harness();
     let syn = Flow::tcp(CLIENT, 51000, "10.96.0.10", 80, TCP_SYN);
