@@ -14,6 +14,8 @@ use aya::{maps::MapData, Pod};
 
 /// `enum bpf_cmd` in `linux/bpf.h`.
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 
 /// The `batch` member of `union bpf_attr`: the kernel reads this prefix of the union and
 /// writes `count` back.
@@ -97,4 +99,74 @@ pub fn for_each<K: Pod, V: Pod>(
         token_in = token_out;
         first = false;
     }
+}
+
+/// The element member of `union bpf_attr` (`BPF_MAP_*_ELEM`).
+#[repr(C, align(8))]
+#[derive(Default)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// Deletes one key (`BPF_MAP_DELETE_ELEM`) through a shared handle, where batches are not
+/// available. Whether it was there is all the caller learns.
+pub fn delete_one<K: Pod>(map: &MapData, key: &K) -> bool {
+    let mut attr = ElemAttr {
+        map_fd: map.fd().as_fd().as_raw_fd() as u32,
+        key: std::ptr::from_ref(key) as u64,
+        ..ElemAttr::default()
+    };
+    // SAFETY: the attribute names one key of the map's own key type, alive across the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_DELETE_ELEM,
+            std::ptr::addr_of_mut!(attr),
+            std::mem::size_of::<ElemAttr>(),
+        )
+    };
+    ret == 0
+}
+
+/// Deletes `keys` from a hash map in one system call (`BPF_MAP_DELETE_BATCH`); keys already
+/// gone are skipped. Returns how many were deleted.
+pub fn delete<K: Pod>(map: &MapData, keys: &[K]) -> io::Result<usize> {
+    let fd = map.fd().as_fd().as_raw_fd();
+    let mut done = 0;
+    let mut deleted = 0;
+    while done < keys.len() {
+        let rest = &keys[done..];
+        let mut attr = BatchAttr {
+            keys: rest.as_ptr() as u64,
+            count: rest.len() as u32,
+            map_fd: fd as u32,
+            ..BatchAttr::default()
+        };
+        // SAFETY: the attribute names `count` keys of the map's own key type, alive across
+        // the call; the kernel only reads them.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_DELETE_BATCH,
+                std::ptr::addr_of_mut!(attr),
+                std::mem::size_of::<BatchAttr>(),
+            )
+        };
+        // The kernel stops at the first key it cannot delete; `count` says how many it did.
+        let n = (attr.count as usize).min(rest.len());
+        deleted += n;
+        done += n;
+        if ret < 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::ENOENT) {
+                return Err(err);
+            }
+            done += 1; // gone already (the datapath's LRU evicted it, say): skip it
+        }
+    }
+    Ok(deleted)
 }

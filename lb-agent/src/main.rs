@@ -299,6 +299,7 @@ fn run(pin_dir: &Path, args: RunArgs) -> anyhow::Result<()> {
         last_problems: Vec::new(),
     };
 
+    let _gc = ConntrackGc::start(pin_dir, args.conntrack_gc_interval, args.conntrack_max)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -318,8 +319,8 @@ fn run(pin_dir: &Path, args: RunArgs) -> anyhow::Result<()> {
             }
         };
         match &args.manifests {
-            Some(dir) => run_standalone(dir, &args, pin_dir, &mut programmer, stop).await,
-            None => run_kubernetes(&args, pin_dir, &mut programmer, stop).await,
+            Some(dir) => run_standalone(dir, &args, &mut programmer, stop).await,
+            None => run_kubernetes(&args, &mut programmer, stop).await,
         }
     })?;
     // The links and maps are pinned: the datapath keeps forwarding without us, and the next
@@ -334,14 +335,11 @@ fn run(pin_dir: &Path, args: RunArgs) -> anyhow::Result<()> {
 async fn run_standalone(
     dir: &Path,
     args: &RunArgs,
-    pin_dir: &Path,
     programmer: &mut Programmer,
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     tokio::pin!(stop);
     let mut poll = tokio::time::interval(args.manifest_poll_interval);
-    let mut gc = tokio::time::interval(args.conntrack_gc_interval);
-    let mut conntrack = maps::open_conntrack(pin_dir)?;
     loop {
         tokio::select! {
             _ = &mut stop => return Ok(()),
@@ -352,7 +350,6 @@ async fn run_standalone(
                     Err(err) => warn!("keeping the current datapath: {err:#}"),
                 }
             }
-            _ = gc.tick() => collect_garbage(&mut conntrack),
         }
     }
 }
@@ -362,7 +359,6 @@ async fn run_standalone(
 /// Services marked, and everything is re-applied every `--sync-period` to repair drift.
 async fn run_kubernetes(
     args: &RunArgs,
-    pin_dir: &Path,
     programmer: &mut Programmer,
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
@@ -415,8 +411,6 @@ async fn run_kubernetes(
 
     let mut resync = tokio::time::interval(args.sync_period);
     resync.reset(); // the first tick would fire at once
-    let mut gc = tokio::time::interval(args.conntrack_gc_interval);
-    let mut conntrack = maps::open_conntrack(pin_dir)?;
     let mut pending_since: Option<std::time::Instant> = None;
     // A delta that left something undone is followed by a full sync, which retries it.
     let mut needs_full = false;
@@ -475,15 +469,61 @@ async fn run_kubernetes(
                 needs_full = false;
                 last_sync = tokio::time::Instant::now();
             }
-            _ = gc.tick() => collect_garbage(&mut conntrack),
         }
     }
 }
 
-fn collect_garbage(conntrack: &mut maps::ConntrackMap) {
-    let (examined, deleted) = maps::collect_conntrack_garbage(conntrack, 65_536);
-    if deleted > 0 {
-        debug!(examined, deleted, "conntrack garbage collected");
+/// The conntrack garbage collector, on a thread of its own so that a long pass over a big
+/// table never delays a sync. Passes follow the churn: after one that freed more than an
+/// eighth of the table, the next comes after a quarter of the interval (at least 1 s), so a
+/// node opening connections fast keeps its table from filling (a full LRU table makes the
+/// datapath evict on the packet path); otherwise one pass per interval.
+struct ConntrackGc {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ConntrackGc {
+    fn start(pin_dir: &Path, interval: Duration, capacity: u32) -> anyhow::Result<Self> {
+        let mut conntrack = maps::open_conntrack(pin_dir)?;
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("conntrack-gc".into())
+            .spawn(move || {
+                let mut next = interval;
+                // Anything but a timeout (a stop, or the agent going away) ends the loop.
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(next)
+                {
+                    let started = std::time::Instant::now();
+                    let (examined, deleted) =
+                        maps::collect_conntrack_garbage(&mut conntrack, usize::MAX);
+                    next = maps::next_gc_pass(deleted, capacity, interval);
+                    if deleted > 0 {
+                        debug!(
+                            examined,
+                            deleted,
+                            elapsed_ms = started.elapsed().as_millis() as u64,
+                            next_s = next.as_secs_f64(),
+                            "conntrack garbage collected"
+                        );
+                    }
+                }
+            })
+            .context("starting the conntrack garbage collector")?;
+        Ok(Self {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for ConntrackGc {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 

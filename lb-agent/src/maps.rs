@@ -9,6 +9,7 @@ use std::{
     net::Ipv4Addr,
     ops::ControlFlow,
     path::Path,
+    time::Duration,
 };
 
 use anyhow::{anyhow, Context as _};
@@ -1590,56 +1591,101 @@ pub fn read_conntrack(pin_dir: &Path) -> anyhow::Result<Vec<FlowView>> {
     Ok(flows)
 }
 
-/// Deletes expired conntrack entries, at most `budget` per call so that a full map is cleaned
-/// over several rounds and no round holds the CPU for long. An entry goes only when the other
-/// direction of its connection has expired too (as the datapath judges), and only if it is
-/// still the entry that was seen (a new flow may have reused the 5-tuple meanwhile).
+/// Deletes expired conntrack entries, at most `budget` per call. An entry goes only when the
+/// other direction of its connection has expired too (as the datapath judges), and only if it
+/// is still the entry that was seen (a new flow may have reused the 5-tuple meanwhile).
 /// Returns (examined, deleted).
 pub fn collect_conntrack_garbage(map: &mut ConntrackMap, budget: usize) -> (usize, usize) {
     let now = monotonic_ns();
-    let mut expired = Vec::new();
-    let mut consider = |key: CtKey, value: CtValue| {
-        if value.expires_ns < now {
-            expired.push((key, value));
-            if expired.len() >= budget {
-                return ControlFlow::Break(());
+    let mut deleted = 0;
+    let mut candidates: Vec<(CtKey, CtValue)> = Vec::new();
+    // Batched: expired entries are deleted chunk by chunk as the walk goes (the walk's
+    // position is past them), so memory stays at one chunk whatever the size of the table.
+    let walk = crate::batch::for_each(map.map(), GC_CHUNK, |key: CtKey, value: CtValue| {
+        if value.expires_ns < now && deleted + candidates.len() < budget {
+            candidates.push((key, value));
+            if candidates.len() >= GC_DELETE_GROUP {
+                deleted += delete_expired(map, &mut candidates, now);
             }
         }
-        ControlFlow::Continue(())
-    };
-    // Thousands of entries per system call; key by key where the kernel has no batch reads.
-    let examined = match crate::batch::for_each(map.map(), GC_CHUNK, &mut consider) {
-        Ok(examined) => examined,
+        if deleted + candidates.len() >= budget {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    });
+    match walk {
+        Ok(examined) => {
+            deleted += delete_expired(map, &mut candidates, now);
+            (examined, deleted)
+        }
         Err(err) => {
+            // Kernels without batch reads: walk key by key, collecting first (deleting the
+            // key the walk stands on would send it back to the start), then delete.
             debug!(%err, "batched conntrack read unavailable, walking key by key");
+            candidates.clear();
             let mut examined = 0;
             for (key, value) in map.iter().flatten() {
                 examined += 1;
-                if consider(key, value).is_break() {
-                    break;
+                if value.expires_ns < now {
+                    candidates.push((key, value));
+                    if deleted + candidates.len() >= budget {
+                        break;
+                    }
                 }
             }
-            examined
-        }
-    };
-    let mut deleted = 0;
-    for (key, seen) in expired {
-        let other = lb_common::ct_other_half(&key, &seen);
-        if map.get(&other, 0).is_ok_and(|o| o.expires_ns >= now) {
-            continue; // the connection lives on in the other direction
-        }
-        let unchanged = map
-            .get(&key, 0)
-            .is_ok_and(|v| v.created_ns == seen.created_ns);
-        if unchanged && map.remove(&key).is_ok() {
-            deleted += 1;
+            deleted += delete_expired(map, &mut candidates, now);
+            (examined, deleted)
         }
     }
-    (examined, deleted)
+}
+
+/// Deletes the expired entries among `candidates` that still are: an entry whose other half
+/// lives on (the connection goes on in the other direction) or that the datapath rewrote since
+/// it was read (a new connection on the same ports) stays. Returns how many were deleted.
+fn delete_expired(map: &ConntrackMap, candidates: &mut Vec<(CtKey, CtValue)>, now: u64) -> usize {
+    let mut doomed = Vec::with_capacity(candidates.len());
+    for (key, seen) in candidates.drain(..) {
+        let other = lb_common::ct_other_half(&key, &seen);
+        if map.get(&other, 0).is_ok_and(|o| o.expires_ns >= now) {
+            continue;
+        }
+        if map
+            .get(&key, 0)
+            .is_ok_and(|v| v.created_ns == seen.created_ns && v.expires_ns < now)
+        {
+            doomed.push(key);
+        }
+    }
+    match crate::batch::delete(map.map(), &doomed) {
+        Ok(deleted) => deleted,
+        Err(err) => {
+            debug!(%err, "batched conntrack delete unavailable, deleting key by key");
+            doomed
+                .iter()
+                .filter(|key| crate::batch::delete_one(map.map(), *key))
+                .count()
+        }
+    }
+}
+
+/// How long until the next garbage collection pass: a quarter of `interval` (at least 1 s)
+/// after a pass that freed more than an eighth of the table (connections open fast enough to
+/// fill it before the next regular pass), otherwise `interval`.
+pub fn next_gc_pass(deleted: usize, capacity: u32, interval: Duration) -> Duration {
+    if deleted as u64 * 8 > u64::from(capacity) {
+        (interval / 4).max(Duration::from_secs(1)).min(interval)
+    } else {
+        interval
+    }
 }
 
 /// Conntrack entries read per system call by the garbage collector.
 const GC_CHUNK: usize = 4096;
+/// Expired entries checked, then deleted in one system call. Small, because an entry could be
+/// reused by a new connection between its check and the delete: the group keeps that window
+/// to tens of microseconds.
+const GC_DELETE_GROUP: usize = 64;
 
 /// The garbage collector's walk as it was before batched reads (two system calls per entry),
 /// kept for `lb-bench` to measure the batched one against.
@@ -1668,6 +1714,30 @@ pub fn count_expired_batched(map: &ConntrackMap) -> anyhow::Result<(usize, usize
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn garbage_collection_comes_sooner_after_a_big_pass() {
+        let ten = Duration::from_secs(10);
+        assert_eq!(next_gc_pass(0, 262_144, ten), ten);
+        assert_eq!(
+            next_gc_pass(32_768, 262_144, ten),
+            ten,
+            "an eighth is not more"
+        );
+        assert_eq!(
+            next_gc_pass(32_769, 262_144, ten),
+            Duration::from_millis(2500)
+        );
+        // Never under a second, never over the interval itself.
+        assert_eq!(
+            next_gc_pass(200_000, 262_144, Duration::from_secs(2)),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            next_gc_pass(200_000, 262_144, Duration::from_millis(500)),
+            Duration::from_millis(500)
+        );
+    }
 
     #[test]
     fn slots_keep_their_place_and_fill_holes() {

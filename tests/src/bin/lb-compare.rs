@@ -56,6 +56,10 @@ struct Cli {
     /// Counted seconds of each connection-rate measurement.
     #[arg(long, default_value_t = 1.2)]
     seconds: f64,
+    /// Slices each round's connection-rate and latency measurements are cut into, the modes
+    /// taking turns slice by slice
+    #[arg(long, default_value_t = 4)]
+    slices: u32,
     /// Connections in flight during the connection-rate measurement.
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
@@ -135,6 +139,8 @@ struct Plan {
     bulk: Duration,
     modes: Vec<Mode>,
     load_limit: Duration,
+    /// Slices each traffic measurement of a round is cut into, modes alternating.
+    slices: u32,
 }
 
 /// Extra programming rounds only for datapaths whose first load took less than this (one
@@ -177,8 +183,16 @@ fn measure_count(plan: &Plan, services: usize, results: &mut Results) -> anyhow:
     }
     for round in 0..plan.rounds {
         eprintln!("compare: {services} Services, traffic round {}", round + 1);
-        for b in &beds {
-            let r = load::run(&b.lab.client, &b.targets(), &plan.cps)?;
+        // Each round starts with the next mode, so that every mode runs in every position
+        // (right after another mode's burst of connections, or first) equally often.
+        let order: Vec<&Bed> = beds
+            .iter()
+            .cycle()
+            .skip(round % beds.len())
+            .take(beds.len())
+            .collect();
+        let cps = interleaved(&order, &plan.cps, plan.slices)?;
+        for (b, r) in order.iter().zip(&cps) {
             let s = entry.entry(b.mode).or_default();
             s.cps.push(r.per_second());
             s.failed += r.failed;
@@ -191,8 +205,8 @@ fn measure_count(plan: &Plan, services: usize, results: &mut Results) -> anyhow:
                 r.failed
             );
         }
-        for b in &beds {
-            let r = load::run(&b.lab.client, &b.targets(), &plan.latency)?;
+        let latency = interleaved(&order, &plan.latency, plan.slices)?;
+        for (b, r) in order.iter().zip(&latency) {
             let s = entry.entry(b.mode).or_default();
             s.p50_us.push(r.latency.quantile(0.5));
             s.p99_us.push(r.latency.quantile(0.99));
@@ -206,7 +220,7 @@ fn measure_count(plan: &Plan, services: usize, results: &mut Results) -> anyhow:
                 r.latency.quantile(0.99)
             );
         }
-        for b in &beds {
+        for b in order.iter().copied() {
             let bps = load::bulk(&b.lab.client, b.bulk_target(), plan.bulk)
                 .with_context(|| format!("{}: bulk stream", b.mode))?;
             entry.entry(b.mode).or_default().gbps.push(bps / 1e9);
@@ -245,6 +259,36 @@ fn measure_count(plan: &Plan, services: usize, results: &mut Results) -> anyhow:
         b.verify()?;
     }
     Ok(())
+}
+
+/// One load measurement of every mode, cut into `slices` short slices visited in turn (A B C
+/// A B C ...), each mode's slices merged into one report: the shared VM's drift over the
+/// seconds a round takes lands on every mode alike instead of on whichever ran at the time.
+fn interleaved(
+    order: &[&Bed],
+    config: &load::LoadConfig,
+    slices: u32,
+) -> anyhow::Result<Vec<load::LoadReport>> {
+    let slices = slices.max(1);
+    let slice = load::LoadConfig {
+        duration: config.duration / slices,
+        ..config.clone()
+    };
+    let mut merged = vec![load::LoadReport::default(); order.len()];
+    for _ in 0..slices {
+        for (b, total) in order.iter().zip(&mut merged) {
+            let r = load::run(&b.lab.client, &b.targets(), &slice)
+                .with_context(|| format!("{}: load", b.mode))?;
+            total.ok += r.ok;
+            total.failed += r.failed;
+            total.seconds += r.seconds;
+            total.latency.merge(&r.latency);
+            if total.first_errors.len() < 5 {
+                total.first_errors.extend(r.first_errors);
+            }
+        }
+    }
+    Ok(merged)
 }
 
 fn record(s: &mut Samples, timing: &bed::Timing, change: &bed::Timing) {
@@ -687,6 +731,7 @@ fn main() -> anyhow::Result<()> {
         bulk: Duration::from_secs_f64(if quick { 0.3 } else { 1.5 }),
         modes,
         load_limit: Duration::from_secs_f64(cli.load_limit),
+        slices: if quick { 1 } else { cli.slices.max(1) },
     };
     let started = Instant::now();
     let mut results = Results::new();
@@ -749,9 +794,12 @@ fn section(report: &Report, plan: &Plan, elapsed: Duration, cli: &Cli) -> String
          transaction kube-proxy's nftables mode runs (table `ip kube-proxy`, the `service-ips` \
          verdict map, per-Service chains with `numgen random mod N vmap`, per-endpoint DNAT \
          chains), loaded with `nft -f`. Both generated from the same Service list.\n\
-         - **Rounds**: every measurement runs once per mode in turn (none, ours, iptables \
-         legacy, iptables nft, nftables, then again), so drifts of this shared 2-core VM land \
-         on all of them; ratios are taken within a round.\n\
+         - **Rounds**: every measurement runs once per mode per round, and the connection-rate \
+         and latency measurements are cut into {} slices that the modes take in turn (A B C D E \
+         A B C D E ...), each mode's slices summed, so that the drifts of this shared 2-core VM \
+         (its rates wander by a fifth within seconds) land on every mode alike; each round \
+         starts with the next mode, so every mode runs in every position. Ratios are taken \
+         within a round.\n\
          - **Loads that do not finish**: a single rule load is stopped after {:.0} s and shown \
          as `> limit`. On this machine two are quadratic in their size: iptables-nft-restore's \
          `--noflush` handling (Debian 12's 1.8.9, in user space) and one nft transaction (the \
@@ -760,6 +808,7 @@ fn section(report: &Report, plan: &Plan, elapsed: Duration, cli: &Cli) -> String
          still be measured.\n\
          - The node namespace's conntrack keeps TIME_WAIT entries 20 s instead of 120 s, so \
          that the benchmark's connection rates do not fill kube-proxy's conntrack table.\n\n",
+        plan.slices,
         plan.load_limit.as_secs_f64()
     ));
     t.push_str(&format!(
