@@ -1596,27 +1596,45 @@ pub fn read_conntrack(pin_dir: &Path) -> anyhow::Result<Vec<FlowView>> {
 /// is still the entry that was seen (a new flow may have reused the 5-tuple meanwhile).
 /// Returns (examined, deleted).
 pub fn collect_conntrack_garbage(map: &mut ConntrackMap, budget: usize) -> (usize, usize) {
+    collect_garbage(map, budget, true)
+}
+
+/// [`collect_conntrack_garbage`] as it runs on kernels without batch operations (key by key
+/// reads and deletes), for the tests to hold both paths to the same result.
+#[doc(hidden)]
+pub fn collect_conntrack_garbage_key_by_key(
+    map: &mut ConntrackMap,
+    budget: usize,
+) -> (usize, usize) {
+    collect_garbage(map, budget, false)
+}
+
+fn collect_garbage(map: &mut ConntrackMap, budget: usize, batched: bool) -> (usize, usize) {
     let now = monotonic_ns();
     let mut deleted = 0;
     let mut candidates: Vec<(CtKey, CtValue)> = Vec::new();
     // Batched: expired entries are deleted chunk by chunk as the walk goes (the walk's
     // position is past them), so memory stays at one chunk whatever the size of the table.
-    let walk = crate::batch::for_each(map.map(), GC_CHUNK, |key: CtKey, value: CtValue| {
-        if value.expires_ns < now && deleted + candidates.len() < budget {
-            candidates.push((key, value));
-            if candidates.len() >= GC_DELETE_GROUP {
-                deleted += delete_expired(map, &mut candidates, now);
+    let walk = if batched {
+        crate::batch::for_each(map.map(), GC_CHUNK, |key: CtKey, value: CtValue| {
+            if value.expires_ns < now && deleted + candidates.len() < budget {
+                candidates.push((key, value));
+                if candidates.len() >= GC_DELETE_GROUP {
+                    deleted += delete_expired(map, &mut candidates, now, true);
+                }
             }
-        }
-        if deleted + candidates.len() >= budget {
-            ControlFlow::Break(())
-        } else {
-            ControlFlow::Continue(())
-        }
-    });
+            if deleted + candidates.len() >= budget {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })
+    } else {
+        Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
+    };
     match walk {
         Ok(examined) => {
-            deleted += delete_expired(map, &mut candidates, now);
+            deleted += delete_expired(map, &mut candidates, now, true);
             (examined, deleted)
         }
         Err(err) => {
@@ -1634,7 +1652,7 @@ pub fn collect_conntrack_garbage(map: &mut ConntrackMap, budget: usize) -> (usiz
                     }
                 }
             }
-            deleted += delete_expired(map, &mut candidates, now);
+            deleted += delete_expired(map, &mut candidates, now, batched);
             (examined, deleted)
         }
     }
@@ -1643,7 +1661,12 @@ pub fn collect_conntrack_garbage(map: &mut ConntrackMap, budget: usize) -> (usiz
 /// Deletes the expired entries among `candidates` that still are: an entry whose other half
 /// lives on (the connection goes on in the other direction) or that the datapath rewrote since
 /// it was read (a new connection on the same ports) stays. Returns how many were deleted.
-fn delete_expired(map: &ConntrackMap, candidates: &mut Vec<(CtKey, CtValue)>, now: u64) -> usize {
+fn delete_expired(
+    map: &ConntrackMap,
+    candidates: &mut Vec<(CtKey, CtValue)>,
+    now: u64,
+    batched: bool,
+) -> usize {
     let mut doomed = Vec::with_capacity(candidates.len());
     for (key, seen) in candidates.drain(..) {
         let other = lb_common::ct_other_half(&key, &seen);
@@ -1657,7 +1680,12 @@ fn delete_expired(map: &ConntrackMap, candidates: &mut Vec<(CtKey, CtValue)>, no
             doomed.push(key);
         }
     }
-    match crate::batch::delete(map.map(), &doomed) {
+    let deleted = if batched {
+        crate::batch::delete(map.map(), &doomed)
+    } else {
+        Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
+    };
+    match deleted {
         Ok(deleted) => deleted,
         Err(err) => {
             debug!(%err, "batched conntrack delete unavailable, deleting key by key");

@@ -514,14 +514,10 @@ fn expired_entries_are_ignored_by_the_datapath_and_removed_by_the_collector() {
     assert_eq!(ct.keys().count(), 2);
 }
 
-#[test]
-fn garbage_collection_reads_in_batches_and_removes_exactly_the_expired_entries() {
-    let h = harness();
-    let mut ct = h.conntrack();
-    // Many more entries than one batch holds, with an unlinked other half each (a client
-    // address the datapath never saw), every third one expired.
+/// Fills the conntrack map with `total` entries, every third one expired, each with an
+/// unlinked other half (a client address the datapath never saw).
+fn fill_conntrack(ct: &mut lb_agent::maps::ConntrackMap, total: u32) {
     let now = monotonic_ns();
-    let total = 20_000u32;
     for n in 0..total {
         let key = CtKey {
             src_addr: Ipv4Addr::from(0x0a63_0000 + n).octets(),
@@ -544,22 +540,44 @@ fn garbage_collection_reads_in_batches_and_removes_exactly_the_expired_entries()
         };
         ct.insert(key, value, 0).unwrap();
     }
-    // The batched walk sees exactly what the key-by-key walk sees.
-    let key_by_key = lb_agent::maps::count_expired_key_by_key(&ct);
-    let batched = lb_agent::maps::count_expired_batched(&ct).unwrap();
+}
+
+#[test]
+fn garbage_collection_reads_in_batches_and_removes_exactly_the_expired_entries() {
+    // Many more entries than one batch holds.
+    let total = 20_000u32;
     let expired = total.div_ceil(3) as usize;
-    assert_eq!(key_by_key, (total as usize, expired));
-    assert_eq!(batched, key_by_key);
-    // A budget bounds one pass; the next pass takes the rest.
-    let (_, deleted) = collect_conntrack_garbage(&mut ct, 5000);
-    assert_eq!(deleted, 5000);
-    let (examined, deleted) = collect_conntrack_garbage(&mut ct, 100_000);
-    assert_eq!((examined, deleted), (total as usize - 5000, expired - 5000));
-    assert_eq!(ct.keys().count(), total as usize - expired);
-    assert_eq!(
-        lb_agent::maps::count_expired_batched(&ct).unwrap(),
-        (total as usize - expired, 0)
-    );
+    for batched in [true, false] {
+        let h = harness();
+        let mut ct = h.conntrack();
+        fill_conntrack(&mut ct, total);
+        // The batched walk sees exactly what the key-by-key walk sees.
+        let key_by_key = lb_agent::maps::count_expired_key_by_key(&ct);
+        assert_eq!(key_by_key, (total as usize, expired));
+        assert_eq!(
+            lb_agent::maps::count_expired_batched(&ct).unwrap(),
+            key_by_key
+        );
+        let collect = if batched {
+            collect_conntrack_garbage
+        } else {
+            lb_agent::maps::collect_conntrack_garbage_key_by_key
+        };
+        // A budget bounds one pass; the next pass takes the rest.
+        let (_, deleted) = collect(&mut ct, 5000);
+        assert_eq!(deleted, 5000, "batched: {batched}");
+        let (examined, deleted) = collect(&mut ct, 100_000);
+        assert_eq!(
+            (examined, deleted),
+            (total as usize - 5000, expired - 5000),
+            "batched: {batched}"
+        );
+        assert_eq!(ct.keys().count(), total as usize - expired);
+        assert_eq!(
+            lb_agent::maps::count_expired_batched(&ct).unwrap(),
+            (total as usize - expired, 0)
+        );
+    }
 }
 
 #[test]
