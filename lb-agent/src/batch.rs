@@ -1,4 +1,5 @@
-//! Batched map reads (`BPF_MAP_LOOKUP_BATCH`, Linux 5.6+), which aya 0.14 does not expose.
+//! Batched map reads (`BPF_MAP_LOOKUP_BATCH`, Linux 5.6+), which aya 0.14 does not expose,
+//! and a delete through a shared handle.
 //!
 //! Walking a hash map key by key costs two system calls per entry (next key, then lookup):
 //! over a full 262,144-entry conntrack table that is half a million calls every GC pass. A
@@ -10,12 +11,14 @@ use std::{
     os::fd::{AsFd as _, AsRawFd as _},
 };
 
-use aya::{maps::MapData, Pod};
+use aya::{
+    maps::{HashMap, IterableMap as _, MapData},
+    Pod,
+};
 
 /// `enum bpf_cmd` in `linux/bpf.h`.
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
-const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 
 /// The `batch` member of `union bpf_attr`: the kernel reads this prefix of the union and
 /// writes `count` back.
@@ -36,12 +39,15 @@ struct BatchAttr {
 /// breaks; returns how many entries `f` saw. The map may change while it is read (the datapath
 /// keeps writing): as with a key-by-key walk, entries added or removed meanwhile may or may
 /// not be seen. Memory stays at one chunk, whatever the size of the map.
+///
+/// The map is a typed, non-per-CPU hash map: aya checked its key and value sizes against `K`
+/// and `V` when it was opened, so the kernel writes exactly the buffers' sizes.
 pub fn for_each<K: Pod, V: Pod>(
-    map: &MapData,
+    map: &HashMap<MapData, K, V>,
     chunk: usize,
     mut f: impl FnMut(K, V) -> ControlFlow<()>,
 ) -> io::Result<usize> {
-    let fd = map.fd().as_fd().as_raw_fd();
+    let fd = map.map().fd().as_fd().as_raw_fd();
     let mut chunk = chunk.max(1);
     let mut seen = 0;
     // The hash map's position token is its bucket index (a u32); room for a u64 costs nothing.
@@ -112,11 +118,12 @@ struct ElemAttr {
     flags: u64,
 }
 
-/// Deletes one key (`BPF_MAP_DELETE_ELEM`) through a shared handle, where batches are not
-/// available. Whether it was there is all the caller learns.
-pub fn delete_one<K: Pod>(map: &MapData, key: &K) -> bool {
+/// Deletes one key (`BPF_MAP_DELETE_ELEM`) through a shared handle (the walk of
+/// [`for_each`] holds the map while its callback deletes). Whether it was there is all the
+/// caller learns.
+pub fn delete_one<K: Pod, V: Pod>(map: &HashMap<MapData, K, V>, key: &K) -> bool {
     let mut attr = ElemAttr {
-        map_fd: map.fd().as_fd().as_raw_fd() as u32,
+        map_fd: map.map().fd().as_fd().as_raw_fd() as u32,
         key: std::ptr::from_ref(key) as u64,
         ..ElemAttr::default()
     };
@@ -130,43 +137,4 @@ pub fn delete_one<K: Pod>(map: &MapData, key: &K) -> bool {
         )
     };
     ret == 0
-}
-
-/// Deletes `keys` from a hash map in one system call (`BPF_MAP_DELETE_BATCH`); keys already
-/// gone are skipped. Returns how many were deleted.
-pub fn delete<K: Pod>(map: &MapData, keys: &[K]) -> io::Result<usize> {
-    let fd = map.fd().as_fd().as_raw_fd();
-    let mut done = 0;
-    let mut deleted = 0;
-    while done < keys.len() {
-        let rest = &keys[done..];
-        let mut attr = BatchAttr {
-            keys: rest.as_ptr() as u64,
-            count: rest.len() as u32,
-            map_fd: fd as u32,
-            ..BatchAttr::default()
-        };
-        // SAFETY: the attribute names `count` keys of the map's own key type, alive across
-        // the call; the kernel only reads them.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_DELETE_BATCH,
-                std::ptr::addr_of_mut!(attr),
-                std::mem::size_of::<BatchAttr>(),
-            )
-        };
-        // The kernel stops at the first key it cannot delete; `count` says how many it did.
-        let n = (attr.count as usize).min(rest.len());
-        deleted += n;
-        done += n;
-        if ret < 0 {
-            let err = io::Error::last_os_error();
-            if err.raw_os_error() != Some(libc::ENOENT) {
-                return Err(err);
-            }
-            done += 1; // gone already (the datapath's LRU evicted it, say): skip it
-        }
-    }
-    Ok(deleted)
 }

@@ -11,7 +11,7 @@
 //! - [`loader`] loads the kernel object and attaches it;
 //! - [`metrics`] and [`health`] are the agent's HTTP endpoints.
 
-pub mod batch;
+mod batch;
 pub mod engine;
 pub mod health;
 pub mod kubernetes;

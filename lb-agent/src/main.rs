@@ -8,7 +8,7 @@ use std::{
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_agent::{loader, manifest, maps, model};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 use tracing_subscriber::EnvFilter;
 
 /// Kubernetes service load balancer with an eBPF datapath.
@@ -496,8 +496,15 @@ impl ConntrackGc {
                     stopped.recv_timeout(next)
                 {
                     let started = std::time::Instant::now();
-                    let (examined, deleted) =
-                        maps::collect_conntrack_garbage(&mut conntrack, usize::MAX);
+                    // A pass that panicked must not end garbage collection for good.
+                    let pass = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        maps::collect_conntrack_garbage(&mut conntrack, usize::MAX)
+                    }));
+                    let Ok((examined, deleted)) = pass else {
+                        error!("a conntrack garbage collection pass failed; next one as usual");
+                        next = interval;
+                        continue;
+                    };
                     next = maps::next_gc_pass(deleted, capacity, interval);
                     if deleted > 0 {
                         debug!(

@@ -15,7 +15,7 @@ use std::{
 use anyhow::{anyhow, Context as _};
 use aya::maps::{
     lpm_trie::{Key as LpmKey, LpmTrie},
-    Array, HashMap, IterableMap as _, Map, MapData, PerCpuArray, PerCpuValues,
+    Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues,
 };
 use lb_common::{
     maglev_start, map_names, BackendValue, Counter, CtKey, CtValue, FrontendKey, FrontendValue,
@@ -1612,89 +1612,58 @@ pub fn collect_conntrack_garbage_key_by_key(
 fn collect_garbage(map: &mut ConntrackMap, budget: usize, batched: bool) -> (usize, usize) {
     let now = monotonic_ns();
     let mut deleted = 0;
-    let mut candidates: Vec<(CtKey, CtValue)> = Vec::new();
-    // Batched: expired entries are deleted chunk by chunk as the walk goes (the walk's
-    // position is past them), so memory stays at one chunk whatever the size of the table.
-    let walk = if batched {
-        crate::batch::for_each(map.map(), GC_CHUNK, |key: CtKey, value: CtValue| {
-            if value.expires_ns < now && deleted + candidates.len() < budget {
-                candidates.push((key, value));
-                if candidates.len() >= GC_DELETE_GROUP {
-                    deleted += delete_expired(map, &mut candidates, now, true);
+    if batched {
+        // Expired entries are deleted as the walk reaches them: the walk's position is past
+        // them, and memory stays at one chunk whatever the size of the table.
+        let walk = crate::batch::for_each(&*map, GC_CHUNK, |key: CtKey, value: CtValue| {
+            if value.expires_ns < now && delete_if_expired(map, &key, &value, now) {
+                deleted += 1;
+                if deleted >= budget {
+                    return ControlFlow::Break(());
                 }
             }
-            if deleted + candidates.len() >= budget {
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(())
-            }
-        })
-    } else {
-        Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
-    };
-    match walk {
-        Ok(examined) => {
-            deleted += delete_expired(map, &mut candidates, now, true);
-            (examined, deleted)
-        }
-        Err(err) => {
-            // Kernels without batch reads: walk key by key, collecting first (deleting the
-            // key the walk stands on would send it back to the start), then delete.
-            debug!(%err, "batched conntrack read unavailable, walking key by key");
-            candidates.clear();
-            let mut examined = 0;
-            for (key, value) in map.iter().flatten() {
-                examined += 1;
-                if value.expires_ns < now {
-                    candidates.push((key, value));
-                    if deleted + candidates.len() >= budget {
-                        break;
-                    }
-                }
-            }
-            deleted += delete_expired(map, &mut candidates, now, batched);
-            (examined, deleted)
+            ControlFlow::Continue(())
+        });
+        match walk {
+            Ok(examined) => return (examined, deleted),
+            Err(err) => debug!(%err, "batched conntrack read unavailable, walking key by key"),
         }
     }
+    // Key by key (kernels without batch reads): collect first, since deleting the key the
+    // walk stands on would send it back to the start; at most FALLBACK_CANDIDATES a pass, so
+    // memory stays bounded.
+    let mut candidates = Vec::new();
+    let mut examined = 0;
+    for (key, value) in map.iter().flatten() {
+        examined += 1;
+        if value.expires_ns < now {
+            candidates.push((key, value));
+            if deleted + candidates.len() >= budget || candidates.len() >= FALLBACK_CANDIDATES {
+                break;
+            }
+        }
+    }
+    for (key, value) in candidates {
+        if delete_if_expired(map, &key, &value, now) {
+            deleted += 1;
+        }
+    }
+    (examined, deleted)
 }
 
-/// Deletes the expired entries among `candidates` that still are: an entry whose other half
-/// lives on (the connection goes on in the other direction) or that the datapath rewrote since
-/// it was read (a new connection on the same ports) stays. Returns how many were deleted.
-fn delete_expired(
-    map: &ConntrackMap,
-    candidates: &mut Vec<(CtKey, CtValue)>,
-    now: u64,
-    batched: bool,
-) -> usize {
-    let mut doomed = Vec::with_capacity(candidates.len());
-    for (key, seen) in candidates.drain(..) {
-        let other = lb_common::ct_other_half(&key, &seen);
-        if map.get(&other, 0).is_ok_and(|o| o.expires_ns >= now) {
-            continue;
-        }
-        if map
-            .get(&key, 0)
-            .is_ok_and(|v| v.created_ns == seen.created_ns && v.expires_ns < now)
-        {
-            doomed.push(key);
-        }
+/// Deletes an expired entry if it still is: one whose other half lives on (the connection goes
+/// on in the other direction) or that the datapath rewrote since it was read (refreshed, or a
+/// new connection on the same ports) stays. The entry is checked right before the delete, so
+/// the datapath could only rewrite it in between within one system call's time (the kernel has
+/// no delete-if-unchanged).
+fn delete_if_expired(map: &ConntrackMap, key: &CtKey, seen: &CtValue, now: u64) -> bool {
+    let other = lb_common::ct_other_half(key, seen);
+    if map.get(&other, 0).is_ok_and(|o| o.expires_ns >= now) {
+        return false;
     }
-    let deleted = if batched {
-        crate::batch::delete(map.map(), &doomed)
-    } else {
-        Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
-    };
-    match deleted {
-        Ok(deleted) => deleted,
-        Err(err) => {
-            debug!(%err, "batched conntrack delete unavailable, deleting key by key");
-            doomed
-                .iter()
-                .filter(|key| crate::batch::delete_one(map.map(), *key))
-                .count()
-        }
-    }
+    map.get(key, 0)
+        .is_ok_and(|v| v.created_ns == seen.created_ns && v.expires_ns < now)
+        && crate::batch::delete_one(map, key)
 }
 
 /// How long until the next garbage collection pass: a quarter of `interval` (at least 1 s)
@@ -1710,10 +1679,8 @@ pub fn next_gc_pass(deleted: usize, capacity: u32, interval: Duration) -> Durati
 
 /// Conntrack entries read per system call by the garbage collector.
 const GC_CHUNK: usize = 4096;
-/// Expired entries checked, then deleted in one system call. Small, because an entry could be
-/// reused by a new connection between its check and the delete: the group keeps that window
-/// to tens of microseconds.
-const GC_DELETE_GROUP: usize = 64;
+/// Expired entries one key-by-key pass collects at most (the walk cannot delete as it goes).
+const FALLBACK_CANDIDATES: usize = 65_536;
 
 /// The garbage collector's walk as it was before batched reads (two system calls per entry),
 /// kept for `lb-bench` to measure the batched one against.
@@ -1731,7 +1698,7 @@ pub fn count_expired_key_by_key(map: &ConntrackMap) -> (usize, usize) {
 pub fn count_expired_batched(map: &ConntrackMap) -> anyhow::Result<(usize, usize)> {
     let now = monotonic_ns();
     let mut expired = 0;
-    let examined = crate::batch::for_each(map.map(), GC_CHUNK, |_: CtKey, value: CtValue| {
+    let examined = crate::batch::for_each(map, GC_CHUNK, |_: CtKey, value: CtValue| {
         expired += usize::from(value.expires_ns < now);
         ControlFlow::Continue(())
     })

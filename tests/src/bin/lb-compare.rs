@@ -283,9 +283,8 @@ fn interleaved(
             total.failed += r.failed;
             total.seconds += r.seconds;
             total.latency.merge(&r.latency);
-            if total.first_errors.len() < 5 {
-                total.first_errors.extend(r.first_errors);
-            }
+            total.first_errors.extend(r.first_errors);
+            total.first_errors.truncate(5);
         }
     }
     Ok(merged)
