@@ -269,7 +269,8 @@ pub fn run(config: &Config) -> anyhow::Result<Report> {
     let syncs = metric(&metrics, "lb_syncs_total{result=\"ok\"}");
     let programming = metric(&metrics, "lb_network_programming_duration_seconds_sum");
     let programmed = metric(&metrics, "lb_network_programming_duration_seconds_count");
-    // Leaks: once settled, only the base endpoints have backend entries, and once every
+    // Leaks: once settled, only the endpoints left (the base ones the churn did not take) have
+    // backend entries, and once every
     // connection has closed and expired (TCP closing: 10 s) the garbage collector leaves no
     // conntrack entry.
     let fill = |map: &str| -> u64 {
@@ -278,9 +279,12 @@ pub fn run(config: &Config) -> anyhow::Result<Report> {
             .and_then(|l| l.into_iter().find(|m| m.map == map))
             .map_or(u64::MAX, |m| m.entries)
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
+    // Up to the longest lifetime an entry can have here (a SYN that got no answer: 60 s) and
+    // a collector pass; a run that settles sooner ends sooner.
+    let settle = Duration::from_nanos(lb_common::timeouts::TCP_SYN_NS) + Duration::from_secs(5);
+    let deadline = Instant::now() + settle;
     while Instant::now() < deadline
-        && (fill(lb_common::map_names::BACKENDS) != base.len() as u64
+        && (fill(lb_common::map_names::BACKENDS) != endpoints.len() as u64
             || fill(lb_common::map_names::CONNTRACK) != 0)
     {
         thread::sleep(Duration::from_millis(250));
