@@ -485,6 +485,37 @@ impl Harness {
     pub fn conntrack(&self) -> lb_agent::maps::ConntrackMap {
         lb_agent::maps::open_conntrack(&self.pin_dir).expect("open conntrack")
     }
+
+    /// Fills the conntrack map with `total` TCP entries of clients the datapath never saw
+    /// (each with no other half), every `expired_every`-th one already expired, the others
+    /// an hour from expiry; for the garbage collector's tests and benchmark.
+    pub fn fill_conntrack(&self, total: u32, expired_every: u32) -> anyhow::Result<()> {
+        let mut ct = self.conntrack();
+        let now = lb_agent::maps::monotonic_ns();
+        for n in 0..total {
+            let key = lb_common::CtKey {
+                src_addr: std::net::Ipv4Addr::from(0x0a63_0000 + n).octets(),
+                dst_addr: [10, 96, 0, 10],
+                src_port: 40000,
+                dst_port: 80,
+                proto: 6,
+                _pad: [0; 3],
+            };
+            let value = lb_common::CtValue {
+                nat_addr: [10, 244, 1, 2],
+                nat_port: 8080,
+                expires_ns: if n % expired_every.max(1) == 0 {
+                    now - 1
+                } else {
+                    now + 3_600_000_000_000
+                },
+                created_ns: now,
+                ..Default::default()
+            };
+            ct.insert(key, value, 0)?;
+        }
+        Ok(())
+    }
 }
 
 impl Drop for Harness {

@@ -514,34 +514,6 @@ fn expired_entries_are_ignored_by_the_datapath_and_removed_by_the_collector() {
     assert_eq!(ct.keys().count(), 2);
 }
 
-/// Fills the conntrack map with `total` entries, every third one expired, each with an
-/// unlinked other half (a client address the datapath never saw).
-fn fill_conntrack(ct: &mut lb_agent::maps::ConntrackMap, total: u32) {
-    let now = monotonic_ns();
-    for n in 0..total {
-        let key = CtKey {
-            src_addr: Ipv4Addr::from(0x0a63_0000 + n).octets(),
-            dst_addr: [10, 96, 0, 10],
-            src_port: 40000,
-            dst_port: 80,
-            proto: 6,
-            _pad: [0; 3],
-        };
-        let value = lb_common::CtValue {
-            nat_addr: [10, 244, 1, 2],
-            nat_port: 8080,
-            expires_ns: if n % 3 == 0 {
-                now - 1
-            } else {
-                now + 60_000_000_000
-            },
-            created_ns: now,
-            ..Default::default()
-        };
-        ct.insert(key, value, 0).unwrap();
-    }
-}
-
 #[test]
 fn garbage_collection_reads_in_batches_and_removes_exactly_the_expired_entries() {
     // Many more entries than one batch holds.
@@ -549,8 +521,8 @@ fn garbage_collection_reads_in_batches_and_removes_exactly_the_expired_entries()
     let expired = total.div_ceil(3) as usize;
     for batched in [true, false] {
         let h = harness();
+        h.fill_conntrack(total, 3).unwrap();
         let mut ct = h.conntrack();
-        fill_conntrack(&mut ct, total);
         // The batched walk sees exactly what the key-by-key walk sees.
         let key_by_key = lb_agent::maps::count_expired_key_by_key(&ct);
         assert_eq!(key_by_key, (total as usize, expired));

@@ -281,28 +281,9 @@ fn conntrack_walk(entries: u32) -> anyhow::Result<String> {
         ..DatapathSettings::default()
     };
     let h = Harness::with_settings(&settings)?;
-    let mut ct = h.conntrack();
-    let now = lb_agent::maps::monotonic_ns();
-    for n in 0..entries {
-        let key = lb_common::CtKey {
-            src_addr: Ipv4Addr::from(0x0a00_0000 + n).octets(),
-            dst_addr: [10, 96, 0, 10],
-            src_port: 40000,
-            dst_port: 80,
-            proto: 6,
-            _pad: [0; 3],
-        };
-        let value = lb_common::CtValue {
-            // Half expired, so the walk has something to find.
-            expires_ns: if n % 2 == 0 {
-                now - 1
-            } else {
-                now + 3_600_000_000_000
-            },
-            ..Default::default()
-        };
-        ct.insert(key, value, 0)?;
-    }
+    // Half expired, so the walk has something to find.
+    h.fill_conntrack(entries, 2)?;
+    let ct = h.conntrack();
     let (mut key_by_key, mut batched) = (Vec::new(), Vec::new());
     for _ in 0..5 {
         let started = Instant::now();
