@@ -279,12 +279,8 @@ fn interleaved(
         for (b, total) in order.iter().zip(&mut merged) {
             let r = load::run(&b.lab.client, &b.targets(), &slice)
                 .with_context(|| format!("{}: load", b.mode))?;
-            total.ok += r.ok;
-            total.failed += r.failed;
             total.seconds += r.seconds;
-            total.latency.merge(&r.latency);
-            total.first_errors.extend(r.first_errors);
-            total.first_errors.truncate(5);
+            total.absorb(r);
         }
     }
     Ok(merged)
@@ -462,37 +458,20 @@ impl Report<'_> {
     }
 
     fn programming_table(&self) -> String {
-        let modes = self.lb_modes();
-        let extra: Vec<String> = self
-            .others()
-            .iter()
-            .map(|m| format!("{} / ours", m.label()))
-            .collect();
-        let mut out = self.header("Services", &modes, &extra);
-        for &n in self.results.keys() {
-            out.push_str(&format!("| {n} |"));
-            for &m in &modes {
-                let over = self.get(n, m).is_some_and(|s| s.program_censored);
-                out.push_str(&format!(
-                    " {}{} |",
-                    if over { "> " } else { "" },
-                    fmt_opt(self.med(n, m, |s| &s.program_ms), ms)
-                ));
-            }
-            for m in self.others() {
-                let over = self.get(n, m).is_some_and(|s| s.program_censored);
-                out.push_str(&format!(
-                    " {}{} |",
-                    if over { "> " } else { "" },
-                    x(self.ratio(n, m, Mode::Ours, |s| &s.program_ms))
-                ));
-            }
-            out.push('\n');
-        }
-        out
+        self.timing_table(|s| &s.program_ms, |s| s.program_censored)
     }
 
     fn change_table(&self) -> String {
+        self.timing_table(|s| &s.change_ms, |s| s.change_censored)
+    }
+
+    /// A time per load-balancing mode, then every other mode's as a ratio to ours; loads that
+    /// were stopped at the limit are marked `> `.
+    fn timing_table(
+        &self,
+        values: impl Fn(&Samples) -> &Vec<f64> + Copy,
+        censored: impl Fn(&Samples) -> bool + Copy,
+    ) -> String {
         let modes = self.lb_modes();
         let extra: Vec<String> = self
             .others()
@@ -500,22 +479,27 @@ impl Report<'_> {
             .map(|m| format!("{} / ours", m.label()))
             .collect();
         let mut out = self.header("Services", &modes, &extra);
+        let over = |n: usize, m: Mode| {
+            if self.get(n, m).is_some_and(censored) {
+                "> "
+            } else {
+                ""
+            }
+        };
         for &n in self.results.keys() {
             out.push_str(&format!("| {n} |"));
             for &m in &modes {
-                let over = self.get(n, m).is_some_and(|s| s.change_censored);
                 out.push_str(&format!(
                     " {}{} |",
-                    if over { "> " } else { "" },
-                    fmt_opt(self.med(n, m, |s| &s.change_ms), ms)
+                    over(n, m),
+                    fmt_opt(self.med(n, m, values), ms)
                 ));
             }
             for m in self.others() {
-                let over = self.get(n, m).is_some_and(|s| s.change_censored);
                 out.push_str(&format!(
                     " {}{} |",
-                    if over { "> " } else { "" },
-                    x(self.ratio(n, m, Mode::Ours, |s| &s.change_ms))
+                    over(n, m),
+                    x(self.ratio(n, m, Mode::Ours, values))
                 ));
             }
             out.push('\n');

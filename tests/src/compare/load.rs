@@ -239,6 +239,16 @@ impl LoadReport {
     pub fn per_second(&self) -> f64 {
         self.ok as f64 / self.seconds
     }
+
+    /// Adds another part of the same measurement (a task, a thread, a slice): its counts,
+    /// latencies and first errors (five kept in all). The time counted is the caller's to set.
+    pub fn absorb(&mut self, other: LoadReport) {
+        self.ok += other.ok;
+        self.failed += other.failed;
+        self.latency.merge(&other.latency);
+        self.first_errors.extend(other.first_errors);
+        self.first_errors.truncate(5);
+    }
 }
 
 /// xorshift64*: cheap per-task randomness.
@@ -349,14 +359,7 @@ pub fn run(ns: &Netns, targets: &Targets, config: &LoadConfig) -> anyhow::Result
                     let mut total = LoadReport::default();
                     while let Some(report) = set.join_next().await {
                         let report = report?;
-                        total.ok += report.ok;
-                        total.failed += report.failed;
-                        total.latency.merge(&report.latency);
-                        for e in report.first_errors {
-                            if total.first_errors.len() < 5 {
-                                total.first_errors.push(e);
-                            }
-                        }
+                        total.absorb(report);
                     }
                     anyhow::Ok(total)
                 })
@@ -371,14 +374,7 @@ pub fn run(ns: &Netns, targets: &Targets, config: &LoadConfig) -> anyhow::Result
         let report = handle
             .join()
             .map_err(|_| anyhow::anyhow!("load thread panicked"))??;
-        total.ok += report.ok;
-        total.failed += report.failed;
-        total.latency.merge(&report.latency);
-        for e in report.first_errors {
-            if total.first_errors.len() < 5 {
-                total.first_errors.push(e);
-            }
-        }
+        total.absorb(report);
     }
     Ok(total)
 }

@@ -156,6 +156,23 @@ pub fn change_one_endpoint(services: &[Service], index: usize, pool: &[Ipv4Addr]
     next
 }
 
+/// A Service on port 80 (port name `p80`) with endpoints on port 80: the fixture both rule
+/// generators' tests build theirs from.
+#[cfg(test)]
+pub(crate) fn test_service(ns: &str, name: &str, ip: [u8; 4], endpoints: &[[u8; 4]]) -> Service {
+    Service {
+        namespace: ns.into(),
+        name: name.into(),
+        port_name: "p80".into(),
+        cluster_ip: Ipv4Addr::from(ip),
+        port: 80,
+        endpoints: endpoints
+            .iter()
+            .map(|e| SocketAddrV4::new(Ipv4Addr::from(*e), 80))
+            .collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -359,20 +359,7 @@ mod tests {
     use std::net::{Ipv4Addr, SocketAddrV4};
 
     use super::*;
-
-    fn service(ns: &str, name: &str, ip: [u8; 4], endpoints: &[[u8; 4]]) -> Service {
-        Service {
-            namespace: ns.into(),
-            name: name.into(),
-            port_name: "p80".into(),
-            cluster_ip: Ipv4Addr::from(ip),
-            port: 80,
-            endpoints: endpoints
-                .iter()
-                .map(|e| SocketAddrV4::new(Ipv4Addr::from(*e), 80))
-                .collect(),
-        }
-    }
+    use crate::compare::test_service as service;
 
     /// kube-proxy's test fixture (`nftables/proxier_test.go`): pod CIDR 10.0.0.0/8, Service
     /// CIDR 172.30.0.0/16, node 192.168.0.2, mark 0x4000.
