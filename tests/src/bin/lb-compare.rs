@@ -80,6 +80,10 @@ struct Cli {
     /// reported as not finished (seconds).
     #[arg(long, default_value_t = 30.0)]
     load_limit: f64,
+    /// An extra argument for our agent (repeat for several), for experiments such as
+    /// `--agent-arg=--conntrack-max=524288`.
+    #[arg(long = "agent-arg", allow_hyphen_values = true)]
+    agent_args: Vec<String>,
     /// Print the rules kube-proxy would load for the first Service count (`iptables`: the
     /// iptables-restore input; `nftables`: the nft transaction) and exit.
     #[arg(long, value_parser = ["iptables", "nftables"])]
@@ -139,6 +143,7 @@ struct Plan {
     bulk: Duration,
     modes: Vec<Mode>,
     load_limit: Duration,
+    agent_args: Vec<String>,
     /// Slices each traffic measurement of a round is cut into, modes alternating.
     slices: u32,
 }
@@ -156,6 +161,7 @@ fn measure_count(plan: &Plan, services: usize, results: &mut Results) -> anyhow:
         let started = Instant::now();
         let mut b = Bed::new(mode, list.clone()).with_context(|| format!("{mode}: lab"))?;
         b.load_limit = plan.load_limit;
+        b.agent_args = plan.agent_args.clone();
         let timing = b
             .program()
             .with_context(|| format!("{mode}: programming"))?;
@@ -714,6 +720,7 @@ fn main() -> anyhow::Result<()> {
         bulk: Duration::from_secs_f64(if quick { 0.3 } else { 1.5 }),
         modes,
         load_limit: Duration::from_secs_f64(cli.load_limit),
+        agent_args: cli.agent_args.clone(),
         slices: if quick { 1 } else { cli.slices.max(1) },
     };
     let started = Instant::now();

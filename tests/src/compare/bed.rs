@@ -191,6 +191,8 @@ pub struct Bed {
     programmed: bool,
     /// The longest a single rule load may take before it is stopped.
     pub load_limit: Duration,
+    /// Extra arguments for our agent (experiments: `lb-compare --agent-arg`).
+    pub agent_args: Vec<String>,
 }
 
 fn ip_batch(ns: &str, commands: &str) -> anyhow::Result<()> {
@@ -389,6 +391,7 @@ impl Bed {
             log_seen: 0,
             programmed: false,
             load_limit: Duration::from_secs(60),
+            agent_args: Vec::new(),
         })
     }
 
@@ -580,26 +583,28 @@ impl Bed {
         let kubeconfig = self.tmp.path().join("kubeconfig");
         let kubeconfig = kubeconfig.to_string_lossy().to_string();
         let started = Instant::now();
+        let mut args = vec![
+            "--kubeconfig",
+            &kubeconfig,
+            "--node-name",
+            "node-a",
+            "--log-format",
+            "json",
+            // No periodic full resync inside a measurement.
+            "--sync-period",
+            "60m",
+            // A change is applied when seen, not up to 1 s later: the work is timed, not
+            // the rate limit (kube-proxy's --min-sync-period plays no part in theirs).
+            "--min-sync-period",
+            "10ms",
+        ];
+        args.extend(self.agent_args.iter().map(String::as_str));
         let agent = Agent::start_run(
             &self.lab.node,
             &self.lab.lab.pin_dir(),
             &self.lab.node_interfaces(),
             &log,
-            &[
-                "--kubeconfig",
-                &kubeconfig,
-                "--node-name",
-                "node-a",
-                "--log-format",
-                "json",
-                // No periodic full resync inside a measurement.
-                "--sync-period",
-                "60m",
-                // A change is applied when seen, not up to 1 s later: the work is timed, not
-                // the rate limit (kube-proxy's --min-sync-period plays no part in theirs).
-                "--min-sync-period",
-                "10ms",
-            ],
+            &args,
         )?;
         self.agent = Some(agent);
         self.log_seen = 0;
