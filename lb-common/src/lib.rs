@@ -28,7 +28,7 @@
 #![no_std]
 
 /// Bumped whenever a key or value layout below changes; stamped into the pinned state.
-pub const MAP_LAYOUT_VERSION: u32 = 6;
+pub const MAP_LAYOUT_VERSION: u32 = 7;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -429,9 +429,11 @@ pub enum Counter {
     Snat = 14,
     /// New external flows dropped: no free source port for the source NAT.
     DropSnatPorts = 15,
+    /// TCP connections closed by both ends whose entries went with their last ACK.
+    CtClosed = 16,
 }
 
-pub const COUNTER_COUNT: u32 = 16;
+pub const COUNTER_COUNT: u32 = 17;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -451,6 +453,7 @@ impl Counter {
         Counter::CtExpired,
         Counter::Snat,
         Counter::DropSnatPorts,
+        Counter::CtClosed,
     ];
 
     /// For the packets a counter counts that did not reach a backend: why.
@@ -483,6 +486,7 @@ impl Counter {
             Counter::CtExpired => "conntrack_expired",
             Counter::Snat => "snat",
             Counter::DropSnatPorts => "drop_snat_ports",
+            Counter::CtClosed => "conntrack_closed",
         }
     }
 }

@@ -107,23 +107,30 @@ fn try_lb_ingress(ctx: &TcContext) -> Result<i32, ()> {
             let _ = LB_CONNTRACK.remove(key);
         } else if ct.direction == CT_REPLY {
             refresh(ct, now, &pkt);
+            let done = finished(&key, ct, &pkt);
             pkt.set_src(ctx, ct.nat_addr, ct.nat_port)?;
             if ct.snat_addr != NO_ADDR {
                 pkt.set_dst_keeping(ctx, ct.snat_addr, ct.snat_port)?;
             }
             account(ct.service_id, true, ctx.len());
             count(Counter::Reply);
-            if ct.return_ifindex != 0 {
-                return return_to_sender(ctx, ct);
-            }
-            return Ok(TC_ACT_OK);
+            let action = if ct.return_ifindex != 0 {
+                return_to_sender(ctx, ct)?
+            } else {
+                TC_ACT_OK
+            };
+            forget(&key, done);
+            return Ok(action);
         } else if backend_still_there(ct) {
             refresh(ct, now, &pkt);
+            let done = finished(&key, ct, &pkt);
             pkt.set_dst(ctx, ct.nat_addr, ct.nat_port)?;
             set_source(ctx, &pkt, ct)?;
             account(ct.service_id, false, ctx.len());
             count(Counter::Forward);
-            return Ok(send_on(ctx, &pkt, ct));
+            let action = send_on(ctx, &pkt, ct);
+            forget(&key, done);
+            return Ok(action);
         } else {
             // The backend is gone (or its id now names another endpoint). Forget the flow;
             // a TCP connection in progress cannot move, so it is reset, while a datagram
@@ -527,6 +534,31 @@ pub fn return_to_sender(ctx: &TcContext, ct: &CtValue) -> Result<i32, ()> {
     ctx.store(0, &eth, 0).map_err(|_| ())?;
     // SAFETY: plain helper call with an interface index recorded from a real skb.
     Ok(unsafe { bpf_redirect(ct.return_ifindex, 0) } as i32)
+}
+
+/// The last ACK of a TCP connection that both ends have closed (each half has carried a FIN):
+/// the key of the other half, for both entries to go once this packet is on its way.
+#[inline(always)]
+fn finished(key: &CtKey, ct: &CtValue, pkt: &Packet) -> Option<CtKey> {
+    if pkt.proto != PROTO_TCP
+        || pkt.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST | TCP_ACK) != TCP_ACK
+        || ct.tcp_flags & TCP_FIN == 0
+    {
+        return None;
+    }
+    let other = ct_other_half(key, ct);
+    // SAFETY: read-only copy of one byte.
+    let other_flags = unsafe { LB_CONNTRACK.get(other) }.map(|o| o.tcp_flags)?;
+    (other_flags & TCP_FIN != 0).then_some(other)
+}
+
+#[inline(always)]
+fn forget(key: &CtKey, done: Option<CtKey>) {
+    if let Some(other) = done {
+        let _ = LB_CONNTRACK.remove(other);
+        let _ = LB_CONNTRACK.remove(*key);
+        count(Counter::CtClosed);
+    }
 }
 
 #[inline(always)]

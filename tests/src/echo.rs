@@ -200,6 +200,17 @@ pub fn tcp_request_from_port(
     to: SocketAddr,
     timeout: Duration,
 ) -> anyhow::Result<Reply> {
+    tcp_session_from_port(from, port, to, timeout)?.request()
+}
+
+/// A connection from `from:port` left open (a closed one leaves no conntrack entry to
+/// inspect).
+pub fn tcp_session_from_port(
+    from: Ipv4Addr,
+    port: u16,
+    to: SocketAddr,
+    timeout: Duration,
+) -> anyhow::Result<TcpSession> {
     use std::os::fd::FromRawFd as _;
     let SocketAddr::V4(to4) = to else {
         bail!("{to}: IPv4 only");
@@ -255,8 +266,7 @@ pub fn tcp_request_from_port(
                 .with_context(|| format!("connecting from {from} to {to}"));
         }
     }
-    let mut session = TcpSession::from_stream(stream)?;
-    session.request()
+    TcpSession::from_stream(stream)
 }
 
 /// One UDP exchange from a fresh socket (so a fresh source port, a fresh flow).

@@ -733,19 +733,23 @@ fn maglev_sends_a_flow_to_the_same_backend_and_a_removal_moves_only_that_backend
     let pin_dir = agent_a.pin_dir.clone();
     let log = agent_a.log.clone();
     // Forty flows from pod-a, each a fixed source port: which endpoint each one reached, from
-    // node-a's conntrack (the echo servers answer on every address with one name).
+    // node-a's conntrack (the echo servers answer on every address with one name), read while
+    // the connections are open (a closed one leaves no entry).
     let run_flows = || -> std::collections::BTreeMap<String, String> {
-        pod_a
+        let _open = pod_a
             .run(|| {
-                for port in 41000..41040 {
-                    lb_tests::echo::tcp_request_from_port(
-                        "10.244.3.2".parse()?,
-                        port,
-                        "10.96.0.66:80".parse()?,
-                        Duration::from_secs(2),
-                    )?;
-                }
-                Ok(())
+                (41000..41040)
+                    .map(|port| {
+                        let mut session = lb_tests::echo::tcp_session_from_port(
+                            "10.244.3.2".parse()?,
+                            port,
+                            "10.96.0.66:80".parse()?,
+                            Duration::from_secs(2),
+                        )?;
+                        session.request()?;
+                        Ok(session)
+                    })
+                    .collect::<anyhow::Result<Vec<_>>>()
             })
             .unwrap_or_else(|e| {
                 panic!(
@@ -775,6 +779,9 @@ fn maglev_sends_a_flow_to_the_same_backend_and_a_removal_moves_only_that_backend
     };
     // New connections on the same ports, not conntrack hits: the flows are forgotten first.
     let forget_flows = || {
+        // tcp_tw_reuse takes a port out of TIME_WAIT once its last timestamp is from an
+        // earlier second.
+        std::thread::sleep(Duration::from_millis(1100));
         let mut conntrack = lb_agent::maps::open_conntrack(&pin_dir).unwrap();
         let keys: Vec<_> = conntrack.keys().filter_map(Result::ok).collect();
         for key in keys {

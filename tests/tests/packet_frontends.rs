@@ -424,6 +424,111 @@ fn a_new_connection_on_the_ports_of_a_closed_one_is_balanced_anew() {
     assert_eq!(h.counter("reset_backend_gone"), 0);
 }
 
+/// Conntrack entries of the flow the client opened with `syn` (forward and reply halves).
+fn entries_of(h: &Harness, syn: &Flow) -> usize {
+    // The client's port is on both: the source going out, the destination coming back.
+    h.conntrack()
+        .keys()
+        .flatten()
+        .filter(|k| k.src_port == syn.sport || k.dst_port == syn.sport)
+        .count()
+}
+
+/// The backend's segment with `flags` on the flow `syn` opened, and what the client receives.
+fn from_backend(h: &mut Harness, syn: &Flow, backend: Ipv4Addr, flags: u8) -> (i32, Vec<u8>) {
+    let segment = Flow {
+        src: backend,
+        sport: 8080,
+        src_mac: [0x02, 0, 0, 0, 0, 0xbb],
+        dst_mac: [0x02, 0, 0, 0, 0, 0xcc],
+        tcp_flags: flags,
+        ..syn.reversed()
+    };
+    let verdict = h.run(&segment.build()).expect("test run");
+    (verdict.action, verdict.packet)
+}
+
+#[test]
+fn a_connection_both_ends_closed_leaves_conntrack_with_its_last_ack() {
+    let mut h = harness();
+    let shows_frontend = |packet: &[u8], syn: &Flow| {
+        let out = parse_checked(packet).expect("valid checksums");
+        (out.src, out.sport) == (syn.dst, syn.dport)
+    };
+    // The client closes first: its last ACK (forward) ends the flow.
+    let syn = Flow::tcp(CLIENT, 47000, "10.96.0.10", 80, TCP_SYN);
+    let backend = expect_dnat(&mut h, &syn, 8080);
+    let (_, synack) = from_backend(&mut h, &syn, backend, TCP_SYN | TCP_ACK);
+    assert!(shows_frontend(&synack, &syn));
+    let client = |flags| Flow {
+        tcp_flags: flags,
+        ..syn.clone()
+    };
+    expect_dnat(&mut h, &client(TCP_ACK), 8080);
+    expect_dnat(&mut h, &client(TCP_FIN | TCP_ACK), 8080);
+    // The backend still sends after the client's FIN (a half-closed stream), and the client
+    // acknowledges: nothing ends yet.
+    from_backend(&mut h, &syn, backend, TCP_ACK);
+    expect_dnat(&mut h, &client(TCP_ACK), 8080);
+    assert_eq!(entries_of(&h, &syn), 2, "half closed: both halves stay");
+    let (_, fin) = from_backend(&mut h, &syn, backend, TCP_FIN | TCP_ACK);
+    assert!(
+        shows_frontend(&fin, &syn),
+        "the backend's FIN is translated"
+    );
+    assert_eq!(entries_of(&h, &syn), 2, "the last ACK is still to come");
+    assert_eq!(
+        expect_dnat(&mut h, &client(TCP_ACK), 8080),
+        backend,
+        "the last ACK reaches the backend"
+    );
+    assert_eq!(
+        entries_of(&h, &syn),
+        0,
+        "both halves gone with the last ACK"
+    );
+    assert_eq!(h.counter("conntrack_closed"), 1);
+    // A FIN the backend sends again (the last ACK was lost further on) is no longer
+    // translated: the client's stack answers it with a reset, which ends the backend's side.
+    let (action, _) = from_backend(&mut h, &syn, backend, TCP_FIN | TCP_ACK);
+    assert_eq!(action, TC_ACT_UNSPEC, "not ours any more");
+
+    // The backend closes first: its last ACK (a reply) ends the flow, translated.
+    let syn = Flow::tcp(CLIENT, 47001, "10.96.0.10", 80, TCP_SYN);
+    let backend = expect_dnat(&mut h, &syn, 8080);
+    from_backend(&mut h, &syn, backend, TCP_SYN | TCP_ACK);
+    let client = |flags| Flow {
+        tcp_flags: flags,
+        ..syn.clone()
+    };
+    expect_dnat(&mut h, &client(TCP_ACK), 8080);
+    from_backend(&mut h, &syn, backend, TCP_FIN | TCP_ACK);
+    expect_dnat(&mut h, &client(TCP_ACK), 8080);
+    expect_dnat(&mut h, &client(TCP_FIN | TCP_ACK), 8080);
+    assert_eq!(entries_of(&h, &syn), 2);
+    let (action, last) = from_backend(&mut h, &syn, backend, TCP_ACK);
+    assert_eq!(action, TC_ACT_OK);
+    assert!(shows_frontend(&last, &syn), "the last ACK is translated");
+    assert_eq!(entries_of(&h, &syn), 0);
+    assert_eq!(h.counter("conntrack_closed"), 2);
+
+    // A reset alone ends nothing early (it is not checked against the sequence space, so a
+    // stray one must not cut a live connection's translation): the closing timeout applies.
+    let syn = Flow::tcp(CLIENT, 47002, "10.96.0.10", 80, TCP_SYN);
+    let backend = expect_dnat(&mut h, &syn, 8080);
+    from_backend(&mut h, &syn, backend, TCP_RST | TCP_ACK);
+    expect_dnat(
+        &mut h,
+        &Flow {
+            tcp_flags: TCP_ACK,
+            ..syn.clone()
+        },
+        8080,
+    );
+    assert_eq!(entries_of(&h, &syn), 2);
+    assert_eq!(h.counter("conntrack_closed"), 2);
+}
+
 #[test]
 fn conntrack_lifetimes_follow_the_protocol_and_state() {
     let mut h = harness();
