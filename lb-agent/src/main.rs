@@ -139,11 +139,12 @@ struct RunArgs {
     #[arg(long, default_value_t = lb_common::capacity::BACKENDS)]
     max_backends: u32,
     /// Entries of each Maglev lookup table (prime). Larger tables move fewer flows when a
-    /// backend changes; each costs 4 bytes per entry.
+    /// backend changes; each costs 4 bytes per entry. A Service with more than 1 backend per
+    /// 600 entries gets a table spanning 2, 4 or 8 of these.
     #[arg(long, default_value_t = lb_common::MAGLEV_TABLE_SIZE, value_parser = parse_prime)]
     maglev_table_size: u32,
-    /// Services (ports) that may use Maglev at once (annotation
-    /// `lb.example.dev/lb-algorithm: maglev`); one table each, preallocated.
+    /// Maglev tables preallocated, one per Service port using Maglev (annotation
+    /// `lb.example.dev/lb-algorithm: maglev`), 2, 4 or 8 for one with many backends.
     #[arg(long, default_value_t = lb_common::capacity::MAGLEV_SERVICES)]
     max_maglev_services: u32,
 }

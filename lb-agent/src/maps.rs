@@ -105,9 +105,10 @@ impl Maps {
         (size, self.maglev.len().saturating_sub(1) / size)
     }
 
-    /// The backend id of each entry of Maglev table `table` (1-based).
-    fn read_maglev_table(&self, table: u32, size: u32) -> anyhow::Result<Vec<u32>> {
-        let start = maglev_start(table, size);
+    /// The backend id of each entry of the Maglev table of `size` entries that starts at
+    /// table `table` (1-based) of a map laid out for tables of `unit` entries.
+    fn read_maglev_table(&self, table: u32, unit: u32, size: u32) -> anyhow::Result<Vec<u32>> {
+        let start = maglev_start(table, unit);
         (start..start + size)
             .map(|i| self.maglev.get(&i, 0).context("reading LB_MAGLEV"))
             .collect()
@@ -318,8 +319,8 @@ pub struct Applier {
     /// `LB_MAGLEV` layout: entries per table (M) and how many tables fit.
     maglev_size: u32,
     maglev_count: u32,
-    /// Table ids (1-based) held by services.
-    maglev_alloc: IdAllocator,
+    /// Tables (1-based) held by services.
+    maglev_alloc: MaglevUnits,
     /// What each table holds in the map, entry by entry (a table released by one service
     /// keeps its content, so the next one diffs against it); `MAGLEV_UNKNOWN` = not known.
     maglev_tables: StdHashMap<u32, Vec<u32>>,
@@ -329,8 +330,63 @@ pub struct Applier {
 }
 
 /// What `LB_SERVICES` holds for a service besides its count: (flags, affinity timeout,
-/// Maglev table).
-type ServiceSettings = (u32, u32, u32);
+/// Maglev table, its size).
+type ServiceSettings = (u32, u32, u32, u32);
+
+/// Which tables of `LB_MAGLEV` (units of M entries, from 1) services hold. A service's table
+/// spans one or more consecutive units (`maglev::table_size`).
+struct MaglevUnits {
+    /// By table id - 1.
+    used: Vec<bool>,
+}
+
+impl MaglevUnits {
+    fn new(count: u32) -> Self {
+        Self {
+            used: vec![false; count as usize],
+        }
+    }
+
+    /// Are `units` tables from `start` all in the map and free?
+    fn is_free(&self, start: u32, units: u32) -> bool {
+        let first = start.wrapping_sub(1) as usize;
+        units > 0
+            && self
+                .used
+                .get(first..first.saturating_add(units as usize))
+                .is_some_and(|run| run.iter().all(|u| !u))
+    }
+
+    fn hold(&mut self, start: u32, units: u32, held: bool) {
+        let first = start.wrapping_sub(1) as usize;
+        let end = first.saturating_add(units as usize).min(self.used.len());
+        if let Some(run) = self.used.get_mut(first..end) {
+            run.fill(held);
+        }
+    }
+
+    /// The first of `units` consecutive free tables, now held (first fit).
+    fn allocate(&mut self, units: u32) -> Option<u32> {
+        let mut run = 0;
+        for i in 0..self.used.len() {
+            run = if self.used[i] { 0 } else { run + 1 };
+            if run == units as usize {
+                let start = (i + 2 - run) as u32;
+                self.hold(start, units, true);
+                return Some(start);
+            }
+        }
+        None
+    }
+}
+
+/// How many tables of `unit` entries a Maglev table of `size` entries spans (at least one).
+fn units_of(size: u32, unit: u32) -> u32 {
+    if unit == 0 {
+        return 1;
+    }
+    size.div_ceil(unit).max(1)
+}
 
 /// Never a backend id (ids index `LB_BACKENDS`): forces the write of a table entry.
 const MAGLEV_UNKNOWN: u32 = u32::MAX;
@@ -365,7 +421,12 @@ impl Applier {
             counts.insert(id, value.backend_count);
             service_flags.insert(
                 id,
-                (value.flags, value.affinity_timeout_s, value.maglev_table),
+                (
+                    value.flags,
+                    value.affinity_timeout_s,
+                    value.maglev_table,
+                    value.maglev_size,
+                ),
             );
         }
         // Adopt the Maglev tables the services point at, so a restart rewrites none of them.
@@ -373,16 +434,19 @@ impl Applier {
         // forgotten: the next write of its service takes a new one.
         let (maglev_size, maglev_count) = maps.maglev_layout();
         let mut maglev_tables = StdHashMap::new();
+        let mut maglev_alloc = MaglevUnits::new(maglev_count);
         for settings in service_flags.values_mut() {
-            let table = settings.2;
+            let (table, size) = (settings.2, settings.3);
             if table == 0 {
                 continue;
             }
-            if table > maglev_count || maglev_tables.contains_key(&table) {
+            let units = units_of(size, maglev_size);
+            if !maglev_alloc.is_free(table, units) {
                 settings.2 = MAGLEV_UNKNOWN;
                 continue;
             }
-            maglev_tables.insert(table, maps.read_maglev_table(table, maglev_size)?);
+            maglev_alloc.hold(table, units, true);
+            maglev_tables.insert(table, maps.read_maglev_table(table, maglev_size, size)?);
         }
         let mut slots: Vec<(SlotKey, u32)> = Vec::new();
         for entry in maps.slots.iter() {
@@ -447,7 +511,7 @@ impl Applier {
             source_ranges,
             maglev_size,
             maglev_count,
-            maglev_alloc: IdAllocator::from_used(maglev_tables.keys().copied()),
+            maglev_alloc,
             maglev_tables,
             maglev_inputs: StdHashMap::new(),
         })
@@ -1015,8 +1079,8 @@ impl Applier {
                         }
                         let _ = self.maps.services.remove(&id);
                         let _ = self.maps.service_names.remove(&id);
-                        if let Some((_, _, table)) = self.service_flags.remove(&id) {
-                            self.release_maglev(table);
+                        if let Some((_, _, table, size)) = self.service_flags.remove(&id) {
+                            self.release_maglev(table, size);
                         }
                         self.service_alloc.release(id);
                         Err(err)
@@ -1073,27 +1137,28 @@ impl Applier {
         // The Maglev table after the slots (it names the same backends), before the entry
         // that makes the datapath use it. A service that cannot have one (no free table) is
         // served at random meanwhile, and reported.
-        let old_table = self.service_flags.get(&id).map_or(0, |f| f.2);
-        let table = match maglev {
-            Some(backends) => match self.write_maglev(old_table, backends, report) {
+        let (old_table, old_size) = self.service_flags.get(&id).map_or((0, 0), |f| (f.2, f.3));
+        let (table, size) = match maglev {
+            Some(backends) => match self.write_maglev((old_table, old_size), backends, report) {
                 Ok(table) => table,
                 Err(err) => {
                     report.errors.push(format!(
                         "service {name}: {err:#}; new flows are spread at random meanwhile"
                     ));
-                    0
+                    (0, 0)
                 }
             },
-            None => 0,
+            None => (0, 0),
         };
         let flags = (
             flags.0 | if table != 0 { SERVICE_MAGLEV } else { 0 },
             flags.1,
             table,
+            size,
         );
         let release_new_table = |this: &mut Self| {
             if table != 0 && table != old_table {
-                this.release_maglev(table);
+                this.release_maglev(table, size);
             }
         };
         if is_new || old.len() != new.len() || self.service_flags.get(&id) != Some(&flags) {
@@ -1108,6 +1173,7 @@ impl Applier {
                 flags: flags.0,
                 affinity_timeout_s: flags.1,
                 maglev_table: flags.2,
+                maglev_size: flags.3,
             };
             if let Err(err) = self.maps.services.insert(id, value, 0) {
                 release_new_table(self);
@@ -1118,7 +1184,7 @@ impl Applier {
         }
         // The entry no longer names the old table: free it for another service.
         if old_table != 0 && old_table != table {
-            self.release_maglev(old_table);
+            self.release_maglev(old_table, old_size);
         }
         *record = new.clone();
         for slot in new.len()..old.len() {
@@ -1135,31 +1201,38 @@ impl Applier {
         Ok(())
     }
 
-    /// Writes the Maglev table of `backends` (all stored already) into `table` (the
-    /// service's current one, 0 = none yet: one is allocated); returns the table used. Only
-    /// entries that differ from what the map holds are written, each one atomically, and
-    /// every entry names a stored backend throughout, so readers never see a broken table.
+    /// Writes the Maglev table of `backends` (all stored already) into the service's current
+    /// table `(first unit, size)` if it has the size these backends need, else into newly
+    /// allocated units; returns the table used. Only entries that differ from what the map
+    /// holds are written, each one atomically, and every entry names a stored backend
+    /// throughout, so readers never see a broken table (a new one is not named by the service
+    /// entry until it is whole).
     fn write_maglev(
         &mut self,
-        table: u32,
+        (table, old_size): (u32, u32),
         backends: &[Backend],
         report: &mut SyncReport,
-    ) -> anyhow::Result<u32> {
-        let size = self.maglev_size;
-        let valid = |t: u32| t != 0 && t <= self.maglev_count;
-        let (table, is_new) = if valid(table) {
-            (table, false)
-        } else {
-            let t = self
-                .maglev_alloc
-                .allocate(self.maglev_count + 1)
-                .ok_or_else(|| anyhow!("no free Maglev table (see --max-maglev-services)"))?;
-            (t, true)
-        };
+    ) -> anyhow::Result<(u32, u32)> {
         let mut sorted = backends.to_vec();
         sorted.sort();
+        sorted.dedup();
+        let (units, size) = crate::maglev::table_size(self.maglev_size, sorted.len());
+        let in_map = |t: u32| t != 0 && t.saturating_add(units - 1) <= self.maglev_count;
+        let (table, is_new) = if in_map(table) && old_size == size {
+            (table, false)
+        } else {
+            let t = self.maglev_alloc.allocate(units).ok_or_else(|| {
+                anyhow!("no {units} free Maglev table(s) in a row (see --max-maglev-services)")
+            })?;
+            // Units inside the new table no longer hold what their records say.
+            for unit in t + 1..t + units {
+                self.maglev_tables.remove(&unit);
+                self.maglev_inputs.remove(&unit);
+            }
+            (t, true)
+        };
         if self.maglev_inputs.get(&table) == Some(&sorted) {
-            return Ok(table);
+            return Ok((table, size));
         }
         // Until it is written whole, the table matches no input.
         self.maglev_inputs.remove(&table);
@@ -1172,7 +1245,11 @@ impl Applier {
             .maglev_tables
             .entry(table)
             .or_insert_with(|| vec![MAGLEV_UNKNOWN; size as usize]);
-        let start = maglev_start(table, size);
+        if record.len() != size as usize {
+            // Last held by a table of another size: its entries line up no more.
+            *record = vec![MAGLEV_UNKNOWN; size as usize];
+        }
+        let start = maglev_start(table, self.maglev_size);
         for (index, &pick) in entries.iter().enumerate() {
             let backend_id = ids[pick as usize];
             if record[index] == backend_id {
@@ -1180,7 +1257,7 @@ impl Applier {
             }
             if let Err(err) = self.maps.maglev.set(start + index as u32, backend_id, 0) {
                 if is_new {
-                    self.maglev_alloc.release(table);
+                    self.maglev_alloc.hold(table, units, false);
                 }
                 return Err(err).context("writing a Maglev table entry");
             }
@@ -1188,15 +1265,16 @@ impl Applier {
             report.writes += 1;
         }
         self.maglev_inputs.insert(table, sorted);
-        Ok(table)
+        Ok((table, size))
     }
 
     /// Frees a table no service entry names any more. Its content record stays (it is what
     /// the map holds, so the next owner diffs against it), but not its input: backend ids may
     /// be reused by then, so the same backends must not be taken for the same entries.
-    fn release_maglev(&mut self, table: u32) {
+    fn release_maglev(&mut self, table: u32, size: u32) {
         if table != 0 && table <= self.maglev_count {
-            self.maglev_alloc.release(table);
+            self.maglev_alloc
+                .hold(table, units_of(size, self.maglev_size), false);
             self.maglev_inputs.remove(&table);
         }
     }
@@ -1225,9 +1303,9 @@ impl Applier {
         }
         self.record_slots(id, &name, Vec::new());
         self.services.remove(&id);
-        if let Some((_, _, table)) = self.service_flags.remove(&id) {
+        if let Some((_, _, table, size)) = self.service_flags.remove(&id) {
             if table != 0 {
-                self.release_maglev(table);
+                self.release_maglev(table, size);
             }
         }
         self.service_ids.remove(&name);
@@ -1313,17 +1391,18 @@ pub fn read_services(pin_dir: &Path) -> anyhow::Result<Vec<ServiceView>> {
     for entry in maps.services.iter() {
         let (id, value) = entry.context("reading LB_SERVICES")?;
         let table = value.maglev_table;
-        let maglev: Option<StdHashMap<u32, u32>> =
-            (value.flags & SERVICE_MAGLEV != 0 && table != 0 && table <= maglev_count)
-                .then(|| maps.read_maglev_table(table, maglev_size))
-                .transpose()?
-                .map(|entries| {
-                    let mut counts = StdHashMap::new();
-                    for backend_id in entries {
-                        *counts.entry(backend_id).or_default() += 1;
-                    }
-                    counts
-                });
+        let units = units_of(value.maglev_size, maglev_size);
+        let fits = table != 0 && table.saturating_add(units - 1) <= maglev_count;
+        let maglev: Option<StdHashMap<u32, u32>> = (value.flags & SERVICE_MAGLEV != 0 && fits)
+            .then(|| maps.read_maglev_table(table, maglev_size, value.maglev_size))
+            .transpose()?
+            .map(|entries| {
+                let mut counts = StdHashMap::new();
+                for backend_id in entries {
+                    *counts.entry(backend_id).or_default() += 1;
+                }
+                counts
+            });
         let mut backends = Vec::new();
         for slot in 0..value.backend_count {
             let backend_id = maps

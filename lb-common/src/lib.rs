@@ -28,7 +28,7 @@
 #![no_std]
 
 /// Bumped whenever a key or value layout below changes; stamped into the pinned state.
-pub const MAP_LAYOUT_VERSION: u32 = 7;
+pub const MAP_LAYOUT_VERSION: u32 = 8;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -80,15 +80,17 @@ pub mod capacity {
     pub const SOURCE_RANGES: u32 = 16_384;
     pub const CONNTRACK: u32 = 262_144;
     pub const AFFINITY: u32 = 65_536;
-    /// Services that may use Maglev at once (each holds one table of the table size).
+    /// Maglev tables of the table size: one per Maglev service, two, four or eight for a
+    /// service with many backends (its table grows to keep disruption low).
     pub const MAGLEV_SERVICES: u32 = 64;
     /// `LB_MAGLEV` entries: the size stamp, then `MAGLEV_SERVICES` tables of the default size.
     pub const MAGLEV_ENTRIES: u32 = 1 + MAGLEV_SERVICES * super::MAGLEV_TABLE_SIZE;
 }
 
 /// Default Maglev lookup table size (entries per Maglev service). Prime, as the permutation
-/// needs, and about 160 entries per backend at 100 backends, which keeps the disruption of a
-/// backend change small.
+/// needs. A service with more backends than it holds at 600 entries each (27) gets a larger
+/// table, spanning two, four or eight of these, which keeps the disruption of a backend change
+/// under 1%.
 pub const MAGLEV_TABLE_SIZE: u32 = 16_381;
 
 /// Conntrack lifetimes: how long an entry lives after its latest packet.
@@ -189,6 +191,9 @@ pub struct ServiceValue {
     /// With `SERVICE_MAGLEV`: the service's table in `LB_MAGLEV`, from 1 (its entries start
     /// at `maglev_start(maglev_table, M)`); 0 = none.
     pub maglev_table: u32,
+    /// Entries of that table (prime): M, or for a service with many backends a larger prime
+    /// spanning the next tables too (1 + maglev_size / M of them).
+    pub maglev_size: u32,
 }
 
 /// `LB_AFFINITY` key: a client of a service.
@@ -523,7 +528,7 @@ mod tests {
     fn layouts_have_no_hidden_padding() {
         assert_eq!(size_of::<FrontendKey>(), 8);
         assert_eq!(size_of::<FrontendValue>(), 8);
-        assert_eq!(size_of::<ServiceValue>(), 16);
+        assert_eq!(size_of::<ServiceValue>(), 20);
         assert_eq!(size_of::<AffinityKey>(), 8);
         assert_eq!(size_of::<AffinityValue>(), 16);
         assert_eq!(size_of::<ServiceName>(), SERVICE_NAME_LEN);

@@ -363,8 +363,7 @@ fn choose_backend(
         // Still one of the service's usable backends: its slot (or, picked by Maglev, its
         // table entry) still names it.
         let current = if entry.slot & AFFINITY_MAGLEV_INDEX != 0 {
-            maglev_entry(service.maglev_table, entry.slot & !AFFINITY_MAGLEV_INDEX)
-                == entry.backend_id
+            maglev_entry(service, entry.slot & !AFFINITY_MAGLEV_INDEX) == entry.backend_id
         } else {
             let slot_key = SlotKey {
                 service_id,
@@ -405,7 +404,7 @@ fn pick_backend(
         return None;
     }
     if service.flags & SERVICE_MAGLEV != 0 {
-        let (index, backend_id) = maglev_pick(service.maglev_table, flow);
+        let (index, backend_id) = maglev_pick(service, flow);
         if let Some(backend) = LB_BACKENDS.get(backend_id).copied() {
             if backend.proto != 0 {
                 return Some((AFFINITY_MAGLEV_INDEX | index, backend_id, backend));
@@ -417,8 +416,8 @@ fn pick_backend(
 
 /// The flow's Maglev table index and the backend id its entry names (0: none).
 #[inline(always)]
-fn maglev_pick(table: u32, flow: &CtKey) -> (u32, u32) {
-    let size = maglev_table_size();
+fn maglev_pick(service: &ServiceValue, flow: &CtKey) -> (u32, u32) {
+    let size = service.maglev_size;
     if size == 0 {
         return (0, 0);
     }
@@ -429,17 +428,18 @@ fn maglev_pick(table: u32, flow: &CtKey) -> (u32, u32) {
         flow.dst_port,
         flow.proto,
     ) % size;
-    (index, maglev_entry(table, index))
+    (index, maglev_entry(service, index))
 }
 
-/// Entry `index` of Maglev table `table`: a backend id (0 = none).
+/// Entry `index` of the service's Maglev table: a backend id (0 = none). The table starts at
+/// its first unit of M entries (the global size) and may run on over the next ones.
 #[inline(always)]
-fn maglev_entry(table: u32, index: u32) -> u32 {
-    let size = maglev_table_size();
-    if table == 0 || index >= size {
+fn maglev_entry(service: &ServiceValue, index: u32) -> u32 {
+    if service.maglev_table == 0 || index >= service.maglev_size {
         return 0;
     }
-    match LB_MAGLEV.get(maglev_start(table, size).wrapping_add(index)) {
+    let start = maglev_start(service.maglev_table, maglev_table_size());
+    match LB_MAGLEV.get(start.wrapping_add(index)) {
         Some(id) => *id,
         None => 0,
     }

@@ -183,14 +183,23 @@ fn disruption(settings: &DatapathSettings, n: usize) -> (usize, usize) {
     }
     eprintln!(
         "maglev packet test: M={} N={n}: {moved} of {others} other flows moved",
-        settings.maglev_table_size
+        lb_agent::maglev::table_size(settings.maglev_table_size, n).1
     );
     (moved, others)
 }
 
 #[test]
 fn removing_a_backend_moves_only_its_own_flows() {
-    // A larger table (the flag) at 10 backends: the agent's table measures 0.23% here.
+    // The default size: 10 backends share one table of 16381 entries, 100 get one four times
+    // larger (65521, the agent's table measures 0.56% there): under 1% both.
+    for n in [10, 100] {
+        let (moved, others) = disruption(&DatapathSettings::default(), n);
+        assert!(
+            moved * 100 < others,
+            "N={n}: {moved} of {others} moved (1% allowed)"
+        );
+    }
+    // A larger configured size (the flag).
     let settings = DatapathSettings {
         maglev_table_size: 65_521,
         ..DatapathSettings::default()
@@ -200,17 +209,69 @@ fn removing_a_backend_moves_only_its_own_flows() {
         moved * 100 < others,
         "{moved} of {others} moved (1% allowed)"
     );
-    // The default size, 10 backends: the table measures 0.67%; leave room for sampling.
-    let (moved, others) = disruption(&DatapathSettings::default(), 10);
-    assert!(moved * 100 < others * 2, "{moved} of {others} moved");
-    // 100 backends: under 1% needs the larger table; the default stays under 2%.
-    let (moved, others) = disruption(&settings, 100);
+}
+
+#[test]
+fn a_service_with_many_backends_gets_a_larger_table_and_back() {
+    let mut h = harness(&DatapathSettings::default());
+    let unit = lb_common::MAGLEV_TABLE_SIZE;
+    let entries = |h: &Harness| -> u32 {
+        read_services(&h.pin_dir).unwrap()[0]
+            .backends
+            .iter()
+            .filter_map(|b| b.maglev_entries)
+            .sum()
+    };
+    let few: Vec<usize> = (0..10).collect();
+    h.program(&desired(&few)).unwrap();
+    assert_eq!(entries(&h), unit);
+    // 100 backends: 65521 entries over four tables, flows placed by the agent's table of
+    // that size, through the program.
+    let many: Vec<usize> = (0..100).collect();
+    let (units, size) = lb_agent::maglev::table_size(unit, many.len());
+    assert_eq!((units, size), (4, 65_521));
+    let report = h.applier.sync(&desired(&many)).unwrap();
+    assert!(report.errors.is_empty(), "{report:?}");
+    assert_eq!(entries(&h), size);
+    clear_conntrack(&h);
+    for (port, backend) in place(&mut h, 60_000..60_400) {
+        assert_eq!(backend, predicted(&many, size, port), "port {port}");
+    }
+    // A restarted agent adopts the larger table as it is.
+    let mut restarted = lb_agent::maps::Applier::open(&h.pin_dir).unwrap();
+    let report = restarted.sync(&desired(&many)).unwrap();
+    assert_eq!((report.writes, report.deletes), (0, 0), "{report:?}");
+    // Back to 10: one table again, and the four are free for others.
+    let report = restarted.sync(&desired(&few)).unwrap();
+    assert!(report.errors.is_empty(), "{report:?}");
+    assert_eq!(entries(&h), unit);
+    clear_conntrack(&h);
+    for (port, backend) in place(&mut h, 60_000..60_400) {
+        assert_eq!(backend, predicted(&few, unit, port), "port {port}");
+    }
+}
+
+#[test]
+fn a_larger_table_that_does_not_fit_is_reported_and_random_is_used() {
+    // Room for three tables: 100 backends need four in a row.
+    let mut settings = DatapathSettings::default();
+    settings.capacity.maglev_services = 3;
+    let mut h = harness(&settings);
+    let many: Vec<usize> = (0..100).collect();
+    let report = h.applier.sync(&desired(&many)).unwrap();
+    assert_eq!(report.errors.len(), 1, "{report:?}");
     assert!(
-        moved * 100 < others,
-        "{moved} of {others} moved (1% allowed)"
+        report.errors[0].contains("no 4 free Maglev table(s) in a row"),
+        "{report:?}"
     );
-    let (moved, others) = disruption(&DatapathSettings::default(), 100);
-    assert!(moved * 100 < others * 2, "{moved} of {others} moved");
+    // Served all the same, at random.
+    let placed = place(&mut h, 61_000..61_100);
+    assert!(placed
+        .values()
+        .all(|b| many.iter().any(|&i| backend_addr(i) == *b)));
+    // With fewer backends it fits again.
+    let report = h.applier.sync(&desired(&many[..20])).unwrap();
+    assert!(report.errors.is_empty(), "{report:?}");
 }
 
 #[test]
