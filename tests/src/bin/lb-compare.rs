@@ -80,6 +80,10 @@ struct Cli {
     /// reported as not finished (seconds).
     #[arg(long, default_value_t = 30.0)]
     load_limit: f64,
+    /// Pin the load generators to CPU 0 and the echo servers to CPU 1 (experiments: per-CPU
+    /// profiles).
+    #[arg(long)]
+    pin_cpus: bool,
     /// An extra argument for our agent (repeat for several), for experiments such as
     /// `--agent-arg=--conntrack-max=524288`.
     #[arg(long = "agent-arg", allow_hyphen_values = true)]
@@ -682,6 +686,7 @@ fn main() -> anyhow::Result<()> {
         anyhow::ensure!(!modes.is_empty(), "no known mode in {:?}", cli.modes);
     }
     let quick = cli.quick;
+    load::pin_cpus(cli.pin_cpus);
     let counts = if !cli.services.is_empty() {
         cli.services.clone()
     } else if quick {

@@ -20,6 +20,25 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::lab::Netns;
 
+/// `lb-compare --pin-cpus`: load generators on CPU 0, echo servers on CPU 1, so that which
+/// side is the bottleneck (and what runs there) can be read per CPU in a profile.
+static PIN_CPUS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub fn pin_cpus(enabled: bool) {
+    PIN_CPUS.store(enabled, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Pins the calling thread to `cpu` when [`pin_cpus`] asked for it (best effort: a machine
+/// with one CPU runs unpinned).
+fn pin_to(cpu: usize) {
+    if PIN_CPUS.load(std::sync::atomic::Ordering::Relaxed) {
+        let mut set = nix::sched::CpuSet::new();
+        if set.set(cpu).is_ok() {
+            let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+        }
+    }
+}
+
 /// Echo server on `0.0.0.0:port` of one namespace; stopped on drop.
 pub struct Server {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -35,6 +54,7 @@ impl Server {
         let thread = thread::spawn(move || {
             let run = || -> anyhow::Result<tokio::runtime::Runtime> {
                 ns.enter_current_thread()?;
+                pin_to(1);
                 Ok(tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()?)
@@ -304,6 +324,7 @@ pub fn run(ns: &Netns, targets: &Targets, config: &LoadConfig) -> anyhow::Result
             let tasks =
                 config.concurrency / threads + usize::from(t < config.concurrency % threads);
             ns.spawn(move || {
+                pin_to(0);
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()?;
