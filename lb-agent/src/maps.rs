@@ -34,7 +34,7 @@ use crate::model::{
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
 
 pub type FrontendMap = HashMap<MapData, FrontendKey, FrontendValue>;
-pub type ServiceMap = HashMap<MapData, u32, ServiceValue>;
+pub type ServiceMap = Array<MapData, ServiceValue>;
 pub type SlotMap = HashMap<MapData, SlotKey, u32>;
 pub type BackendMap = Array<MapData, BackendValue>;
 pub type ServiceNameMap = HashMap<MapData, u32, ServiceName>;
@@ -79,7 +79,8 @@ impl Maps {
     pub fn open(pin_dir: &Path) -> anyhow::Result<Self> {
         Ok(Self {
             frontends: open_hash(pin_dir, map_names::FRONTENDS)?,
-            services: open_hash(pin_dir, map_names::SERVICES)?,
+            services: Array::try_from(open_map(pin_dir, map_names::SERVICES)?)
+                .context("map LB_SERVICES does not have the layout this agent expects")?,
             service_names: open_hash(pin_dir, map_names::SERVICE_NAMES)?,
             slots: open_hash(pin_dir, map_names::SLOTS)?,
             backends: Array::try_from(open_map(pin_dir, map_names::BACKENDS)?)
@@ -95,6 +96,28 @@ impl Maps {
 }
 
 impl Maps {
+    /// The services in `LB_SERVICES` (an array indexed by service id): those with a name, and
+    /// any a frontend points at (a nameless one cannot be matched to an object and is dropped
+    /// by the next sync).
+    fn present_services(&self) -> anyhow::Result<Vec<(u32, ServiceValue)>> {
+        let mut ids = BTreeSet::new();
+        for id in self.service_names.keys() {
+            ids.insert(id.context("reading LB_SERVICE_NAMES")?);
+        }
+        for entry in self.frontends.iter() {
+            ids.insert(entry.context("reading LB_FRONTENDS")?.1.service_id);
+        }
+        ids.into_iter()
+            .map(|id| {
+                let value = self
+                    .services
+                    .get(&id, 0)
+                    .with_context(|| format!("reading LB_SERVICES[{id}]"))?;
+                Ok((id, value))
+            })
+            .collect()
+    }
+
     /// The Maglev table size the pinned `LB_MAGLEV` is laid out for (its entry 0, stamped by
     /// the loader) and how many tables it holds; (0, 0) when unusable.
     pub fn maglev_layout(&self) -> (u32, u32) {
@@ -409,8 +432,7 @@ impl Applier {
         let mut services = BTreeMap::new();
         let mut counts = StdHashMap::new();
         let mut service_flags = StdHashMap::new();
-        for entry in maps.services.iter() {
-            let (id, value) = entry.context("reading LB_SERVICES")?;
+        for (id, value) in maps.present_services()? {
             // A service without a name cannot be matched to an object: dropped by the sync.
             let name = maps
                 .service_names
@@ -1077,7 +1099,7 @@ impl Applier {
                                 slot,
                             });
                         }
-                        let _ = self.maps.services.remove(&id);
+                        let _ = self.maps.services.set(id, ServiceValue::default(), 0);
                         let _ = self.maps.service_names.remove(&id);
                         if let Some((_, _, table, size)) = self.service_flags.remove(&id) {
                             self.release_maglev(table, size);
@@ -1175,7 +1197,7 @@ impl Applier {
                 maglev_table: flags.2,
                 maglev_size: flags.3,
             };
-            if let Err(err) = self.maps.services.insert(id, value, 0) {
+            if let Err(err) = self.maps.services.set(id, value, 0) {
                 release_new_table(self);
                 return Err(err).context("writing the service entry");
             }
@@ -1285,7 +1307,7 @@ impl Applier {
         };
         self.maps
             .services
-            .remove(&id)
+            .set(id, ServiceValue::default(), 0)
             .with_context(|| format!("removing service {name}"))?;
         // Best effort: a missing name is already what we want.
         let _ = self.maps.service_names.remove(&id);
@@ -1388,8 +1410,7 @@ pub fn read_services(pin_dir: &Path) -> anyhow::Result<Vec<ServiceView>> {
     let maps = Maps::open(pin_dir)?;
     let (maglev_size, maglev_count) = maps.maglev_layout();
     let mut views: BTreeMap<u32, ServiceView> = BTreeMap::new();
-    for entry in maps.services.iter() {
-        let (id, value) = entry.context("reading LB_SERVICES")?;
+    for (id, value) in maps.present_services()? {
         let table = value.maglev_table;
         let units = units_of(value.maglev_size, maglev_size);
         let fits = table != 0 && table.saturating_add(units - 1) <= maglev_count;
@@ -1554,7 +1575,13 @@ pub fn fill_levels(pin_dir: &Path) -> anyhow::Result<Vec<MapFill>> {
             .context("map LB_SOURCE_RANGES does not have the layout this agent expects")?;
     Ok(vec![
         hash::<FrontendKey, FrontendValue>(pin_dir, map_names::FRONTENDS)?,
-        hash::<u32, ServiceValue>(pin_dir, map_names::SERVICES)?,
+        MapFill {
+            map: map_names::SERVICES,
+            // An array: its services are the named ones.
+            entries: hash::<u32, lb_common::ServiceName>(pin_dir, map_names::SERVICE_NAMES)?
+                .entries,
+            capacity: capacity(pin_dir, map_names::SERVICES)?,
+        },
         hash::<SlotKey, u32>(pin_dir, map_names::SLOTS)?,
         MapFill {
             map: map_names::BACKENDS,

@@ -160,8 +160,8 @@ fn try_lb_ingress(ctx: &TcContext) -> Result<i32, ()> {
         return Ok(TC_ACT_SHOT);
     }
     let service_id = frontend.service_id;
-    // SAFETY: read-only copy of a value the agent replaces atomically.
-    let service = unsafe { LB_SERVICES.get(service_id) }.copied();
+    // A copy of a value the agent replaces atomically; an unused id reads as no backend.
+    let service = LB_SERVICES.get(service_id).copied();
     let Some((backend_id, backend)) =
         service.and_then(|s| choose_backend(service_id, &s, &key, now))
     else {

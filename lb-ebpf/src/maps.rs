@@ -21,9 +21,9 @@ pub static LB_FRONTENDS: HashMap<
     { capacity::FRONTENDS as usize },
     ON_DEMAND,
 > = HashMap::new();
+/// Indexed by service id (ids are dense from 1): one memory read for a new flow, no hash.
 #[btf_map]
-pub static LB_SERVICES: HashMap<u32, ServiceValue, { capacity::SERVICES as usize }, ON_DEMAND> =
-    HashMap::new();
+pub static LB_SERVICES: Array<ServiceValue, { capacity::SERVICES as usize }> = Array::new();
 /// Never read here: the layout version of the pinned state, for the agent.
 #[btf_map]
 pub static LB_META: Array<Meta, 1> = Array::new();

@@ -123,6 +123,21 @@ fn clusterip_spreads_new_connections_over_all_backends_and_keeps_long_lived_ones
     assert_eq!(entry["key"]["addr"], serde_json::json!([10, 96, 0, 10]));
     assert_eq!(entry["key"]["port"], 80);
     assert!(entry["value"]["service_id"].as_u64().is_some(), "{entry}");
+    // Services are an array indexed by id: bpftool looks one up by its key's bytes.
+    let id = entry["value"]["service_id"].as_u64().unwrap() as u32;
+    let key: Vec<String> = id.to_ne_bytes().iter().map(u8::to_string).collect();
+    let service = run(Command::new("bpftool")
+        .args(["-j", "map", "lookup", "pinned"])
+        .arg(pin_dir.join("LB_SERVICES"))
+        .arg("key")
+        .args(&key))
+    .expect("bpftool map lookup");
+    let service: serde_json::Value = serde_json::from_str(&service).expect("bpftool JSON");
+    assert_eq!(
+        service["formatted"]["value"]["backend_count"],
+        backends.len(),
+        "the three ready endpoints: {service}"
+    );
 
     let vip: SocketAddr = VIP.parse().unwrap();
     let traffic = lab
