@@ -1,5 +1,5 @@
-//! Batched map reads (`BPF_MAP_LOOKUP_BATCH`, Linux 5.6+), which aya 0.14 does not expose,
-//! and a delete through a shared handle.
+//! Batched map reads and array writes (`BPF_MAP_LOOKUP_BATCH`, `BPF_MAP_UPDATE_BATCH`, Linux
+//! 5.6+), which aya 0.14 does not expose, and a delete through a shared handle.
 //!
 //! Walking a hash map key by key costs two system calls per entry (next key, then lookup):
 //! over a full 262,144-entry conntrack table that is half a million calls every GC pass. A
@@ -12,12 +12,13 @@ use std::{
 };
 
 use aya::{
-    maps::{HashMap, IterableMap as _, MapData},
+    maps::{Array, HashMap, IterableMap as _, MapData},
     Pod,
 };
 
 /// `enum bpf_cmd` in `linux/bpf.h`.
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 
 /// The `batch` member of `union bpf_attr`: the kernel reads this prefix of the union and
@@ -104,6 +105,45 @@ pub fn for_each<K: Pod, V: Pod>(
         }
         token_in = token_out;
         first = false;
+    }
+}
+
+/// Writes `values[i]` at index `keys[i]` of an array in one system call. Returns how many were
+/// written, in order, and the error that stopped the rest (a kernel without batch operations
+/// writes none); the caller writes what is left one by one.
+///
+/// The array is typed: aya checked its value size against `V` when it was opened.
+pub fn update_array<V: Pod>(
+    map: &Array<MapData, V>,
+    keys: &[u32],
+    values: &[V],
+) -> (usize, Option<io::Error>) {
+    let count = keys.len().min(values.len());
+    if count == 0 {
+        return (0, None);
+    }
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: count as u32,
+        map_fd: map.map().fd().as_fd().as_raw_fd() as u32,
+        ..BatchAttr::default()
+    };
+    // SAFETY: the attribute names `count` keys (u32, an array's key) and values of the map's
+    // own value type, alive across the call; the kernel only reads them.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_BATCH,
+            std::ptr::addr_of_mut!(attr),
+            std::mem::size_of::<BatchAttr>(),
+        )
+    };
+    let written = (attr.count as usize).min(count);
+    if ret < 0 {
+        (written, Some(io::Error::last_os_error()))
+    } else {
+        (written, None)
     }
 }
 

@@ -561,6 +561,7 @@ impl Applier {
         let room = self.plan_backends(desired.services.values(), &desired.known_backends);
         let known_only = desired.known_backends.difference(&chosen);
         let terminating = &desired.terminating_backends;
+        let mut stored = Vec::new();
         for backend in chosen.iter().chain(known_only) {
             let mut flags = 0;
             if desired.remote_backends.contains(backend) {
@@ -570,9 +571,10 @@ impl Applier {
                 flags |= BACKEND_TERMINATING;
             }
             if self.backend_ids.contains_key(backend) || room.contains(backend) {
-                self.put_backend(backend, flags, &mut report);
+                stored.push((*backend, flags));
             }
         }
+        self.put_backends(&stored, &mut report);
 
         // 2. Each service's slots and backend count. A service that cannot be written whole
         //    keeps its previous entries (and frontends) rather than being half programmed.
@@ -730,37 +732,56 @@ impl Applier {
         planned
     }
 
-    /// Stores one backend (new, or with new flags); one that cannot be stored leaves the
-    /// services that need it refused (see [`Applier::write_entry`]).
-    fn put_backend(&mut self, backend: &Backend, flags: u8, report: &mut SyncReport) {
-        if let Some(&id) = self.backend_ids.get(backend) {
-            if self.backend_flags.get(&id) != Some(&flags) {
-                match self.maps.backends.set(id, backend_value(backend, flags), 0) {
-                    Ok(()) => {
-                        self.backend_flags.insert(id, flags);
-                        report.writes += 1;
+    /// Stores backends (new, or with new flags), in one batched write where the kernel has it
+    /// (a full sync stores tens of thousands); one that cannot be stored leaves the services
+    /// that need it refused (see [`Applier::write_entry`]).
+    fn put_backends(&mut self, list: &[(Backend, u8)], report: &mut SyncReport) {
+        let mut ids = Vec::new();
+        let mut values = Vec::new();
+        let mut pending = Vec::new();
+        for &(backend, flags) in list {
+            let (id, is_new) = match self.backend_ids.get(&backend) {
+                Some(&id) if self.backend_flags.get(&id) == Some(&flags) => continue,
+                Some(&id) => (id, false),
+                None => match self.backend_alloc.allocate(self.maps.backends.len()) {
+                    Some(id) => (id, true),
+                    None => continue,
+                },
+            };
+            ids.push(id);
+            values.push(backend_value(&backend, flags));
+            pending.push((backend, flags, is_new));
+        }
+        let (batched, err) = crate::batch::update_array(&self.maps.backends, &ids, &values);
+        if let Some(err) = err.filter(|_| batched < ids.len()) {
+            debug!(%err, batched, of = ids.len(), "batched backend write stopped; one by one");
+        }
+        for (i, (backend, flags, is_new)) in pending.into_iter().enumerate() {
+            let id = ids[i];
+            let stored = if i < batched {
+                Ok(())
+            } else {
+                self.maps.backends.set(id, values[i], 0)
+            };
+            match stored {
+                Ok(()) => {
+                    if is_new {
+                        self.backends.insert(id, backend);
+                        self.backend_ids.insert(backend, id);
                     }
-                    Err(err) => report
+                    self.backend_flags.insert(id, flags);
+                    report.writes += 1;
+                }
+                Err(err) => {
+                    if is_new {
+                        self.backend_alloc.release(id);
+                    }
+                    report
                         .errors
-                        .push(format!("backend {}:{}: {err}", backend.addr, backend.port)),
+                        .push(format!("backend {}:{}: {err}", backend.addr, backend.port));
                 }
             }
-            return;
         }
-        let Some(id) = self.backend_alloc.allocate(self.maps.backends.len()) else {
-            return;
-        };
-        if let Err(err) = self.maps.backends.set(id, backend_value(backend, flags), 0) {
-            self.backend_alloc.release(id);
-            report
-                .errors
-                .push(format!("backend {}:{}: {err}", backend.addr, backend.port));
-            return;
-        }
-        self.backends.insert(id, *backend);
-        self.backend_ids.insert(*backend, id);
-        self.backend_flags.insert(id, flags);
-        report.writes += 1;
     }
 
     /// Writes one desired entry's slots and service entry (not its frontends); returns its id.
@@ -811,11 +832,13 @@ impl Applier {
         let mut report = SyncReport::default();
         // 1. Backends.
         let room = self.plan_backends(delta.upsert.values(), delta.backends.keys());
-        for (backend, &flags) in &delta.backends {
-            if self.backend_ids.contains_key(backend) || room.contains(backend) {
-                self.put_backend(backend, flags, &mut report);
-            }
-        }
+        let stored: Vec<(Backend, u8)> = delta
+            .backends
+            .iter()
+            .filter(|(b, _)| self.backend_ids.contains_key(b) || room.contains(b))
+            .map(|(b, &flags)| (*b, flags))
+            .collect();
+        self.put_backends(&stored, &mut report);
 
         // 2. Slots and service entries of the changed entries; their frontends are collected.
         //    `changing`: the ids whose frontends this delta decides.
