@@ -21,6 +21,23 @@ const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 
+/// The bpf(2) system call with `cmd` and its attribute.
+///
+/// # Safety
+/// `attr` must be the member of `union bpf_attr` that `cmd` reads, and every pointer in it
+/// must name live buffers of the sizes the kernel will read or write.
+unsafe fn bpf<A>(cmd: libc::c_long, attr: &mut A) -> libc::c_long {
+    // SAFETY: as the caller promised.
+    unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_mut(attr),
+            std::mem::size_of::<A>(),
+        )
+    }
+}
+
 /// The `batch` member of `union bpf_attr`: the kernel reads this prefix of the union and
 /// writes `count` back.
 #[repr(C, align(8))]
@@ -74,14 +91,7 @@ pub fn for_each<K: Pod, V: Pod>(
         };
         // SAFETY: the attribute names buffers of `count` keys and values of the map's own key
         // and value types (aya created the map from them), all alive across the call.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                std::ptr::addr_of_mut!(attr),
-                std::mem::size_of::<BatchAttr>(),
-            )
-        };
+        let ret = unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) };
         let err = (ret < 0).then(io::Error::last_os_error);
         match err.as_ref().and_then(io::Error::raw_os_error) {
             // One bucket holds more entries than the buffer: a bigger buffer, same position.
@@ -131,14 +141,7 @@ pub fn update_array<V: Pod>(
     };
     // SAFETY: the attribute names `count` keys (u32, an array's key) and values of the map's
     // own value type, alive across the call; the kernel only reads them.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_UPDATE_BATCH,
-            std::ptr::addr_of_mut!(attr),
-            std::mem::size_of::<BatchAttr>(),
-        )
-    };
+    let ret = unsafe { bpf(BPF_MAP_UPDATE_BATCH, &mut attr) };
     let written = (attr.count as usize).min(count);
     if ret < 0 {
         (written, Some(io::Error::last_os_error()))
@@ -168,13 +171,6 @@ pub fn delete_one<K: Pod, V: Pod>(map: &HashMap<MapData, K, V>, key: &K) -> bool
         ..ElemAttr::default()
     };
     // SAFETY: the attribute names one key of the map's own key type, alive across the call.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_DELETE_ELEM,
-            std::ptr::addr_of_mut!(attr),
-            std::mem::size_of::<ElemAttr>(),
-        )
-    };
+    let ret = unsafe { bpf(BPF_MAP_DELETE_ELEM, &mut attr) };
     ret == 0
 }
