@@ -192,7 +192,7 @@ pub struct ServiceValue {
     /// at `maglev_start(maglev_table, M)`); 0 = none.
     pub maglev_table: u32,
     /// Entries of that table (prime): M, or for a service with many backends a larger prime
-    /// spanning the next tables too (1 + maglev_size / M of them).
+    /// spanning the next tables too (ceil(maglev_size / M) tables in all).
     pub maglev_size: u32,
 }
 

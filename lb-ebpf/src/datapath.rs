@@ -103,8 +103,7 @@ fn try_lb_ingress(ctx: &TcContext) -> Result<i32, ()> {
             count(Counter::CtExpired);
             let _ = LB_CONNTRACK.remove(key);
         } else if reopened {
-            let _ = LB_CONNTRACK.remove(ct_other_half(&key, ct));
-            let _ = LB_CONNTRACK.remove(key);
+            remove_flow(&key, ct_other_half(&key, ct));
         } else if ct.direction == CT_REPLY {
             refresh(ct, now, &pkt);
             let done = finished(&key, ct, &pkt);
@@ -135,8 +134,7 @@ fn try_lb_ingress(ctx: &TcContext) -> Result<i32, ()> {
             // The backend is gone (or its id now names another endpoint). Forget the flow;
             // a TCP connection in progress cannot move, so it is reset, while a datagram
             // flow (or a fresh SYN reusing the ports) is balanced again below.
-            let _ = LB_CONNTRACK.remove(ct_other_half(&key, ct));
-            let _ = LB_CONNTRACK.remove(key);
+            remove_flow(&key, ct_other_half(&key, ct));
             let fresh_syn = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
             if pkt.proto == PROTO_TCP && !fresh_syn {
                 count(Counter::ResetBackendGone);
@@ -555,10 +553,16 @@ fn finished(key: &CtKey, ct: &CtValue, pkt: &Packet) -> Option<CtKey> {
 #[inline(always)]
 fn forget(key: &CtKey, done: Option<CtKey>) {
     if let Some(other) = done {
-        let _ = LB_CONNTRACK.remove(other);
-        let _ = LB_CONNTRACK.remove(*key);
+        remove_flow(key, other);
         count(Counter::CtClosed);
     }
+}
+
+/// Deletes both halves of a flow: `key` and its `other` half.
+#[inline(always)]
+fn remove_flow(key: &CtKey, other: CtKey) {
+    let _ = LB_CONNTRACK.remove(other);
+    let _ = LB_CONNTRACK.remove(*key);
 }
 
 #[inline(always)]

@@ -102,15 +102,21 @@ fn expect_dnat(h: &mut Harness, flow: &Flow, port: u16) -> Ipv4Addr {
     out.dst
 }
 
-/// Sends the backend's reply to `flow` and expects it to come from the frontend again.
-fn expect_reverse_nat(h: &mut Harness, flow: &Flow, backend: Ipv4Addr, port: u16) {
-    let reply = Flow {
+/// What `backend:port` sends back on the flow the client opened with `flow`, arriving from
+/// the backend's link.
+fn backend_reply(flow: &Flow, backend: Ipv4Addr, port: u16) -> Flow {
+    Flow {
         src: backend,
         sport: port,
-        src_mac: [0x02, 0, 0, 0, 0, 0xbb], // from the backend's link
+        src_mac: [0x02, 0, 0, 0, 0, 0xbb],
         dst_mac: [0x02, 0, 0, 0, 0, 0xcc],
         ..flow.reversed()
-    };
+    }
+}
+
+/// Sends the backend's reply to `flow` and expects it to come from the frontend again.
+fn expect_reverse_nat(h: &mut Harness, flow: &Flow, backend: Ipv4Addr, port: u16) {
+    let reply = backend_reply(flow, backend, port);
     let verdict = h.run(&reply.build()).unwrap();
     let node_address = NODE_ADDRS.contains(&flow.dst.to_string().as_str());
     if node_address {
@@ -437,12 +443,8 @@ fn entries_of(h: &Harness, syn: &Flow) -> usize {
 /// The backend's segment with `flags` on the flow `syn` opened, and what the client receives.
 fn from_backend(h: &mut Harness, syn: &Flow, backend: Ipv4Addr, flags: u8) -> (i32, Vec<u8>) {
     let segment = Flow {
-        src: backend,
-        sport: 8080,
-        src_mac: [0x02, 0, 0, 0, 0, 0xbb],
-        dst_mac: [0x02, 0, 0, 0, 0, 0xcc],
         tcp_flags: flags,
-        ..syn.reversed()
+        ..backend_reply(syn, backend, 8080)
     };
     let verdict = h.run(&segment.build()).expect("test run");
     (verdict.action, verdict.packet)

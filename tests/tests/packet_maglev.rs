@@ -147,13 +147,16 @@ fn flows_follow_the_agents_table_the_same_on_every_node() {
         assert!((300..=500).contains(&n), "{backend}: {n} of {FLOWS}");
     }
     // What operators see: each backend's share of the table.
-    let view = read_services(&a.pin_dir).unwrap();
-    let entries: u32 = view[0]
+    assert_eq!(table_entries(&a), size);
+}
+
+/// The entries of the (only) Service's table, summed over its backends as operators see them.
+fn table_entries(h: &Harness) -> u32 {
+    read_services(&h.pin_dir).unwrap()[0]
         .backends
         .iter()
         .filter_map(|b| b.maglev_entries)
-        .sum();
-    assert_eq!(entries, size);
+        .sum()
 }
 
 /// Removes one of `n` backends and counts the flows of the other backends that moved.
@@ -215,16 +218,9 @@ fn removing_a_backend_moves_only_its_own_flows() {
 fn a_service_with_many_backends_gets_a_larger_table_and_back() {
     let mut h = harness(&DatapathSettings::default());
     let unit = lb_common::MAGLEV_TABLE_SIZE;
-    let entries = |h: &Harness| -> u32 {
-        read_services(&h.pin_dir).unwrap()[0]
-            .backends
-            .iter()
-            .filter_map(|b| b.maglev_entries)
-            .sum()
-    };
     let few: Vec<usize> = (0..10).collect();
     h.program(&desired(&few)).unwrap();
-    assert_eq!(entries(&h), unit);
+    assert_eq!(table_entries(&h), unit);
     // 100 backends: 65521 entries over four tables, flows placed by the agent's table of
     // that size, through the program.
     let many: Vec<usize> = (0..100).collect();
@@ -232,7 +228,7 @@ fn a_service_with_many_backends_gets_a_larger_table_and_back() {
     assert_eq!((units, size), (4, 65_521));
     let report = h.applier.sync(&desired(&many)).unwrap();
     assert!(report.errors.is_empty(), "{report:?}");
-    assert_eq!(entries(&h), size);
+    assert_eq!(table_entries(&h), size);
     clear_conntrack(&h);
     for (port, backend) in place(&mut h, 60_000..60_400) {
         assert_eq!(backend, predicted(&many, size, port), "port {port}");
@@ -244,7 +240,7 @@ fn a_service_with_many_backends_gets_a_larger_table_and_back() {
     // Back to 10: one table again, and the four are free for others.
     let report = restarted.sync(&desired(&few)).unwrap();
     assert!(report.errors.is_empty(), "{report:?}");
-    assert_eq!(entries(&h), unit);
+    assert_eq!(table_entries(&h), unit);
     clear_conntrack(&h);
     for (port, backend) in place(&mut h, 60_000..60_400) {
         assert_eq!(backend, predicted(&few, unit, port), "port {port}");
@@ -366,13 +362,7 @@ fn a_new_table_size_rebuilds_the_tables_instead_of_misreading_them() {
     let report = applier.sync(&desired(&endpoints)).unwrap();
     assert!(report.errors.is_empty(), "{report:?}");
     assert!(report.writes >= 65_521, "the whole new table: {report:?}");
-    let view = read_services(&h.pin_dir).unwrap();
-    let entries: u32 = view[0]
-        .backends
-        .iter()
-        .filter_map(|b| b.maglev_entries)
-        .sum();
-    assert_eq!(entries, 65_521);
+    assert_eq!(table_entries(&h), 65_521);
     // A size that is not prime is refused.
     let bad = DatapathSettings {
         maglev_table_size: 65_536,
