@@ -19,7 +19,7 @@ use aya::maps::{
 };
 use lb_common::{
     maglev_start, map_names, BackendValue, Counter, CtKey, CtValue, FrontendKey, FrontendValue,
-    ServiceName, ServiceStats, ServiceValue, SlotKey, SourceRangeKey, BACKEND_REMOTE,
+    ServiceName, ServiceStats, ServiceValue, SlotValue, SourceRangeKey, BACKEND_REMOTE,
     BACKEND_TERMINATING, FRONTEND_LOCAL_ADDRESS, FRONTEND_SOURCE_RANGES, SERVICE_DROP_WHEN_EMPTY,
     SERVICE_MAGLEV, SERVICE_NAME_LEN, SOURCE_RANGE_FRONTEND_BITS,
 };
@@ -35,7 +35,7 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
 
 pub type FrontendMap = HashMap<MapData, FrontendKey, FrontendValue>;
 pub type ServiceMap = Array<MapData, ServiceValue>;
-pub type SlotMap = HashMap<MapData, SlotKey, u32>;
+pub type SlotMap = Array<MapData, SlotValue>;
 pub type BackendMap = Array<MapData, BackendValue>;
 pub type ServiceNameMap = HashMap<MapData, u32, ServiceName>;
 pub type ConntrackMap = HashMap<MapData, CtKey, CtValue>;
@@ -82,7 +82,8 @@ impl Maps {
             services: Array::try_from(open_map(pin_dir, map_names::SERVICES)?)
                 .context("map LB_SERVICES does not have the layout this agent expects")?,
             service_names: open_hash(pin_dir, map_names::SERVICE_NAMES)?,
-            slots: open_hash(pin_dir, map_names::SLOTS)?,
+            slots: Array::try_from(open_map(pin_dir, map_names::SLOTS)?)
+                .context("map LB_SLOTS does not have the layout this agent expects")?,
             backends: Array::try_from(open_map(pin_dir, map_names::BACKENDS)?)
                 .context("map LB_BACKENDS does not have the layout this agent expects")?,
             source_ranges: LpmTrie::try_from(open_map(pin_dir, map_names::SOURCE_RANGES)?)
@@ -328,8 +329,11 @@ pub struct Applier {
     backend_alloc: IdAllocator,
     /// Service id -> (name, backend ids by slot).
     services: BTreeMap<u32, (String, Vec<u32>)>,
-    /// `ServiceValue` flags, affinity timeout and Maglev table as written, by service id.
-    service_flags: StdHashMap<u32, ServiceSettings>,
+    /// `LB_SERVICES` entries as written, by service id.
+    written: StdHashMap<u32, ServiceValue>,
+    /// Each service's run of `LB_SLOTS`: (first entry, entries held), by service id.
+    slot_runs: StdHashMap<u32, (u32, u32)>,
+    slot_alloc: SlotRuns,
     service_ids: StdHashMap<String, u32>,
     service_alloc: IdAllocator,
     frontends: StdHashMap<FrontendKey, FrontendValue>,
@@ -352,9 +356,121 @@ pub struct Applier {
     maglev_inputs: StdHashMap<u32, Vec<Backend>>,
 }
 
-/// What `LB_SERVICES` holds for a service besides its count: (flags, affinity timeout,
-/// Maglev table, its size).
-type ServiceSettings = (u32, u32, u32, u32);
+/// The free runs of `LB_SLOTS`, handed out best fit. A released run is held back until
+/// [`SlotRuns::settle`] (at the start of the next sync or delta): a packet that read a service
+/// entry just before its run moved must not find the old run reused under it.
+struct SlotRuns {
+    /// Free runs: start -> length, and the same as (length, start) for best fit.
+    by_start: BTreeMap<u32, u32>,
+    by_len: BTreeSet<(u32, u32)>,
+    released: Vec<(u32, u32)>,
+}
+
+impl SlotRuns {
+    /// Every entry of a map of `len` free.
+    fn new(len: u32) -> Self {
+        let mut runs = Self {
+            by_start: BTreeMap::new(),
+            by_len: BTreeSet::new(),
+            released: Vec::new(),
+        };
+        runs.insert(0, len);
+        runs
+    }
+
+    fn insert(&mut self, start: u32, len: u32) {
+        if len > 0 {
+            self.by_start.insert(start, len);
+            self.by_len.insert((len, start));
+        }
+    }
+
+    fn take(&mut self, start: u32) -> Option<u32> {
+        let len = self.by_start.remove(&start)?;
+        self.by_len.remove(&(len, start));
+        Some(len)
+    }
+
+    /// Marks `len` entries from `start` held (a restarted agent adopting a service's run);
+    /// false when they are not all free.
+    fn hold(&mut self, start: u32, len: u32) -> bool {
+        let Some((&free_start, &free_len)) = self.by_start.range(..=start).next_back() else {
+            return false;
+        };
+        let (end, free_end) = (u64::from(start) + u64::from(len), free_start + free_len);
+        if len == 0 || end > u64::from(free_end) {
+            return false;
+        }
+        self.take(free_start);
+        self.insert(free_start, start - free_start);
+        self.insert(start + len, free_end - start - len);
+        true
+    }
+
+    /// The start of `len` free entries in a row, now held: the smallest free run that fits.
+    fn allocate(&mut self, len: u32) -> Option<u32> {
+        let &(free_len, start) = self.by_len.range((len, 0)..).next()?;
+        self.take(start);
+        self.insert(start + len, free_len - len);
+        Some(start)
+    }
+
+    /// Grows the run of `len` entries at `start` to `to` entries if the entries after it are
+    /// free (no slot moves).
+    fn extend(&mut self, start: u32, len: u32, to: u32) -> bool {
+        let at = start + len;
+        let need = to - len;
+        match self.by_start.get(&at) {
+            Some(&free) if free >= need => {
+                self.take(at);
+                self.insert(at + need, free - need);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Gives entries back at once: only for a run no service entry has named.
+    fn free(&mut self, start: u32, len: u32) {
+        if len == 0 {
+            return;
+        }
+        let (mut start, mut len) = (start, len);
+        if let Some((&before, &before_len)) = self.by_start.range(..start).next_back() {
+            if before + before_len == start {
+                self.take(before);
+                start = before;
+                len += before_len;
+            }
+        }
+        if let Some(after_len) = self.take(start + len) {
+            len += after_len;
+        }
+        self.insert(start, len);
+    }
+
+    /// Gives entries back at the next [`SlotRuns::settle`].
+    fn release(&mut self, start: u32, len: u32) {
+        if len > 0 {
+            self.released.push((start, len));
+        }
+    }
+
+    /// Frees the runs released since the last call; returns them (to be cleared).
+    fn settle(&mut self) -> Vec<(u32, u32)> {
+        let released = std::mem::take(&mut self.released);
+        for &(start, len) in &released {
+            self.free(start, len);
+        }
+        released
+    }
+}
+
+/// Entries a service with `n` backends is given: a quarter more, so that it grows a while
+/// without moving (a move rewrites all its slots).
+fn run_for(n: u32) -> u32 {
+    n.saturating_add(n / 4)
+}
 
 /// Which tables of `LB_MAGLEV` (units of M entries, from 1) services hold. A service's table
 /// spans one or more consecutive units (`maglev::table_size`).
@@ -417,7 +533,7 @@ const MAGLEV_UNKNOWN: u32 = u32::MAX;
 impl Applier {
     /// Opens the pinned maps and adopts whatever they already hold.
     pub fn open(pin_dir: &Path) -> anyhow::Result<Self> {
-        let mut maps = Maps::open(pin_dir)?;
+        let maps = Maps::open(pin_dir)?;
         let mut backends = BTreeMap::new();
         let mut backend_flags = StdHashMap::new();
         for (id, value) in read_backends(&maps.backends)? {
@@ -430,8 +546,7 @@ impl Applier {
             }
         }
         let mut services = BTreeMap::new();
-        let mut counts = StdHashMap::new();
-        let mut service_flags = StdHashMap::new();
+        let mut written = StdHashMap::new();
         for (id, value) in maps.present_services()? {
             // A service without a name cannot be matched to an object: dropped by the sync.
             let name = maps
@@ -440,16 +555,7 @@ impl Applier {
                 .map(|n| decode_name(&n))
                 .unwrap_or_default();
             services.insert(id, (name, Vec::new()));
-            counts.insert(id, value.backend_count);
-            service_flags.insert(
-                id,
-                (
-                    value.flags,
-                    value.affinity_timeout_s,
-                    value.maglev_table,
-                    value.maglev_size,
-                ),
-            );
+            written.insert(id, value);
         }
         // Adopt the Maglev tables the services point at, so a restart rewrites none of them.
         // One that does not fit the map (rebuilt smaller, or for another table size) is
@@ -457,36 +563,53 @@ impl Applier {
         let (maglev_size, maglev_count) = maps.maglev_layout();
         let mut maglev_tables = StdHashMap::new();
         let mut maglev_alloc = MaglevUnits::new(maglev_count);
-        for settings in service_flags.values_mut() {
-            let (table, size) = (settings.2, settings.3);
+        for value in written.values_mut() {
+            let (table, size) = (value.maglev_table, value.maglev_size);
             if table == 0 {
                 continue;
             }
             let units = units_of(size, maglev_size);
             if !maglev_alloc.is_free(table, units) {
-                settings.2 = MAGLEV_UNKNOWN;
+                value.maglev_table = MAGLEV_UNKNOWN;
                 continue;
             }
             maglev_alloc.hold(table, units, true);
             maglev_tables.insert(table, maps.read_maglev_table(table, maglev_size, size)?);
         }
-        let mut slots: Vec<(SlotKey, u32)> = Vec::new();
-        for entry in maps.slots.iter() {
-            slots.push(entry.context("reading LB_SLOTS")?);
-        }
-        slots.sort();
-        let mut stale_slots = Vec::new();
-        for (key, backend_id) in slots {
-            let in_range = counts.get(&key.service_id).is_some_and(|&c| key.slot < c);
-            match services.get_mut(&key.service_id) {
-                Some((_, list)) if in_range && key.slot as usize == list.len() => {
-                    list.push(backend_id)
+        // Adopt each service's run of slots (as long as its count: the room it had beyond is
+        // not recorded). One that overlaps another, leaves the map or holds entries of another
+        // service is forgotten: the next write of the service puts its slots in a new run.
+        let mut slot_alloc = SlotRuns::new(maps.slots.len());
+        let mut slot_runs = StdHashMap::new();
+        for (&id, value) in &mut written {
+            let (base, count) = (value.slot_base, value.backend_count);
+            let Some((_, list)) = services.get_mut(&id) else {
+                continue;
+            };
+            let read: anyhow::Result<Vec<u32>> = (0..count)
+                .map(|slot| {
+                    let entry = maps
+                        .slots
+                        .get(&base.wrapping_add(slot), 0)
+                        .context("reading LB_SLOTS")?;
+                    anyhow::ensure!(entry.service_id == id, "slot of another service");
+                    Ok(entry.backend_id)
+                })
+                .collect();
+            match read {
+                Ok(ids) if count > 0 && slot_alloc.hold(base, count) => {
+                    *list = ids;
+                    slot_runs.insert(id, (base, count));
                 }
-                _ => stale_slots.push(key),
+                Ok(_) if count == 0 => {}
+                _ => {
+                    warn!(
+                        id,
+                        base, count, "service entry names unusable slots; rewriting them"
+                    );
+                    value.slot_base = u32::MAX;
+                }
             }
-        }
-        for key in &stale_slots {
-            maps.slots.remove(key).context("removing a stale slot")?;
         }
         let mut frontends = StdHashMap::new();
         for entry in maps.frontends.iter() {
@@ -525,7 +648,9 @@ impl Applier {
             backend_ids,
             backend_flags,
             services,
-            service_flags,
+            written,
+            slot_runs,
+            slot_alloc,
             service_ids,
             frontends,
             frontends_by_service,
@@ -544,6 +669,7 @@ impl Applier {
     /// the others are still programmed. Callers retry on the next sync.
     pub fn sync(&mut self, desired: &DesiredState) -> anyhow::Result<SyncReport> {
         let mut report = SyncReport::default();
+        self.settle_slots(&mut report);
 
         // 1. Backends first, so that no slot ever points at a missing backend. Endpoints that
         //    are known but not chosen (terminating, not ready) stay too: established flows to
@@ -830,6 +956,7 @@ impl Applier {
         node_addresses: &BTreeSet<Ipv4Addr>,
     ) -> anyhow::Result<SyncReport> {
         let mut report = SyncReport::default();
+        self.settle_slots(&mut report);
         // 1. Backends.
         let room = self.plan_backends(delta.upsert.values(), delta.backends.keys());
         let stored: Vec<(Backend, u8)> = delta
@@ -1116,16 +1243,13 @@ impl Applier {
                     }
                     Err(err) => {
                         // Not visible to the datapath yet (no frontend points at it): undo.
-                        for slot in 0..wanted.len() as u32 {
-                            let _ = self.maps.slots.remove(&SlotKey {
-                                service_id: id,
-                                slot,
-                            });
-                        }
                         let _ = self.maps.services.set(id, ServiceValue::default(), 0);
                         let _ = self.maps.service_names.remove(&id);
-                        if let Some((_, _, table, size)) = self.service_flags.remove(&id) {
-                            self.release_maglev(table, size);
+                        if let Some(value) = self.written.remove(&id) {
+                            self.release_maglev(value.maglev_table, value.maglev_size);
+                        }
+                        if let Some((base, len)) = self.slot_runs.remove(&id) {
+                            self.slot_alloc.free(base, len);
                         }
                         self.service_alloc.release(id);
                         Err(err)
@@ -1161,28 +1285,72 @@ impl Applier {
         report: &mut SyncReport,
     ) -> anyhow::Result<()> {
         let new = arrange_slots(old, wanted);
-        // Grow: fill the slots before raising the count. Shrink: lower the count before
-        // dropping the slots. A concurrent reader only ever sees valid slots.
+        let count = new.len() as u32;
+        let (base, held) = self.slot_runs.get(&id).copied().unwrap_or((0, 0));
+        // Where the slots go: in place while they fit (or the run grows in place), else all
+        // of them into a new run that the entry then names.
+        let (run, run_len) = if count <= held {
+            (base, held)
+        } else if held > 0 && self.slot_alloc.extend(base, held, run_for(count)) {
+            (base, run_for(count))
+        } else if held > 0 && self.slot_alloc.extend(base, held, count) {
+            (base, count)
+        } else {
+            let fit = |alloc: &mut SlotRuns, len| alloc.allocate(len).map(|at| (at, len));
+            fit(&mut self.slot_alloc, run_for(count))
+                .or_else(|| fit(&mut self.slot_alloc, count))
+                .ok_or_else(|| {
+                    anyhow!("LB_SLOTS has no {count} free entries in a row (see --max-backends)")
+                })?
+        };
+        let moved = run_len > 0 && (run != base || held == 0);
+        // Entries gained by this write and not yet named by the service entry.
+        let undo = |this: &mut Self| {
+            if moved {
+                this.slot_alloc.free(run, run_len);
+            } else if run_len > held {
+                this.slot_alloc.free(base + held, run_len - held);
+            }
+        };
+        let mut indexes = Vec::new();
+        let mut values = Vec::new();
         for (slot, &backend_id) in new.iter().enumerate() {
-            if old.get(slot) != Some(&backend_id) {
-                let key = SlotKey {
+            if moved || old.get(slot) != Some(&backend_id) {
+                indexes.push(run + slot as u32);
+                values.push(SlotValue {
+                    backend_id,
                     service_id: id,
-                    slot: slot as u32,
-                };
-                self.maps
-                    .slots
-                    .insert(key, backend_id, 0)
-                    .context("writing a backend slot")?;
-                if let Some(visible) = record.get_mut(slot) {
-                    *visible = backend_id;
-                }
-                report.writes += 1;
+                });
             }
         }
+        // Grow: fill the slots before raising the count. Shrink: lower the count first (the
+        // slots beyond it stay as they are). A concurrent reader only ever sees valid slots.
+        if let Err(err) = self.write_slot_entries(&indexes, &values) {
+            if !moved {
+                // Some of the service's visible slots may hold anything now: force their
+                // rewrite (`MAGLEV_UNKNOWN` is never a backend id).
+                for &index in &indexes {
+                    if let Some(visible) = record.get_mut((index - run) as usize) {
+                        *visible = MAGLEV_UNKNOWN;
+                    }
+                }
+            }
+            undo(self);
+            return Err(err).context("writing backend slots");
+        }
+        if !moved {
+            for (index, value) in indexes.iter().zip(&values) {
+                if let Some(visible) = record.get_mut((index - run) as usize) {
+                    *visible = value.backend_id;
+                }
+            }
+        }
+        report.writes += indexes.len();
         // The Maglev table after the slots (it names the same backends), before the entry
         // that makes the datapath use it. A service that cannot have one (no free table) is
         // served at random meanwhile, and reported.
-        let (old_table, old_size) = self.service_flags.get(&id).map_or((0, 0), |f| (f.2, f.3));
+        let previous = self.written.get(&id).copied().unwrap_or_default();
+        let (old_table, old_size) = (previous.maglev_table, previous.maglev_size);
         let (table, size) = match maglev {
             Some(backends) => match self.write_maglev((old_table, old_size), backends, report) {
                 Ok(table) => table,
@@ -1195,53 +1363,81 @@ impl Applier {
             },
             None => (0, 0),
         };
-        let flags = (
-            flags.0 | if table != 0 { SERVICE_MAGLEV } else { 0 },
-            flags.1,
-            table,
-            size,
-        );
-        let release_new_table = |this: &mut Self| {
-            if table != 0 && table != old_table {
-                this.release_maglev(table, size);
-            }
+        // A service left with few of its entries gives the rest back; one with none, all.
+        let keep = if count == 0 {
+            0
+        } else if count <= run_len / 2 {
+            run_for(count).min(run_len)
+        } else {
+            run_len
         };
-        if is_new || old.len() != new.len() || self.service_flags.get(&id) != Some(&flags) {
+        let value = ServiceValue {
+            backend_count: count,
+            slot_base: if keep == 0 { 0 } else { run },
+            flags: flags.0 | if table != 0 { SERVICE_MAGLEV } else { 0 },
+            affinity_timeout_s: flags.1,
+            maglev_table: table,
+            maglev_size: size,
+        };
+        if is_new || self.written.get(&id) != Some(&value) {
             if is_new {
-                self.maps
-                    .service_names
-                    .insert(id, encode_name(name), 0)
-                    .context("writing the service name")?;
+                if let Err(err) = self.maps.service_names.insert(id, encode_name(name), 0) {
+                    undo(self);
+                    return Err(err).context("writing the service name");
+                }
             }
-            let value = ServiceValue {
-                backend_count: new.len() as u32,
-                flags: flags.0,
-                affinity_timeout_s: flags.1,
-                maglev_table: flags.2,
-                maglev_size: flags.3,
-            };
             if let Err(err) = self.maps.services.set(id, value, 0) {
-                release_new_table(self);
+                if table != 0 && table != old_table {
+                    self.release_maglev(table, size);
+                }
+                undo(self);
                 return Err(err).context("writing the service entry");
             }
-            self.service_flags.insert(id, flags);
+            self.written.insert(id, value);
             report.writes += 1;
         }
-        // The entry no longer names the old table: free it for another service.
+        // The entry no longer names the old table or run: free them for other services.
         if old_table != 0 && old_table != table {
             self.release_maglev(old_table, old_size);
         }
-        *record = new.clone();
-        for slot in new.len()..old.len() {
-            let key = SlotKey {
-                service_id: id,
-                slot: slot as u32,
-            };
-            self.maps
-                .slots
-                .remove(&key)
-                .context("removing a backend slot")?;
-            report.deletes += 1;
+        if moved {
+            self.slot_alloc.release(base, held);
+        }
+        self.slot_alloc.release(run + keep, run_len - keep);
+        if keep == 0 {
+            self.slot_runs.remove(&id);
+        } else {
+            self.slot_runs.insert(id, (run, keep));
+        }
+        *record = new;
+        Ok(())
+    }
+
+    /// Frees the slot runs released by the previous sync or delta (no packet still reads
+    /// them), cleared so that a dump shows only live slots.
+    fn settle_slots(&mut self, report: &mut SyncReport) {
+        let indexes: Vec<u32> = self
+            .slot_alloc
+            .settle()
+            .into_iter()
+            .flat_map(|(start, len)| start..start + len)
+            .collect();
+        let values = vec![SlotValue::default(); indexes.len()];
+        match self.write_slot_entries(&indexes, &values) {
+            Ok(()) => report.deletes += indexes.len(),
+            // Harmless: they are free either way, and rewritten when handed out again.
+            Err(err) => debug!(%err, "clearing released slots"),
+        }
+    }
+
+    /// Writes slot entries: in one batch where the kernel has it, else one by one.
+    fn write_slot_entries(&mut self, indexes: &[u32], values: &[SlotValue]) -> anyhow::Result<()> {
+        let (batched, err) = crate::batch::update_array(&self.maps.slots, indexes, values);
+        if let Some(err) = err.filter(|_| batched < indexes.len()) {
+            debug!(%err, batched, of = indexes.len(), "batched slot write stopped; one by one");
+        }
+        for (index, value) in indexes.iter().zip(values).skip(batched) {
+            self.maps.slots.set(*index, *value, 0)?;
         }
         Ok(())
     }
@@ -1325,7 +1521,7 @@ impl Applier {
     }
 
     fn remove_service(&mut self, id: u32, report: &mut SyncReport) -> anyhow::Result<()> {
-        let Some((name, slots)) = self.services.get(&id).cloned() else {
+        let Some(name) = self.services.get(&id).map(|s| s.0.clone()) else {
             return Ok(());
         };
         self.maps
@@ -1335,23 +1531,15 @@ impl Applier {
         // Best effort: a missing name is already what we want.
         let _ = self.maps.service_names.remove(&id);
         report.deletes += 1;
-        for slot in 0..slots.len() {
-            let key = SlotKey {
-                service_id: id,
-                slot: slot as u32,
-            };
-            self.maps
-                .slots
-                .remove(&key)
-                .with_context(|| format!("removing a slot of service {name}"))?;
-            report.deletes += 1;
-        }
         self.record_slots(id, &name, Vec::new());
         self.services.remove(&id);
-        if let Some((_, _, table, size)) = self.service_flags.remove(&id) {
-            if table != 0 {
-                self.release_maglev(table, size);
+        if let Some(value) = self.written.remove(&id) {
+            if value.maglev_table != 0 {
+                self.release_maglev(value.maglev_table, value.maglev_size);
             }
+        }
+        if let Some((base, len)) = self.slot_runs.remove(&id) {
+            self.slot_alloc.release(base, len);
         }
         self.service_ids.remove(&name);
         self.service_alloc.release(id);
@@ -1451,13 +1639,10 @@ pub fn read_services(pin_dir: &Path) -> anyhow::Result<Vec<ServiceView>> {
         for slot in 0..value.backend_count {
             let backend_id = maps
                 .slots
-                .get(
-                    &SlotKey {
-                        service_id: id,
-                        slot,
-                    },
-                    0,
-                )
+                .get(&value.slot_base.wrapping_add(slot), 0)
+                .ok()
+                .filter(|entry| entry.service_id == id)
+                .map(|entry| entry.backend_id)
                 .with_context(|| format!("service {id}: slot {slot} is missing"))?;
             let backend = maps
                 .backends
@@ -1605,7 +1790,12 @@ pub fn fill_levels(pin_dir: &Path) -> anyhow::Result<Vec<MapFill>> {
                 .entries,
             capacity: capacity(pin_dir, map_names::SERVICES)?,
         },
-        hash::<SlotKey, u32>(pin_dir, map_names::SLOTS)?,
+        MapFill {
+            map: map_names::SLOTS,
+            // An array: its used entries are the services' slots.
+            entries: slots_in_use(pin_dir)?,
+            capacity: capacity(pin_dir, map_names::SLOTS)?,
+        },
         MapFill {
             map: map_names::BACKENDS,
             entries: read_backends(&backends)?.len() as u64,
@@ -1620,6 +1810,17 @@ pub fn fill_levels(pin_dir: &Path) -> anyhow::Result<Vec<MapFill>> {
         hash::<CtKey, CtValue>(pin_dir, map_names::CONNTRACK)?,
         hash::<lb_common::AffinityKey, lb_common::AffinityValue>(pin_dir, map_names::AFFINITY)?,
     ])
+}
+
+/// How many entries of `LB_SLOTS` the services use (their counts; the room a service holds to
+/// grow is not counted).
+fn slots_in_use(pin_dir: &Path) -> anyhow::Result<u64> {
+    let maps = Maps::open(pin_dir)?;
+    Ok(maps
+        .present_services()?
+        .iter()
+        .map(|(_, value)| u64::from(value.backend_count))
+        .sum())
 }
 
 /// Now on the clock the datapath stamps conntrack entries with (`bpf_ktime_get_coarse_ns`,
@@ -1875,6 +2076,43 @@ mod tests {
         // Remove everything but the last.
         assert_eq!(arrange_slots(&[1, 2, 3, 4], &[4]), vec![4]);
         assert_eq!(arrange_slots(&[1, 2, 3], &[]), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn slot_runs_are_handed_out_best_fit_and_coalesce_after_settling() {
+        let mut runs = SlotRuns::new(100);
+        assert_eq!(runs.allocate(10), Some(0));
+        assert_eq!(runs.allocate(20), Some(10));
+        assert_eq!(runs.allocate(5), Some(30));
+        // A released run is not handed out before it settles.
+        runs.release(10, 20);
+        assert_eq!(runs.allocate(20), Some(35));
+        assert_eq!(runs.settle(), vec![(10, 20)]);
+        // Best fit: the 20-entry hole, not the tail.
+        assert_eq!(runs.allocate(15), Some(10));
+        // Growth in place needs the entries right after the run free.
+        assert!(!runs.extend(0, 10, 12));
+        assert!(runs.extend(10, 15, 20));
+        assert!(!runs.extend(10, 20, 21));
+        // Freed neighbours merge back into one run.
+        for (start, len) in [(0, 10), (10, 20), (30, 5), (35, 20)] {
+            runs.free(start, len);
+        }
+        assert_eq!(runs.by_start, BTreeMap::from([(0, 100)]));
+        assert_eq!(runs.allocate(101), None);
+        assert_eq!(runs.allocate(100), Some(0));
+    }
+
+    #[test]
+    fn adopted_runs_must_be_free_and_inside_the_map() {
+        let mut runs = SlotRuns::new(64);
+        assert!(runs.hold(10, 6));
+        assert!(!runs.hold(12, 2), "overlaps");
+        assert!(!runs.hold(60, 8), "leaves the map");
+        assert!(!runs.hold(u32::MAX, 2), "leaves the map");
+        assert!(runs.hold(16, 48));
+        assert_eq!(runs.allocate(11), None);
+        assert_eq!(runs.allocate(10), Some(0));
     }
 
     #[test]

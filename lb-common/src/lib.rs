@@ -10,10 +10,10 @@
 //!
 //! ```text
 //! LB_FRONTENDS      FrontendKey {addr, port, proto}       -> FrontendValue {service_id, kind}
-//! LB_SERVICES       service_id                            -> ServiceValue {backend_count, affinity}
+//! LB_SERVICES       service_id (array index)              -> ServiceValue {backend_count, slot_base, ..}
 //! LB_AFFINITY       AffinityKey {service_id, client}      -> AffinityValue {backend_id} (LRU)
 //! LB_SERVICE_NAMES  service_id                            -> ServiceName (operators only)
-//! LB_SLOTS          SlotKey {service_id, slot}            -> backend_id (slots 0..backend_count)
+//! LB_SLOTS          slot_base + slot (array index)        -> SlotValue {backend_id, service_id}
 //! LB_MAGLEV         0 -> M; 1 + (table - 1) * M + index    -> backend_id (Maglev services)
 //! LB_BACKENDS       backend_id (array index)              -> BackendValue {addr, port}
 //! LB_SOURCE_RANGES  LPM {frontend, client prefix}         -> 1 (allowed)
@@ -28,7 +28,7 @@
 #![no_std]
 
 /// Bumped whenever a key or value layout below changes; stamped into the pinned state.
-pub const MAP_LAYOUT_VERSION: u32 = 9;
+pub const MAP_LAYOUT_VERSION: u32 = 10;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -183,8 +183,10 @@ pub const SERVICE_NAME_LEN: usize = 160;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ServiceValue {
-    /// Number of valid slots in `LB_SLOTS` for this service (0 = no usable backend).
+    /// Number of valid slots for this service (0 = no usable backend).
     pub backend_count: u32,
+    /// Where the service's slots start in `LB_SLOTS`: slot `i` is `LB_SLOTS[slot_base + i]`.
+    pub slot_base: u32,
     pub flags: u32,
     /// `sessionAffinity: ClientIP` timeout in seconds; 0 = no affinity.
     pub affinity_timeout_s: u32,
@@ -268,11 +270,15 @@ impl Default for ServiceName {
     }
 }
 
+/// An entry of the `LB_SLOTS` array. Each service owns a run of consecutive entries (with
+/// room to grow); the owner's id is stored with the backend so that a reader holding an
+/// outdated `slot_base` or count (the agent moved or shrank the run meanwhile) never takes
+/// another service's backend.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SlotKey {
+pub struct SlotValue {
+    pub backend_id: u32,
     pub service_id: u32,
-    pub slot: u32,
 }
 
 /// `BackendValue::flags`: the endpoint runs on another node. External traffic to it is
@@ -509,7 +515,7 @@ mod pod {
     unsafe impl aya::Pod for Meta {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
-    unsafe impl aya::Pod for SlotKey {}
+    unsafe impl aya::Pod for SlotValue {}
     unsafe impl aya::Pod for BackendValue {}
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtValue {}
@@ -528,11 +534,11 @@ mod tests {
     fn layouts_have_no_hidden_padding() {
         assert_eq!(size_of::<FrontendKey>(), 8);
         assert_eq!(size_of::<FrontendValue>(), 8);
-        assert_eq!(size_of::<ServiceValue>(), 20);
+        assert_eq!(size_of::<ServiceValue>(), 24);
         assert_eq!(size_of::<AffinityKey>(), 8);
         assert_eq!(size_of::<AffinityValue>(), 16);
         assert_eq!(size_of::<ServiceName>(), SERVICE_NAME_LEN);
-        assert_eq!(size_of::<SlotKey>(), 8);
+        assert_eq!(size_of::<SlotValue>(), 8);
         assert_eq!(size_of::<BackendValue>(), 8);
         assert_eq!(size_of::<CtKey>(), 16);
         assert_eq!(size_of::<CtValue>(), 64);

@@ -15,10 +15,10 @@ use aya_ebpf::{
 };
 use lb_common::{
     ct_other_half, ct_timeout_ns, flow_hash, maglev_start, AffinityKey, AffinityValue,
-    BackendValue, Counter, CtKey, CtValue, FrontendKey, ServiceValue, SlotKey,
-    AFFINITY_MAGLEV_INDEX, BACKEND_REMOTE, CT_FORWARD, CT_REPLY, FRONTEND_LOCAL_ADDRESS,
-    FRONTEND_SOURCE_RANGES, KIND_CLUSTER_IP, PROTO_TCP, PROTO_UDP, SERVICE_DROP_WHEN_EMPTY,
-    SERVICE_MAGLEV, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    BackendValue, Counter, CtKey, CtValue, FrontendKey, ServiceValue, AFFINITY_MAGLEV_INDEX,
+    BACKEND_REMOTE, CT_FORWARD, CT_REPLY, FRONTEND_LOCAL_ADDRESS, FRONTEND_SOURCE_RANGES,
+    KIND_CLUSTER_IP, PROTO_TCP, PROTO_UDP, SERVICE_DROP_WHEN_EMPTY, SERVICE_MAGLEV, TCP_ACK,
+    TCP_FIN, TCP_RST, TCP_SYN,
 };
 
 use crate::{
@@ -363,12 +363,8 @@ fn choose_backend(
         let current = if entry.slot & AFFINITY_MAGLEV_INDEX != 0 {
             maglev_entry(service, entry.slot & !AFFINITY_MAGLEV_INDEX) == entry.backend_id
         } else {
-            let slot_key = SlotKey {
-                service_id,
-                slot: entry.slot,
-            };
             entry.slot < service.backend_count
-                && unsafe { LB_SLOTS.get(slot_key) }.is_some_and(|id| *id == entry.backend_id)
+                && slot_backend(service_id, service, entry.slot) == Some(entry.backend_id)
         };
         if fresh && current {
             if let Some(backend) = LB_BACKENDS.get(entry.backend_id).copied() {
@@ -409,7 +405,7 @@ fn pick_backend(
             }
         }
     }
-    pick_random(service_id, service.backend_count)
+    pick_random(service_id, service)
 }
 
 /// The flow's Maglev table index and the backend id its entry names (0: none).
@@ -445,24 +441,27 @@ fn maglev_entry(service: &ServiceValue, index: u32) -> u32 {
 
 /// A random slot of the service: (slot, backend id, backend).
 #[inline(always)]
-fn pick_random(service_id: u32, count: u32) -> Option<(u32, u32, BackendValue)> {
+fn pick_random(service_id: u32, service: &ServiceValue) -> Option<(u32, u32, BackendValue)> {
+    let count = service.backend_count;
     if count == 0 {
         return None;
     }
     let slot = unsafe { bpf_get_prandom_u32() } % count;
-    // A slot beyond a count that just shrank may be gone already: slot 0 always exists.
-    let (slot, backend_id) = match unsafe { LB_SLOTS.get(SlotKey { service_id, slot }) } {
-        Some(id) => (slot, *id),
-        None => {
-            let first = SlotKey {
-                service_id,
-                slot: 0,
-            };
-            (0, *unsafe { LB_SLOTS.get(first) }?)
-        }
+    // A slot beyond a count that just shrank may name another service by now (the agent
+    // reuses freed runs): slot 0 is always the service's own.
+    let (slot, backend_id) = match slot_backend(service_id, service, slot) {
+        Some(id) => (slot, id),
+        None => (0, slot_backend(service_id, service, 0)?),
     };
     let backend = *LB_BACKENDS.get(backend_id)?;
     (backend.proto != 0).then_some((slot, backend_id, backend))
+}
+
+/// The backend id in slot `slot` of the service, if that entry is still the service's own.
+#[inline(always)]
+fn slot_backend(service_id: u32, service: &ServiceValue, slot: u32) -> Option<u32> {
+    let entry = LB_SLOTS.get(service.slot_base.wrapping_add(slot))?;
+    (entry.service_id == service_id).then_some(entry.backend_id)
 }
 
 #[inline(always)]

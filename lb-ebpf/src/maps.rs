@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     capacity, AffinityKey, AffinityValue, BackendValue, Counter, CtKey, CtValue, FrontendKey,
-    FrontendValue, Meta, ServiceName, ServiceStats, ServiceValue, SlotKey, SourceRangeKey,
+    FrontendValue, Meta, ServiceName, ServiceStats, ServiceValue, SlotValue, SourceRangeKey,
     COUNTER_COUNT,
 };
 
@@ -32,9 +32,10 @@ pub static LB_META: Array<Meta, 1> = Array::new();
 #[btf_map]
 pub static LB_SERVICE_NAMES: HashMap<u32, ServiceName, { capacity::SERVICES as usize }, ON_DEMAND> =
     HashMap::new();
+/// Each service's slots are a run of this array (`ServiceValue::slot_base`): a new flow's
+/// backend is one array read, and the agent writes a service's slots in one batch.
 #[btf_map]
-pub static LB_SLOTS: HashMap<SlotKey, u32, { capacity::SLOTS as usize }, ON_DEMAND> =
-    HashMap::new();
+pub static LB_SLOTS: Array<SlotValue, { capacity::SLOTS as usize }> = Array::new();
 /// Indexed by backend id: the established-flow check is an array read, not a hash lookup.
 #[btf_map]
 pub static LB_BACKENDS: Array<BackendValue, { capacity::BACKENDS as usize }> = Array::new();

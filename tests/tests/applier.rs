@@ -288,8 +288,8 @@ fn a_half_written_service_is_recorded_as_written_and_repaired_later() {
         ..Default::default()
     };
     h.applier.sync(&abc).unwrap();
-    // 10.0.1.2 replaced by 10.0.1.4 (slot 1 rewritten) and 10.0.1.5 added (a fourth slot:
-    // does not fit). The service keeps serving, with what its slots really hold.
+    // 10.0.1.2 replaced by 10.0.1.4 and 10.0.1.5 added: four slots do not fit in the map. The
+    // service keeps serving, with what its slots really hold.
     let grown = DesiredState {
         services: BTreeMap::from([one(
             "ns/a:80/TCP",
@@ -302,7 +302,7 @@ fn a_half_written_service_is_recorded_as_written_and_repaired_later() {
     assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
     let visible = backends_of(&h.pin_dir, "ns/a:80/TCP");
     assert_eq!(visible.len(), 3, "the count never rose: {visible:?}");
-    // Back to the first set: slot 1 must be rewritten, although the earlier record said so.
+    // Back to the first set: nothing was half written, so it is served as before.
     let report = h.applier.sync(&abc).unwrap();
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     let mut visible = backends_of(&h.pin_dir, "ns/a:80/TCP");
@@ -363,4 +363,119 @@ fn a_service_too_big_for_the_backend_map_is_refused_whole_and_starves_no_other()
     );
     // No id is held for the refused one: the map has the small one's backend only.
     assert_eq!(report.backends, 1);
+}
+
+/// `LB_SLOTS` as the kernel holds it: (backend id, owning service id) by index.
+fn slot_entries(pin_dir: &Path) -> Vec<(u32, u32)> {
+    let map: aya::maps::Array<aya::maps::MapData, lb_common::SlotValue> =
+        aya::maps::Array::try_from(
+            aya::maps::Map::from_map_data(
+                aya::maps::MapData::from_pin(pin_dir.join(lb_common::map_names::SLOTS)).unwrap(),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+    map.iter()
+        .map(|entry| entry.map(|e| (e.backend_id, e.service_id)).unwrap())
+        .collect()
+}
+
+fn addresses(prefix: &str, n: u32) -> Vec<String> {
+    (1..=n).map(|i| format!("{prefix}.{i}")).collect()
+}
+
+fn refs(list: &[String]) -> Vec<&str> {
+    list.iter().map(String::as_str).collect()
+}
+
+fn two(a: &[String], b: &[String]) -> DesiredState {
+    DesiredState {
+        services: BTreeMap::from([
+            one("ns/a:80/TCP", "10.96.0.1", &refs(a)),
+            one("ns/b:80/TCP", "10.96.0.2", &refs(b)),
+        ]),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_service_outgrowing_its_run_moves_whole_and_its_old_run_is_cleared_one_sync_later() {
+    let mut h = small_harness(16, 64);
+    let (a2, a5, b2) = (
+        addresses("10.0.1", 2),
+        addresses("10.0.1", 5),
+        addresses("10.0.2", 2),
+    );
+    h.applier.sync(&two(&a2, &b2)).unwrap();
+    let before = slot_entries(&h.pin_dir);
+    let a_id = before[0].1;
+    assert!(a_id != 0 && before[2].1 != a_id, "a, then b: {before:?}");
+
+    // b's run follows a's: a cannot grow in place, so all five slots go to a new run.
+    let report = h.applier.sync(&two(&a5, &b2)).unwrap();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(backends_of(&h.pin_dir, "ns/a:80/TCP").len(), 5);
+    let after = slot_entries(&h.pin_dir);
+    let a_slots = after.iter().filter(|e| e.1 == a_id).count();
+    assert_eq!(
+        a_slots,
+        2 + 5,
+        "the old run still holds a's slots: {after:?}"
+    );
+    assert_eq!(after[2..4], before[2..4], "b untouched");
+
+    // The next sync (nothing changed) clears the old run, and only that.
+    let report = h.applier.sync(&two(&a5, &b2)).unwrap();
+    assert_eq!((report.writes, report.deletes), (0, 2), "{report:?}");
+    let settled = slot_entries(&h.pin_dir);
+    assert_eq!(settled[..2], [(0, 0), (0, 0)]);
+    assert_eq!(settled.iter().filter(|e| e.1 == a_id).count(), 5);
+
+    // b grows too (a's new run follows its own, so it moves), then a new service c takes the
+    // hole the two left at the start of the map (best fit).
+    let report = h.applier.sync(&two(&a5, &addresses("10.0.2", 3))).unwrap();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let mut c = two(&a5, &addresses("10.0.2", 3));
+    c.services
+        .extend([one("ns/c:80/TCP", "10.96.0.3", &["10.0.3.1", "10.0.3.2"])]);
+    h.applier.sync(&c).unwrap();
+    let c_entries = slot_entries(&h.pin_dir);
+    let c_id = c_entries[0].1;
+    assert!(
+        c_id != 0 && c_id != a_id,
+        "c in the hole a left: {c_entries:?}"
+    );
+    assert_eq!(backends_of(&h.pin_dir, "ns/c:80/TCP").len(), 2);
+    assert_eq!(backends_of(&h.pin_dir, "ns/b:80/TCP").len(), 3);
+}
+
+#[test]
+fn a_shrunken_service_gives_back_its_room_and_a_restarted_applier_adopts_the_runs() {
+    let mut h = small_harness(16, 32);
+    let (a20, a2, b4) = (
+        addresses("10.0.1", 20),
+        addresses("10.0.1", 2),
+        addresses("10.0.2", 4),
+    );
+    h.applier.sync(&two(&a20, &b4)).unwrap();
+    // 20 backends hold 25 entries, b 5: 30 of 32. a drops to 2 and keeps 2 entries.
+    h.applier.sync(&two(&a2, &b4)).unwrap();
+    h.applier.sync(&two(&a2, &b4)).unwrap();
+    let grown = addresses("10.0.2", 20);
+    let report = h.applier.sync(&two(&a2, &grown)).unwrap();
+    assert!(
+        report.errors.is_empty(),
+        "b finds 20 entries in a row only because a gave its room back: {:?}",
+        report.errors
+    );
+
+    // A new applier on the same maps adopts every run: the same state costs no write, and a
+    // change still writes only what changed.
+    let mut again = lb_agent::maps::Applier::open(&h.pin_dir).unwrap();
+    let report = again.sync(&two(&a2, &grown)).unwrap();
+    assert_eq!((report.writes, report.deletes), (0, 0), "{report:?}");
+    let report = again.sync(&two(&addresses("10.0.1", 3), &grown)).unwrap();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(backends_of(&h.pin_dir, "ns/a:80/TCP").len(), 3);
+    assert_eq!(backends_of(&h.pin_dir, "ns/b:80/TCP").len(), 20);
 }

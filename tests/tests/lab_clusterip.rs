@@ -138,6 +138,26 @@ fn clusterip_spreads_new_connections_over_all_backends_and_keeps_long_lived_ones
         backends.len(),
         "the three ready endpoints: {service}"
     );
+    // Its slots are a run of LB_SLOTS from slot_base, each naming the service as its owner.
+    let base = service["formatted"]["value"]["slot_base"]
+        .as_u64()
+        .expect("slot_base") as u32;
+    for slot in 0..backends.len() as u32 {
+        let key: Vec<String> = (base + slot)
+            .to_ne_bytes()
+            .iter()
+            .map(u8::to_string)
+            .collect();
+        let entry = run(Command::new("bpftool")
+            .args(["-j", "map", "lookup", "pinned"])
+            .arg(pin_dir.join("LB_SLOTS"))
+            .arg("key")
+            .args(&key))
+        .expect("bpftool map lookup");
+        let entry: serde_json::Value = serde_json::from_str(&entry).expect("bpftool JSON");
+        assert_eq!(entry["formatted"]["value"]["service_id"], id, "{entry}");
+        assert_ne!(entry["formatted"]["value"]["backend_id"], 0, "{entry}");
+    }
 
     let vip: SocketAddr = VIP.parse().unwrap();
     let traffic = lab

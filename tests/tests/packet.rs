@@ -181,3 +181,44 @@ fn a_flow_whose_backend_is_removed_moves_to_a_live_one() {
     assert_ne!(second, first, "never sent to the removed backend");
     assert!(remaining.contains(&second.to_string().as_str()));
 }
+
+#[test]
+fn a_service_entry_counting_past_its_run_never_takes_the_next_services_backends() {
+    // A reader can hold an entry older than the slots it reads (the agent moved or shrank
+    // the run meanwhile); slots name their owner, so it never strays into a neighbour's run.
+    let mut state = demo_state(&BACKENDS);
+    state.services.insert(
+        "default/next:http/TCP".to_string(),
+        cluster_ip_service(
+            "10.96.0.11",
+            80,
+            8080,
+            Protocol::Tcp,
+            &["10.244.9.1", "10.244.9.2", "10.244.9.3", "10.244.9.4"],
+        ),
+    );
+    let mut h = Harness::new().unwrap();
+    h.program(&state).unwrap();
+    let id = lb_agent::maps::read_services(&h.pin_dir)
+        .unwrap()
+        .into_iter()
+        .find(|s| s.name == "default/demo:http/TCP")
+        .unwrap()
+        .id;
+    let mut services: aya::maps::Array<aya::maps::MapData, lb_common::ServiceValue> =
+        aya::maps::Array::try_from(
+            aya::maps::Map::from_map_data(
+                aya::maps::MapData::from_pin(h.pin_dir.join(lb_common::map_names::SERVICES))
+                    .unwrap(),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+    let mut value = services.get(&id, 0).unwrap();
+    value.backend_count = 64;
+    services.set(id, value, 0).unwrap();
+    // Every flow still lands on one of demo's own three (expect_dnat checks).
+    for port in 0..120 {
+        expect_dnat(&mut h, &Flow::tcp(CLIENT, 20000 + port, VIP, 80, TCP_SYN));
+    }
+}

@@ -525,7 +525,7 @@ pub mod control_plane {
             capacity: Capacity {
                 frontends: n + 1024,
                 services: n + 1024,
-                slots: 10 * n + 1024,
+                slots: 16 * n + 1024,
                 backends: 10 * n + 1024,
                 ..Capacity::default()
             },
