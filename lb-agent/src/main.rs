@@ -795,9 +795,16 @@ fn show_services(pin_dir: &Path, output: Output) -> anyhow::Result<()> {
             } else {
                 s.backends
                     .iter()
-                    .map(|b| match b.state {
-                        "active" => format!("{}:{}", b.addr, b.port),
-                        state => format!("{}:{}({state})", b.addr, b.port),
+                    .map(|b| {
+                        let mut text = format!("{}:{}", b.addr, b.port);
+                        if b.state != "active" {
+                            text.push_str(&format!("({})", b.state));
+                        }
+                        // Maglev: the backend's share of the lookup table.
+                        if let Some(entries) = b.maglev_entries {
+                            text.push_str(&format!("[maglev {entries}]"));
+                        }
+                        text
                     })
                     .collect::<Vec<_>>()
                     .join(",")

@@ -790,6 +790,13 @@ fn maglev_sends_a_flow_to_the_same_backend_and_a_removal_moves_only_that_backend
     };
     let first = run_flows();
     assert_eq!(first.len(), 40, "{first:?}");
+    // The services table shows each backend's share of the Maglev table.
+    let table = lb_tests::agent::cli(&pin_dir, &["services"]).unwrap();
+    let line = table
+        .lines()
+        .find(|l| l.contains("hashed"))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert_eq!(line.matches("[maglev ").count(), 12, "{line}");
     let used: BTreeSet<&String> = first.values().collect();
     assert!(used.len() >= 6, "spread over the endpoints: {used:?}");
     forget_flows();
