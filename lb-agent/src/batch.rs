@@ -63,12 +63,38 @@ struct BatchAttr {
 pub fn for_each<K: Pod, V: Pod>(
     map: &HashMap<MapData, K, V>,
     chunk: usize,
+    f: impl FnMut(K, V) -> ControlFlow<()>,
+) -> io::Result<usize> {
+    walk(map.map().fd().as_fd().as_raw_fd(), chunk, f)
+}
+
+/// Every entry of an array, in index order, read `chunk` entries per system call.
+///
+/// The array is typed: aya checked its value size against `V` when it was opened.
+pub fn read_array<V: Pod>(map: &Array<MapData, V>, chunk: usize) -> io::Result<Vec<V>> {
+    let mut values = Vec::with_capacity(map.len() as usize);
+    walk(
+        map.map().fd().as_fd().as_raw_fd(),
+        chunk,
+        |_: u32, value: V| {
+            values.push(value);
+            ControlFlow::Continue(())
+        },
+    )?;
+    Ok(values)
+}
+
+/// The batched walk behind [`for_each`] and [`read_array`]: `fd` is a map whose key and value
+/// sizes are those of `K` and `V`.
+fn walk<K: Pod, V: Pod>(
+    fd: std::os::fd::RawFd,
+    chunk: usize,
     mut f: impl FnMut(K, V) -> ControlFlow<()>,
 ) -> io::Result<usize> {
-    let fd = map.map().fd().as_fd().as_raw_fd();
     let mut chunk = chunk.max(1);
     let mut seen = 0;
-    // The hash map's position token is its bucket index (a u32); room for a u64 costs nothing.
+    // The position token is a u32 (a hash map's bucket, an array's index); room for a u64
+    // costs nothing.
     let mut token_in = 0u64;
     let mut token_out = 0u64;
     let mut first = true;
@@ -90,7 +116,7 @@ pub fn for_each<K: Pod, V: Pod>(
             ..BatchAttr::default()
         };
         // SAFETY: the attribute names buffers of `count` keys and values of the map's own key
-        // and value types (aya created the map from them), all alive across the call.
+        // and value types (the callers' maps are typed by them), all alive across the call.
         let ret = unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) };
         let err = (ret < 0).then(io::Error::last_os_error);
         match err.as_ref().and_then(io::Error::raw_os_error) {

@@ -356,9 +356,9 @@ pub struct Applier {
     maglev_inputs: StdHashMap<u32, Vec<Backend>>,
 }
 
-/// The free runs of `LB_SLOTS`, handed out best fit. A released run is held back until
-/// [`SlotRuns::settle`] (at the start of the next sync or delta): a packet that read a service
-/// entry just before its run moved must not find the old run reused under it.
+/// The free runs of `LB_SLOTS`, handed out best fit. A released run is held back until it is
+/// cleared at the start of the next sync or delta (`Applier::settle_slots`): a packet that read
+/// a service entry just before its run moved must not find the old run reused under it.
 struct SlotRuns {
     /// Free runs: start -> length, and the same as (length, start) for best fit.
     by_start: BTreeMap<u32, u32>,
@@ -389,6 +389,14 @@ impl SlotRuns {
         let len = self.by_start.remove(&start)?;
         self.by_len.remove(&(len, start));
         Some(len)
+    }
+
+    /// Is entry `index` in a free run?
+    fn is_free(&self, index: u32) -> bool {
+        self.by_start
+            .range(..=index)
+            .next_back()
+            .is_some_and(|(&start, &len)| u64::from(index) < u64::from(start) + u64::from(len))
     }
 
     /// Marks `len` entries from `start` held (a restarted agent adopting a service's run);
@@ -449,20 +457,11 @@ impl SlotRuns {
         self.insert(start, len);
     }
 
-    /// Gives entries back at the next [`SlotRuns::settle`].
+    /// Gives entries back once they are cleared at the next sync (see `settle_slots`).
     fn release(&mut self, start: u32, len: u32) {
         if len > 0 {
             self.released.push((start, len));
         }
-    }
-
-    /// Frees the runs released since the last call; returns them (to be cleared).
-    fn settle(&mut self) -> Vec<(u32, u32)> {
-        let released = std::mem::take(&mut self.released);
-        for &(start, len) in &released {
-            self.free(start, len);
-        }
-        released
     }
 }
 
@@ -533,7 +532,7 @@ const MAGLEV_UNKNOWN: u32 = u32::MAX;
 impl Applier {
     /// Opens the pinned maps and adopts whatever they already hold.
     pub fn open(pin_dir: &Path) -> anyhow::Result<Self> {
-        let maps = Maps::open(pin_dir)?;
+        let mut maps = Maps::open(pin_dir)?;
         let mut backends = BTreeMap::new();
         let mut backend_flags = StdHashMap::new();
         for (id, value) in read_backends(&maps.backends)? {
@@ -579,6 +578,9 @@ impl Applier {
         // Adopt each service's run of slots (as long as its count: the room it had beyond is
         // not recorded). One that overlaps another, leaves the map or holds entries of another
         // service is forgotten: the next write of the service puts its slots in a new run.
+        // One batched read of the whole array (a periodic resync reopens the maps too).
+        let slot_entries = crate::batch::read_array(&maps.slots, 16_384)
+            .map_err(|err| anyhow!("reading LB_SLOTS: {err}"))?;
         let mut slot_alloc = SlotRuns::new(maps.slots.len());
         let mut slot_runs = StdHashMap::new();
         for (&id, value) in &mut written {
@@ -588,10 +590,8 @@ impl Applier {
             };
             let read: anyhow::Result<Vec<u32>> = (0..count)
                 .map(|slot| {
-                    let entry = maps
-                        .slots
-                        .get(&base.wrapping_add(slot), 0)
-                        .context("reading LB_SLOTS")?;
+                    let index = base.wrapping_add(slot) as usize;
+                    let entry = slot_entries.get(index).context("slot outside LB_SLOTS")?;
                     anyhow::ensure!(entry.service_id == id, "slot of another service");
                     Ok(entry.backend_id)
                 })
@@ -610,6 +610,36 @@ impl Applier {
                     value.slot_base = u32::MAX;
                 }
             }
+        }
+        // Room to grow again where the entries after a run are free, runs in map order.
+        let mut runs: Vec<(u32, u32, u32)> = slot_runs
+            .iter()
+            .map(|(&id, &(base, count))| (base, count, id))
+            .collect();
+        runs.sort_unstable();
+        for (base, count, id) in runs {
+            if slot_alloc.extend(base, count, run_for(count)) {
+                slot_runs.insert(id, (base, run_for(count)));
+            }
+        }
+        // Entries outside every run (released by an earlier agent and not yet cleared, say)
+        // still name their old owner, whose id a new service may get: clear them now.
+        let stale: Vec<u32> = slot_entries
+            .iter()
+            .enumerate()
+            .filter(|(_, entry)| entry.service_id != 0)
+            .map(|(index, _)| index as u32)
+            .filter(|&index| slot_alloc.is_free(index))
+            .collect();
+        let zeros = vec![SlotValue::default(); stale.len()];
+        let (cleared, err) = crate::batch::update_array(&maps.slots, &stale, &zeros);
+        if let Some(err) = err.filter(|_| cleared < stale.len()) {
+            debug!(%err, "batched clear of stale slots stopped; one by one");
+        }
+        for &index in stale.iter().skip(cleared) {
+            maps.slots
+                .set(index, SlotValue::default(), 0)
+                .context("clearing a stale slot")?;
         }
         let mut frontends = StdHashMap::new();
         for entry in maps.frontends.iter() {
@@ -1325,27 +1355,21 @@ impl Applier {
         }
         // Grow: fill the slots before raising the count. Shrink: lower the count first (the
         // slots beyond it stay as they are). A concurrent reader only ever sees valid slots.
-        if let Err(err) = self.write_slot_entries(&indexes, &values) {
-            if !moved {
-                // Some of the service's visible slots may hold anything now: force their
-                // rewrite (`MAGLEV_UNKNOWN` is never a backend id).
-                for &index in &indexes {
-                    if let Some(visible) = record.get_mut((index - run) as usize) {
-                        *visible = MAGLEV_UNKNOWN;
-                    }
-                }
-            }
-            undo(self);
-            return Err(err).context("writing backend slots");
-        }
+        let (written, err) = self.write_slot_entries(&indexes, &values);
         if !moved {
-            for (index, value) in indexes.iter().zip(&values) {
+            // In place, the written ones are visible at once (the rest still hold what they
+            // held); in a new run, nothing is until the entry names it.
+            for (index, value) in indexes.iter().zip(&values).take(written) {
                 if let Some(visible) = record.get_mut((index - run) as usize) {
                     *visible = value.backend_id;
                 }
             }
         }
-        report.writes += indexes.len();
+        report.writes += written;
+        if let Some(err) = err {
+            undo(self);
+            return Err(err).context("writing backend slots");
+        }
         // The Maglev table after the slots (it names the same backends), before the entry
         // that makes the datapath use it. A service that cannot have one (no free table) is
         // served at random meanwhile, and reported.
@@ -1380,18 +1404,26 @@ impl Applier {
             maglev_size: size,
         };
         if is_new || self.written.get(&id) != Some(&value) {
-            if is_new {
-                if let Err(err) = self.maps.service_names.insert(id, encode_name(name), 0) {
-                    undo(self);
-                    return Err(err).context("writing the service name");
-                }
+            let written = if is_new {
+                self.maps
+                    .service_names
+                    .insert(id, encode_name(name), 0)
+                    .context("writing the service name")
+            } else {
+                Ok(())
             }
-            if let Err(err) = self.maps.services.set(id, value, 0) {
+            .and_then(|()| {
+                self.maps
+                    .services
+                    .set(id, value, 0)
+                    .context("writing the service entry")
+            });
+            if let Err(err) = written {
                 if table != 0 && table != old_table {
                     self.release_maglev(table, size);
                 }
                 undo(self);
-                return Err(err).context("writing the service entry");
+                return Err(err);
             }
             self.written.insert(id, value);
             report.writes += 1;
@@ -1416,30 +1448,45 @@ impl Applier {
     /// Frees the slot runs released by the previous sync or delta (no packet still reads
     /// them), cleared so that a dump shows only live slots.
     fn settle_slots(&mut self, report: &mut SyncReport) {
-        let indexes: Vec<u32> = self
-            .slot_alloc
-            .settle()
-            .into_iter()
-            .flat_map(|(start, len)| start..start + len)
+        let released = std::mem::take(&mut self.slot_alloc.released);
+        let indexes: Vec<u32> = released
+            .iter()
+            .flat_map(|&(start, len)| start..start + len)
             .collect();
         let values = vec![SlotValue::default(); indexes.len()];
         match self.write_slot_entries(&indexes, &values) {
-            Ok(()) => report.deletes += indexes.len(),
-            // Harmless: they are free either way, and rewritten when handed out again.
-            Err(err) => debug!(%err, "clearing released slots"),
+            (_, None) => {
+                report.deletes += indexes.len();
+                for (start, len) in released {
+                    self.slot_alloc.free(start, len);
+                }
+            }
+            // Still named by their old owner's id, which a new service may get: not handed
+            // out until cleared (tried again next time).
+            (_, Some(err)) => {
+                warn!("clearing released slots: {err:#}");
+                self.slot_alloc.released.extend(released);
+            }
         }
     }
 
-    /// Writes slot entries: in one batch where the kernel has it, else one by one.
-    fn write_slot_entries(&mut self, indexes: &[u32], values: &[SlotValue]) -> anyhow::Result<()> {
+    /// Writes slot entries: in one batch where the kernel has it, else one by one. Returns how
+    /// many were written, in order (each one whole), and the error that stopped the rest.
+    fn write_slot_entries(
+        &mut self,
+        indexes: &[u32],
+        values: &[SlotValue],
+    ) -> (usize, Option<anyhow::Error>) {
         let (batched, err) = crate::batch::update_array(&self.maps.slots, indexes, values);
         if let Some(err) = err.filter(|_| batched < indexes.len()) {
             debug!(%err, batched, of = indexes.len(), "batched slot write stopped; one by one");
         }
-        for (index, value) in indexes.iter().zip(values).skip(batched) {
-            self.maps.slots.set(*index, *value, 0)?;
+        for (i, (index, value)) in indexes.iter().zip(values).enumerate().skip(batched) {
+            if let Err(err) = self.maps.slots.set(*index, *value, 0) {
+                return (i, Some(err.into()));
+            }
         }
-        Ok(())
+        (indexes.len(), None)
     }
 
     /// Writes the Maglev table of `backends` (all stored already) into the service's current
@@ -2079,7 +2126,7 @@ mod tests {
     }
 
     #[test]
-    fn slot_runs_are_handed_out_best_fit_and_coalesce_after_settling() {
+    fn slot_runs_are_handed_out_best_fit_and_coalesce_once_freed() {
         let mut runs = SlotRuns::new(100);
         assert_eq!(runs.allocate(10), Some(0));
         assert_eq!(runs.allocate(20), Some(10));
@@ -2087,7 +2134,9 @@ mod tests {
         // A released run is not handed out before it settles.
         runs.release(10, 20);
         assert_eq!(runs.allocate(20), Some(35));
-        assert_eq!(runs.settle(), vec![(10, 20)]);
+        // What the applier does once the run is cleared.
+        assert_eq!(std::mem::take(&mut runs.released), vec![(10, 20)]);
+        runs.free(10, 20);
         // Best fit: the 20-entry hole, not the tail.
         assert_eq!(runs.allocate(15), Some(10));
         // Growth in place needs the entries right after the run free.

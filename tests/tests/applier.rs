@@ -479,3 +479,65 @@ fn a_shrunken_service_gives_back_its_room_and_a_restarted_applier_adopts_the_run
     assert_eq!(backends_of(&h.pin_dir, "ns/a:80/TCP").len(), 3);
     assert_eq!(backends_of(&h.pin_dir, "ns/b:80/TCP").len(), 20);
 }
+
+fn services(list: &[(&str, &str, &[String])]) -> DesiredState {
+    DesiredState {
+        services: list
+            .iter()
+            .map(|(name, vip, backends)| one(name, vip, &refs(backends)))
+            .collect(),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_reopened_applier_clears_released_slots_and_gives_runs_their_room_back() {
+    // A periodic resync reopens the maps: what the previous applier had released must not stay
+    // tagged with an id a new service may get, and adopted runs must still grow in place.
+    let mut h = small_harness(16, 64);
+    let (a8, a9, b2, c2, d2) = (
+        addresses("10.0.1", 8),
+        addresses("10.0.1", 9),
+        addresses("10.0.2", 2),
+        addresses("10.0.3", 2),
+        addresses("10.0.4", 2),
+    );
+    let a = ("ns/a:80/TCP", "10.96.0.1");
+    let b = ("ns/b:80/TCP", "10.96.0.2");
+    let c = ("ns/c:80/TCP", "10.96.0.3");
+    let d = ("ns/d:80/TCP", "10.96.0.4");
+    // a holds 10 entries (8 and room), b 2, d 2, in that order.
+    h.applier
+        .sync(&services(&[
+            (a.0, a.1, &a8),
+            (b.0, b.1, &b2),
+            (d.0, d.1, &d2),
+        ]))
+        .unwrap();
+    let d_id = slot_entries(&h.pin_dir)[12].1;
+    assert_ne!(d_id, 0);
+    // d leaves: its run is released, still tagged until the next sync clears it.
+    h.applier
+        .sync(&services(&[(a.0, a.1, &a8), (b.0, b.1, &b2)]))
+        .unwrap();
+    assert_eq!(slot_entries(&h.pin_dir)[12].1, d_id);
+
+    let mut again = lb_agent::maps::Applier::open(&h.pin_dir).unwrap();
+    assert_eq!(
+        slot_entries(&h.pin_dir)[12..14],
+        [(0, 0), (0, 0)],
+        "cleared when the maps are reopened"
+    );
+    // c (2 entries) would fit exactly in the 2 entries after a's 8 if a had lost its room.
+    let with_c =
+        |a_list: &[String]| services(&[(a.0, a.1, a_list), (b.0, b.1, &b2), (c.0, c.1, &c2)]);
+    let report = again.sync(&with_c(&a8)).unwrap();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let report = again.sync(&with_c(&a9)).unwrap();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(
+        report.writes, 3,
+        "a grows in place (new backend, its slot, the entry): {report:?}"
+    );
+    assert_eq!(backends_of(&h.pin_dir, "ns/a:80/TCP").len(), 9);
+}
