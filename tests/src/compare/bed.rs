@@ -348,6 +348,13 @@ impl Bed {
         lab.client
             .sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
         lab.client.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+        // ... and keeps no TIME_WAIT sockets at all (the closing handshake on the wire is the
+        // same). Otherwise each connect() searches for a free port among its own TIME_WAIT
+        // sockets to the same destination, a cost of the generator that grows with the
+        // connection rate per destination address: no load balancer spreads over 60 endpoint
+        // addresses, the load balancers over 10 to 10,000 Service addresses, so the floor's
+        // cost depended on the Service count and on how often its own slices ran.
+        lab.client.sysctl("net.ipv4.tcp_max_tw_buckets", "0")?;
         // Conntrack (kube-proxy's modes) keeps closed connections in TIME_WAIT for 120 s: at
         // the benchmark's rates that would fill the 262,144-entry table within rounds, which no
         // node sustains for minutes. 20 s keeps it well below (and, if anything, shortens
