@@ -482,6 +482,11 @@ impl Harness {
             .unwrap_or_else(|| panic!("no counter {name}"))
     }
 
+    /// The pinned array `name` (`lb_common::map_names`), for reading or writing it directly.
+    pub fn array<V: aya::Pod>(&self, name: &str) -> aya::maps::Array<aya::maps::MapData, V> {
+        pinned_array(&self.pin_dir, name)
+    }
+
     pub fn conntrack(&self) -> lb_agent::maps::ConntrackMap {
         lb_agent::maps::open_conntrack(&self.pin_dir).expect("open conntrack")
     }
@@ -522,4 +527,15 @@ impl Drop for Harness {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.pin_dir);
     }
+}
+
+/// The array `name` pinned under `pin_dir`, typed by its value.
+pub fn pinned_array<V: aya::Pod>(
+    pin_dir: &Path,
+    name: &str,
+) -> aya::maps::Array<aya::maps::MapData, V> {
+    let data = aya::maps::MapData::from_pin(pin_dir.join(name))
+        .unwrap_or_else(|e| panic!("open pinned {name}: {e}"));
+    let map = aya::maps::Map::from_map_data(data).expect("map");
+    aya::maps::Array::try_from(map).unwrap_or_else(|e| panic!("{name} as an array: {e}"))
 }

@@ -367,14 +367,10 @@ fn a_service_too_big_for_the_backend_map_is_refused_whole_and_starves_no_other()
 
 /// `LB_SLOTS` as the kernel holds it: (backend id, owning service id) by index.
 fn slot_entries(pin_dir: &Path) -> Vec<(u32, u32)> {
-    let map: aya::maps::Array<aya::maps::MapData, lb_common::SlotValue> =
-        aya::maps::Array::try_from(
-            aya::maps::Map::from_map_data(
-                aya::maps::MapData::from_pin(pin_dir.join(lb_common::map_names::SLOTS)).unwrap(),
-            )
-            .unwrap(),
-        )
-        .unwrap();
+    let map = lb_tests::packet::pinned_array::<lb_common::SlotValue>(
+        pin_dir,
+        lb_common::map_names::SLOTS,
+    );
     map.iter()
         .map(|entry| entry.map(|e| (e.backend_id, e.service_id)).unwrap())
         .collect()

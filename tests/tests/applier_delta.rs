@@ -45,15 +45,7 @@ fn view(pin_dir: &Path) -> View {
 
 /// Every backend entry (address, port, protocol, flags), chosen or only known.
 fn backend_entries(h: &Harness) -> BTreeSet<String> {
-    let map: aya::maps::Array<aya::maps::MapData, lb_common::BackendValue> =
-        aya::maps::Array::try_from(
-            aya::maps::Map::from_map_data(
-                aya::maps::MapData::from_pin(h.pin_dir.join(lb_common::map_names::BACKENDS))
-                    .unwrap(),
-            )
-            .unwrap(),
-        )
-        .unwrap();
+    let map = h.array::<lb_common::BackendValue>(lb_common::map_names::BACKENDS);
     map.iter()
         .filter_map(Result::ok)
         .filter(|b| b.proto != 0)

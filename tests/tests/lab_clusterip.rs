@@ -125,14 +125,7 @@ fn clusterip_spreads_new_connections_over_all_backends_and_keeps_long_lived_ones
     assert!(entry["value"]["service_id"].as_u64().is_some(), "{entry}");
     // Services are an array indexed by id: bpftool looks one up by its key's bytes.
     let id = entry["value"]["service_id"].as_u64().unwrap() as u32;
-    let key: Vec<String> = id.to_ne_bytes().iter().map(u8::to_string).collect();
-    let service = run(Command::new("bpftool")
-        .args(["-j", "map", "lookup", "pinned"])
-        .arg(pin_dir.join("LB_SERVICES"))
-        .arg("key")
-        .args(&key))
-    .expect("bpftool map lookup");
-    let service: serde_json::Value = serde_json::from_str(&service).expect("bpftool JSON");
+    let service = bpftool_lookup(&pin_dir, "LB_SERVICES", id);
     assert_eq!(
         service["formatted"]["value"]["backend_count"],
         backends.len(),
@@ -143,18 +136,7 @@ fn clusterip_spreads_new_connections_over_all_backends_and_keeps_long_lived_ones
         .as_u64()
         .expect("slot_base") as u32;
     for slot in 0..backends.len() as u32 {
-        let key: Vec<String> = (base + slot)
-            .to_ne_bytes()
-            .iter()
-            .map(u8::to_string)
-            .collect();
-        let entry = run(Command::new("bpftool")
-            .args(["-j", "map", "lookup", "pinned"])
-            .arg(pin_dir.join("LB_SLOTS"))
-            .arg("key")
-            .args(&key))
-        .expect("bpftool map lookup");
-        let entry: serde_json::Value = serde_json::from_str(&entry).expect("bpftool JSON");
+        let entry = bpftool_lookup(&pin_dir, "LB_SLOTS", base + slot);
         assert_eq!(entry["formatted"]["value"]["service_id"], id, "{entry}");
         assert_ne!(entry["formatted"]["value"]["backend_id"], 0, "{entry}");
     }
@@ -244,4 +226,17 @@ fn clusterip_spreads_new_connections_over_all_backends_and_keeps_long_lived_ones
         log.contains("the datapath stays in place"),
         "a clean exit that leaves the pinned datapath:\n{log}"
     );
+}
+
+/// `bpftool map lookup` of index `index` in the pinned array `map` (an array is looked up by
+/// its key's bytes), as bpftool's JSON.
+fn bpftool_lookup(pin_dir: &std::path::Path, map: &str, index: u32) -> serde_json::Value {
+    let key: Vec<String> = index.to_ne_bytes().iter().map(u8::to_string).collect();
+    let out = run(Command::new("bpftool")
+        .args(["-j", "map", "lookup", "pinned"])
+        .arg(pin_dir.join(map))
+        .arg("key")
+        .args(&key))
+    .expect("bpftool map lookup");
+    serde_json::from_str(&out).expect("bpftool JSON")
 }

@@ -205,15 +205,7 @@ fn a_service_entry_counting_past_its_run_never_takes_the_next_services_backends(
         .find(|s| s.name == "default/demo:http/TCP")
         .unwrap()
         .id;
-    let mut services: aya::maps::Array<aya::maps::MapData, lb_common::ServiceValue> =
-        aya::maps::Array::try_from(
-            aya::maps::Map::from_map_data(
-                aya::maps::MapData::from_pin(h.pin_dir.join(lb_common::map_names::SERVICES))
-                    .unwrap(),
-            )
-            .unwrap(),
-        )
-        .unwrap();
+    let mut services = h.array::<lb_common::ServiceValue>(lb_common::map_names::SERVICES);
     let mut value = services.get(&id, 0).unwrap();
     value.backend_count = 64;
     services.set(id, value, 0).unwrap();
