@@ -1404,29 +1404,61 @@ impl Applier {
             maglev_size: size,
         };
         if is_new || self.written.get(&id) != Some(&value) {
-            let written = if is_new {
+            // A packet may read the entry while it is written (an array element is copied in
+            // place, not swapped): moving to another Maglev table goes through entries with
+            // Maglev off, one field changing at a time, so no packet pairs the new table
+            // with the old size or the other way round.
+            let mut steps = Vec::new();
+            let maglev_on = |v: &ServiceValue| v.flags & SERVICE_MAGLEV != 0;
+            // (Not from an entry adoption marked unknown: the map may hold anything else.)
+            let known = old_table != MAGLEV_UNKNOWN && previous.slot_base != u32::MAX;
+            if !is_new && known && maglev_on(&previous) && maglev_on(&value) && table != old_table {
+                let off = |v: ServiceValue| ServiceValue {
+                    flags: v.flags & !SERVICE_MAGLEV,
+                    ..v
+                };
+                steps.extend([off(previous), off(value)]);
+            }
+            steps.push(value);
+            let named = if is_new {
                 self.maps
                     .service_names
                     .insert(id, encode_name(name), 0)
                     .context("writing the service name")
             } else {
                 Ok(())
-            }
-            .and_then(|()| {
-                self.maps
-                    .services
-                    .set(id, value, 0)
-                    .context("writing the service entry")
-            });
-            if let Err(err) = written {
-                if table != 0 && table != old_table {
-                    self.release_maglev(table, size);
+            };
+            let mut failed = named.err().map(|err| (0, err));
+            for (i, step) in steps.iter().enumerate() {
+                if failed.is_some() {
+                    break;
                 }
-                undo(self);
-                return Err(err);
+                match self.maps.services.set(id, *step, 0) {
+                    Ok(()) => {
+                        self.written.insert(id, *step);
+                        report.writes += 1;
+                    }
+                    Err(err) => {
+                        failed = Some((i, anyhow!(err).context("writing the service entry")))
+                    }
+                }
             }
-            self.written.insert(id, value);
-            report.writes += 1;
+            match failed {
+                // The map names the new table and run, with Maglev off: served at random
+                // until the next sync writes the entry again.
+                Some((i, err)) if i > 0 && i + 1 == steps.len() => {
+                    report.errors.push(format!("service {name}: {err:#}"));
+                }
+                // The map still names the old table and run.
+                Some((_, err)) => {
+                    if table != 0 && table != old_table {
+                        self.release_maglev(table, size);
+                    }
+                    undo(self);
+                    return Err(err);
+                }
+                None => {}
+            }
         }
         // The entry no longer names the old table or run: free them for other services.
         if old_table != 0 && old_table != table {

@@ -361,7 +361,9 @@ fn choose_backend(
         // Still one of the service's usable backends: its slot (or, picked by Maglev, its
         // table entry) still names it.
         let current = if entry.slot & AFFINITY_MAGLEV_INDEX != 0 {
-            maglev_entry(service, entry.slot & !AFFINITY_MAGLEV_INDEX) == entry.backend_id
+            // The table counts only while the entry says Maglev (see `maglev_entry`).
+            service.flags & SERVICE_MAGLEV != 0
+                && maglev_entry(service, entry.slot & !AFFINITY_MAGLEV_INDEX) == entry.backend_id
         } else {
             entry.slot < service.backend_count
                 && slot_backend(service_id, service, entry.slot) == Some(entry.backend_id)
@@ -426,7 +428,9 @@ fn maglev_pick(service: &ServiceValue, flow: &CtKey) -> (u32, u32) {
 }
 
 /// Entry `index` of the service's Maglev table: a backend id (0 = none). The table starts at
-/// its first unit of M entries (the global size) and may run on over the next ones.
+/// its first unit of M entries (the global size) and may run on over the next ones. Callers
+/// check `SERVICE_MAGLEV` first: while the agent moves a service to another table the flag is
+/// off, and its table and size may be a mix of old and new.
 #[inline(always)]
 fn maglev_entry(service: &ServiceValue, index: u32) -> u32 {
     if service.maglev_table == 0 || index >= service.maglev_size {
