@@ -465,6 +465,25 @@ impl SlotRuns {
     }
 }
 
+/// Writes slot entries: in one batch where the kernel has it, else one by one. Returns how
+/// many were written, in order (each one whole), and the error that stopped the rest.
+fn write_slot_entries(
+    slots: &mut SlotMap,
+    indexes: &[u32],
+    values: &[SlotValue],
+) -> (usize, Option<anyhow::Error>) {
+    let (batched, err) = crate::batch::update_array(slots, indexes, values);
+    if let Some(err) = err.filter(|_| batched < indexes.len()) {
+        debug!(%err, batched, of = indexes.len(), "batched slot write stopped; one by one");
+    }
+    for (i, (index, value)) in indexes.iter().zip(values).enumerate().skip(batched) {
+        if let Err(err) = slots.set(*index, *value, 0) {
+            return (i, Some(err.into()));
+        }
+    }
+    (indexes.len(), None)
+}
+
 /// Entries a service with `n` backends is given: a quarter more, so that it grows a while
 /// without moving (a move rewrites all its slots).
 fn run_for(n: u32) -> u32 {
@@ -632,14 +651,8 @@ impl Applier {
             .filter(|&index| slot_alloc.is_free(index))
             .collect();
         let zeros = vec![SlotValue::default(); stale.len()];
-        let (cleared, err) = crate::batch::update_array(&maps.slots, &stale, &zeros);
-        if let Some(err) = err.filter(|_| cleared < stale.len()) {
-            debug!(%err, "batched clear of stale slots stopped; one by one");
-        }
-        for &index in stale.iter().skip(cleared) {
-            maps.slots
-                .set(index, SlotValue::default(), 0)
-                .context("clearing a stale slot")?;
+        if let (_, Some(err)) = write_slot_entries(&mut maps.slots, &stale, &zeros) {
+            return Err(err.context("clearing a stale slot"));
         }
         let mut frontends = StdHashMap::new();
         for entry in maps.frontends.iter() {
@@ -1355,7 +1368,7 @@ impl Applier {
         }
         // Grow: fill the slots before raising the count. Shrink: lower the count first (the
         // slots beyond it stay as they are). A concurrent reader only ever sees valid slots.
-        let (written, err) = self.write_slot_entries(&indexes, &values);
+        let (written, err) = write_slot_entries(&mut self.maps.slots, &indexes, &values);
         if !moved {
             // In place, the written ones are visible at once (the rest still hold what they
             // held); in a new run, nothing is until the entry names it.
@@ -1429,18 +1442,14 @@ impl Applier {
                 Ok(())
             };
             let mut failed = named.err().map(|err| (0, err));
-            for (i, step) in steps.iter().enumerate() {
-                if failed.is_some() {
-                    break;
-                }
-                match self.maps.services.set(id, *step, 0) {
-                    Ok(()) => {
-                        self.written.insert(id, *step);
-                        report.writes += 1;
+            if failed.is_none() {
+                for (i, step) in steps.iter().enumerate() {
+                    if let Err(err) = self.maps.services.set(id, *step, 0) {
+                        failed = Some((i, anyhow!(err).context("writing the service entry")));
+                        break;
                     }
-                    Err(err) => {
-                        failed = Some((i, anyhow!(err).context("writing the service entry")))
-                    }
+                    self.written.insert(id, *step);
+                    report.writes += 1;
                 }
             }
             match failed {
@@ -1486,7 +1495,7 @@ impl Applier {
             .flat_map(|&(start, len)| start..start + len)
             .collect();
         let values = vec![SlotValue::default(); indexes.len()];
-        match self.write_slot_entries(&indexes, &values) {
+        match write_slot_entries(&mut self.maps.slots, &indexes, &values) {
             (_, None) => {
                 report.deletes += indexes.len();
                 for (start, len) in released {
@@ -1500,25 +1509,6 @@ impl Applier {
                 self.slot_alloc.released.extend(released);
             }
         }
-    }
-
-    /// Writes slot entries: in one batch where the kernel has it, else one by one. Returns how
-    /// many were written, in order (each one whole), and the error that stopped the rest.
-    fn write_slot_entries(
-        &mut self,
-        indexes: &[u32],
-        values: &[SlotValue],
-    ) -> (usize, Option<anyhow::Error>) {
-        let (batched, err) = crate::batch::update_array(&self.maps.slots, indexes, values);
-        if let Some(err) = err.filter(|_| batched < indexes.len()) {
-            debug!(%err, batched, of = indexes.len(), "batched slot write stopped; one by one");
-        }
-        for (i, (index, value)) in indexes.iter().zip(values).enumerate().skip(batched) {
-            if let Err(err) = self.maps.slots.set(*index, *value, 0) {
-                return (i, Some(err.into()));
-            }
-        }
-        (indexes.len(), None)
     }
 
     /// Writes the Maglev table of `backends` (all stored already) into the service's current

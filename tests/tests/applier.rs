@@ -385,13 +385,10 @@ fn refs(list: &[String]) -> Vec<&str> {
 }
 
 fn two(a: &[String], b: &[String]) -> DesiredState {
-    DesiredState {
-        services: BTreeMap::from([
-            one("ns/a:80/TCP", "10.96.0.1", &refs(a)),
-            one("ns/b:80/TCP", "10.96.0.2", &refs(b)),
-        ]),
-        ..Default::default()
-    }
+    services(&[
+        ("ns/a:80/TCP", "10.96.0.1", a),
+        ("ns/b:80/TCP", "10.96.0.2", b),
+    ])
 }
 
 #[test]
