@@ -7,9 +7,12 @@
 //! and which nobody uses any more without looking at the other Services.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     sync::Arc,
 };
+
+// Seeded per process; keys are object names and addresses from the API.
+use foldhash::HashMap;
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
@@ -206,8 +209,20 @@ impl Engine {
 
     /// Recomputes the Services marked since the last call and returns what changed.
     pub fn take_delta(&mut self) -> Delta {
+        self.recompute(true)
+    }
+
+    /// Recomputes the Services marked since the last call, before a full sync: the engine's
+    /// own books are kept as [`Engine::take_delta`] keeps them, but no delta is built (a full
+    /// sync reads [`Engine::desired`] instead).
+    pub fn settle(&mut self) {
+        self.recompute(false);
+    }
+
+    fn recompute(&mut self, build: bool) -> Delta {
         let mut delta = Delta::default();
         let mut contested = BTreeSet::new();
+        let empty = DesiredState::default();
         for key in std::mem::take(&mut self.dirty) {
             let new = self.services.get(&key).map(|service| {
                 let slices: Vec<&EndpointSlice> = self
@@ -219,20 +234,19 @@ impl Engine {
                     .collect();
                 model::service_part(service, &slices, &self.settings)
             });
-            let old = match &new {
-                Some(new) => self.parts.insert(key.clone(), new.clone()),
-                None => self.parts.remove(&key),
-            };
-            if old.as_ref() == new.as_ref() {
+            // The old part is only read: the new one moves in at the end, uncloned.
+            let old = self.parts.get(&key);
+            if old == new.as_ref() {
                 continue;
             }
-            let empty = DesiredState::default();
-            let (old, new) = (old.unwrap_or_default(), new.unwrap_or(empty));
+            let old = old.unwrap_or(&empty);
+            let new_ref = new.as_ref().unwrap_or(&empty);
             for port in old.health_checks.keys() {
                 self.health_checks.remove(port);
             }
             self.health_checks.extend(
-                new.health_checks
+                new_ref
+                    .health_checks
                     .iter()
                     .map(|(port, check)| (*port, check.clone())),
             );
@@ -251,28 +265,32 @@ impl Engine {
                     }
                 }
             }
-            for (name, entry) in &new.services {
+            for (name, entry) in &new_ref.services {
                 for frontend in &entry.frontends {
                     let claimants = self.claims.entry(claim_key(frontend)).or_default();
-                    claimants.insert(name.clone());
+                    if !claimants.contains(name) {
+                        claimants.insert(name.clone());
+                    }
                     if claimants.len() > 1 {
                         contested.insert(claim_key(frontend));
                     }
                 }
             }
-            delta.errors.extend(new.errors.iter().cloned());
-            delta.skipped.extend(new.skipped.iter().cloned());
-            for (name, entry) in &new.services {
-                if old.services.get(name) != Some(entry) {
-                    delta.upsert.insert(name.clone(), entry.clone());
+            if build {
+                delta.errors.extend(new_ref.errors.iter().cloned());
+                delta.skipped.extend(new_ref.skipped.iter().cloned());
+                for (name, entry) in &new_ref.services {
+                    if old.services.get(name) != Some(entry) {
+                        delta.upsert.insert(name.clone(), entry.clone());
+                    }
+                }
+                for name in old.services.keys() {
+                    if !new_ref.services.contains_key(name) {
+                        delta.remove.insert(name.clone());
+                    }
                 }
             }
-            for name in old.services.keys() {
-                if !new.services.contains_key(name) {
-                    delta.remove.insert(name.clone());
-                }
-            }
-            let (old_backends, new_backends) = (part_backends(&old), part_backends(&new));
+            let (old_backends, new_backends) = (part_backends(old), part_backends(new_ref));
             for backend in new_backends.keys() {
                 if !old_backends.contains_key(backend) {
                     *self.backend_users.entry(*backend).or_default() += 1;
@@ -288,23 +306,32 @@ impl Engine {
                     }
                 }
             }
-            for (backend, flags) in new_backends {
-                delta.released.remove(&backend);
-                *delta.backends.entry(backend).or_default() |= flags;
+            if build {
+                for (backend, flags) in new_backends {
+                    delta.released.remove(&backend);
+                    *delta.backends.entry(backend).or_default() |= flags;
+                }
             }
+            match new {
+                Some(new) => self.parts.insert(key.clone(), new),
+                None => self.parts.remove(&key),
+            };
             delta.services.insert(key);
         }
-        for key in contested {
-            let Some(claimants) = self.claims.get(&key) else {
-                continue;
-            };
-            for name in claimants {
-                if delta.upsert.contains_key(name) {
+        if build {
+            for key in contested {
+                let Some(claimants) = self.claims.get(&key) else {
                     continue;
-                }
-                let service = name.split_once(':').map_or(name.as_str(), |(s, _)| s);
-                if let Some(entry) = self.parts.get(service).and_then(|p| p.services.get(name)) {
-                    delta.upsert.insert(name.clone(), entry.clone());
+                };
+                for name in claimants {
+                    if delta.upsert.contains_key(name) {
+                        continue;
+                    }
+                    let service = name.split_once(':').map_or(name.as_str(), |(s, _)| s);
+                    if let Some(entry) = self.parts.get(service).and_then(|p| p.services.get(name))
+                    {
+                        delta.upsert.insert(name.clone(), entry.clone());
+                    }
                 }
             }
         }
@@ -446,6 +473,34 @@ mod tests {
         // Nothing changed: nothing to do.
         engine.apply_slice(slice("s7", "s7-a", &["10.1.7.1", "10.1.7.9"]));
         assert!(engine.take_delta().is_empty());
+    }
+
+    #[test]
+    fn settling_keeps_the_books_as_a_delta_does() {
+        let (mut settled, mut delta_taken) = (Engine::default(), Engine::default());
+        for engine in [&mut settled, &mut delta_taken] {
+            engine.apply_service(service("a", "10.96.0.1"));
+            engine.apply_service(service("b", "10.96.0.2"));
+            engine.apply_slice(slice("a", "a-1", &["10.1.0.1", "10.1.0.2"]));
+            engine.apply_slice(slice("b", "b-1", &["10.1.0.2"]));
+        }
+        settled.settle();
+        assert!(!delta_taken.take_delta().is_empty());
+        assert_eq!(settled.pending(), 0);
+        assert_eq!(settled.desired(), delta_taken.desired());
+        // The next change sees the same past in both: only `a`, and 10.1.0.1 released while
+        // 10.1.0.2 (still used by `b`) stays.
+        for engine in [&mut settled, &mut delta_taken] {
+            engine.apply_slice(slice("a", "a-1", &["10.1.0.3"]));
+        }
+        let (one, other) = (settled.take_delta(), delta_taken.take_delta());
+        assert_eq!(one, other);
+        assert_eq!(one.services, BTreeSet::from(["ns/a".to_string()]));
+        assert_eq!(
+            one.released,
+            BTreeSet::from([backend("10.1.0.1")]),
+            "10.1.0.2 is still b's"
+        );
     }
 
     #[test]

@@ -407,7 +407,7 @@ async fn run_kubernetes(
     relist(&mut engine);
     // The first program is a full one: the pinned maps may hold anything (a previous agent's
     // state, or nothing).
-    engine.take_delta();
+    engine.settle();
     programmer.program_engine_full(&engine, true, None);
 
     let mut resync = tokio::time::interval(args.sync_period);
@@ -456,7 +456,7 @@ async fn run_kubernetes(
                 if needs_full {
                     // Once: what still fails after it (a conflict, a full map) waits for the
                     // next change or --sync-period, rather than costing a full sync per tick.
-                    engine.take_delta();
+                    engine.settle();
                     programmer.program_engine_full(&engine, false, seen);
                     needs_full = false;
                 } else {
@@ -465,7 +465,7 @@ async fn run_kubernetes(
                 last_sync = tokio::time::Instant::now();
             }
             _ = resync.tick() => {
-                engine.take_delta();
+                engine.settle();
                 programmer.program_engine_full(&engine, true, pending_since.take());
                 needs_full = false;
                 last_sync = tokio::time::Instant::now();

@@ -5,7 +5,7 @@
 //! agent adopts the state it finds) and writes only the difference on every sync.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap as StdHashMap, HashSet as StdHashSet},
+    collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
     ops::ControlFlow,
     path::Path,
@@ -13,10 +13,12 @@ use std::{
 };
 
 use anyhow::{anyhow, Context as _};
+// Seeded per process; keys are names and addresses from the API, not raw packets.
 use aya::maps::{
     lpm_trie::{Key as LpmKey, LpmTrie},
     Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues,
 };
+use foldhash::{HashMap as FastMap, HashMapExt as _, HashSet as FastSet, HashSetExt as _};
 use lb_common::{
     maglev_start, map_names, BackendValue, Counter, CtKey, CtValue, FrontendKey, FrontendValue,
     ServiceName, ServiceStats, ServiceValue, SlotValue, SourceRangeKey, BACKEND_REMOTE,
@@ -323,24 +325,24 @@ pub struct SyncReport {
 pub struct Applier {
     maps: Maps,
     backends: BTreeMap<u32, Backend>,
-    backend_ids: StdHashMap<Backend, u32>,
+    backend_ids: FastMap<Backend, u32>,
     /// `BackendValue::flags` as written, by backend id.
-    backend_flags: StdHashMap<u32, u8>,
+    backend_flags: FastMap<u32, u8>,
     backend_alloc: IdAllocator,
     /// Service id -> (name, backend ids by slot).
     services: BTreeMap<u32, (String, Vec<u32>)>,
     /// `LB_SERVICES` entries as written, by service id.
-    written: StdHashMap<u32, ServiceValue>,
+    written: FastMap<u32, ServiceValue>,
     /// Each service's run of `LB_SLOTS`: (first entry, entries held), by service id.
-    slot_runs: StdHashMap<u32, (u32, u32)>,
+    slot_runs: FastMap<u32, (u32, u32)>,
     slot_alloc: SlotRuns,
-    service_ids: StdHashMap<String, u32>,
+    service_ids: FastMap<String, u32>,
     service_alloc: IdAllocator,
-    frontends: StdHashMap<FrontendKey, FrontendValue>,
+    frontends: FastMap<FrontendKey, FrontendValue>,
     /// The keys of `frontends`, by the service id they point at.
-    frontends_by_service: StdHashMap<u32, BTreeSet<FrontendKey>>,
+    frontends_by_service: FastMap<u32, BTreeSet<FrontendKey>>,
     /// How many slots (of all services) hold each backend id.
-    slot_refs: StdHashMap<u32, u32>,
+    slot_refs: FastMap<u32, u32>,
     /// (frontend, client prefix length, client prefix) entries of LB_SOURCE_RANGES.
     source_ranges: BTreeSet<(FrontendKey, u32, [u8; 4])>,
     /// `LB_MAGLEV` layout: entries per table (M) and how many tables fit.
@@ -350,10 +352,10 @@ pub struct Applier {
     maglev_alloc: MaglevUnits,
     /// What each table holds in the map, entry by entry (a table released by one service
     /// keeps its content, so the next one diffs against it); `MAGLEV_UNKNOWN` = not known.
-    maglev_tables: StdHashMap<u32, Vec<u32>>,
+    maglev_tables: FastMap<u32, Vec<u32>>,
     /// The (sorted) backends each table was last written whole from: an unchanged set costs
     /// no recomputation.
-    maglev_inputs: StdHashMap<u32, Vec<Backend>>,
+    maglev_inputs: FastMap<u32, Vec<Backend>>,
 }
 
 /// The free runs of `LB_SLOTS`, handed out best fit. A released run is held back until it is
@@ -553,7 +555,7 @@ impl Applier {
     pub fn open(pin_dir: &Path) -> anyhow::Result<Self> {
         let mut maps = Maps::open(pin_dir)?;
         let mut backends = BTreeMap::new();
-        let mut backend_flags = StdHashMap::new();
+        let mut backend_flags = FastMap::new();
         for (id, value) in read_backends(&maps.backends)? {
             backend_flags.insert(id, value.flags);
             match backend_from_value(&value) {
@@ -564,7 +566,7 @@ impl Applier {
             }
         }
         let mut services = BTreeMap::new();
-        let mut written = StdHashMap::new();
+        let mut written = FastMap::new();
         for (id, value) in maps.present_services()? {
             // A service without a name cannot be matched to an object: dropped by the sync.
             let name = maps
@@ -579,7 +581,7 @@ impl Applier {
         // One that does not fit the map (rebuilt smaller, or for another table size) is
         // forgotten: the next write of its service takes a new one.
         let (maglev_size, maglev_count) = maps.maglev_layout();
-        let mut maglev_tables = StdHashMap::new();
+        let mut maglev_tables = FastMap::new();
         let mut maglev_alloc = MaglevUnits::new(maglev_count);
         for value in written.values_mut() {
             let (table, size) = (value.maglev_table, value.maglev_size);
@@ -601,7 +603,7 @@ impl Applier {
         let slot_entries = crate::batch::read_array(&maps.slots, 16_384)
             .map_err(|err| anyhow!("reading LB_SLOTS: {err}"))?;
         let mut slot_alloc = SlotRuns::new(maps.slots.len());
-        let mut slot_runs = StdHashMap::new();
+        let mut slot_runs = FastMap::new();
         for (&id, value) in &mut written {
             let (base, count) = (value.slot_base, value.backend_count);
             let Some((_, list)) = services.get_mut(&id) else {
@@ -654,7 +656,7 @@ impl Applier {
         if let (_, Some(err)) = write_slot_entries(&mut maps.slots, &stale, &zeros) {
             return Err(err.context("clearing a stale slot"));
         }
-        let mut frontends = StdHashMap::new();
+        let mut frontends = FastMap::new();
         for entry in maps.frontends.iter() {
             let (key, value) = entry.context("reading LB_FRONTENDS")?;
             frontends.insert(key, value);
@@ -666,14 +668,14 @@ impl Applier {
             source_ranges.insert((data.frontend, key.prefix_len(), data.client));
         }
         let backend_ids = backends.iter().map(|(&id, &b)| (b, id)).collect();
-        let mut frontends_by_service: StdHashMap<u32, BTreeSet<FrontendKey>> = StdHashMap::new();
+        let mut frontends_by_service: FastMap<u32, BTreeSet<FrontendKey>> = FastMap::new();
         for (key, value) in &frontends {
             frontends_by_service
                 .entry(value.service_id)
                 .or_default()
                 .insert(*key);
         }
-        let mut slot_refs: StdHashMap<u32, u32> = StdHashMap::new();
+        let mut slot_refs: FastMap<u32, u32> = FastMap::new();
         for (_, ids) in services.values() {
             for id in ids {
                 *slot_refs.entry(*id).or_default() += 1;
@@ -703,7 +705,7 @@ impl Applier {
             maglev_count,
             maglev_alloc,
             maglev_tables,
-            maglev_inputs: StdHashMap::new(),
+            maglev_inputs: FastMap::new(),
         })
     }
 
@@ -747,8 +749,7 @@ impl Applier {
 
         // 2. Each service's slots and backend count. A service that cannot be written whole
         //    keeps its previous entries (and frontends) rather than being half programmed.
-        let mut wanted_frontends: StdHashMap<FrontendKey, (FrontendValue, &str)> =
-            StdHashMap::new();
+        let mut wanted_frontends: FastMap<FrontendKey, (FrontendValue, &str)> = FastMap::new();
         let mut wanted_ranges: BTreeSet<RangeEntry> = BTreeSet::new();
         let mut kept: BTreeSet<u32> = BTreeSet::new();
         for (name, service) in &desired.services {
@@ -870,10 +871,10 @@ impl Applier {
         &self,
         services: impl Iterator<Item = &'a DesiredService>,
         known: impl IntoIterator<Item = &'a Backend>,
-    ) -> StdHashSet<Backend> {
+    ) -> FastSet<Backend> {
         let mut room = self.backend_alloc.available(self.maps.backends.len());
-        let mut planned = StdHashSet::new();
-        let mut chosen = StdHashSet::new();
+        let mut planned = FastSet::new();
+        let mut chosen = FastSet::new();
         for service in services {
             chosen.extend(service.backends.iter().copied());
             let new: BTreeSet<&Backend> = service
@@ -1013,8 +1014,7 @@ impl Applier {
         // 2. Slots and service entries of the changed entries; their frontends are collected.
         //    `changing`: the ids whose frontends this delta decides.
         let mut changing: BTreeSet<u32> = BTreeSet::new();
-        let mut wanted_frontends: StdHashMap<FrontendKey, (FrontendValue, &str)> =
-            StdHashMap::new();
+        let mut wanted_frontends: FastMap<FrontendKey, (FrontendValue, &str)> = FastMap::new();
         let mut wanted_ranges: BTreeSet<RangeEntry> = BTreeSet::new();
         let mut entries = Vec::new();
         for (name, service) in &delta.upsert {
@@ -1165,7 +1165,7 @@ impl Applier {
     fn write_ranges_and_frontends(
         &mut self,
         ranges: &BTreeSet<RangeEntry>,
-        frontends: &StdHashMap<FrontendKey, (FrontendValue, &str)>,
+        frontends: &FastMap<FrontendKey, (FrontendValue, &str)>,
         report: &mut SyncReport,
     ) {
         for entry in ranges {
@@ -1694,11 +1694,11 @@ pub fn read_services(pin_dir: &Path) -> anyhow::Result<Vec<ServiceView>> {
         let table = value.maglev_table;
         let units = units_of(value.maglev_size, maglev_size);
         let fits = table != 0 && table.saturating_add(units - 1) <= maglev_count;
-        let maglev: Option<StdHashMap<u32, u32>> = (value.flags & SERVICE_MAGLEV != 0 && fits)
+        let maglev: Option<FastMap<u32, u32>> = (value.flags & SERVICE_MAGLEV != 0 && fits)
             .then(|| maps.read_maglev_table(table, maglev_size, value.maglev_size))
             .transpose()?
             .map(|entries| {
-                let mut counts = StdHashMap::new();
+                let mut counts = FastMap::new();
                 for backend_id in entries {
                     *counts.entry(backend_id).or_default() += 1;
                 }
@@ -1945,7 +1945,7 @@ pub fn read_conntrack(pin_dir: &Path) -> anyhow::Result<Vec<FlowView>> {
     let map = open_conntrack(pin_dir)?;
     let now = monotonic_ns();
     // Entries evicted between listing and reading are skipped.
-    let entries: StdHashMap<CtKey, CtValue> = map.iter().filter_map(Result::ok).collect();
+    let entries: FastMap<CtKey, CtValue> = map.iter().filter_map(Result::ok).collect();
     let address = |addr: [u8; 4], port: u16| format!("{}:{port}", Ipv4Addr::from(addr));
     let mut flows = Vec::new();
     for (key, forward) in &entries {

@@ -545,7 +545,7 @@ pub mod control_plane {
             services.into_iter().map(std::sync::Arc::new).collect(),
             slices.clone(),
         );
-        engine.take_delta();
+        engine.settle();
         let desired = engine.desired();
         let full_model_ms = started.elapsed().as_secs_f64() * 1000.0;
         let report = h.applier.sync(&desired)?;
