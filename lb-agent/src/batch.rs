@@ -12,7 +12,7 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, IterableMap as _, MapData},
+    maps::{Array, HashMap, IterableMap as _, MapData, PerCpuArray},
     Pod,
 };
 
@@ -155,18 +155,78 @@ pub fn update_array<V: Pod>(
     values: &[V],
 ) -> (usize, Option<io::Error>) {
     let count = keys.len().min(values.len());
+    // SAFETY: `count` keys (u32, an array's key) and values of the map's own value type.
+    unsafe {
+        update(
+            map.map(),
+            keys.as_ptr().cast(),
+            values.as_ptr().cast(),
+            count,
+        )
+    }
+}
+
+/// [`update_array`] for a hash map: `values[i]` under `keys[i]` (inserted or replaced).
+pub fn update_hash<K: Pod, V: Pod>(
+    map: &HashMap<MapData, K, V>,
+    keys: &[K],
+    values: &[V],
+) -> (usize, Option<io::Error>) {
+    let count = keys.len().min(values.len());
+    // SAFETY: `count` keys and values of the map's own key and value types.
+    unsafe {
+        update(
+            map.map(),
+            keys.as_ptr().cast(),
+            values.as_ptr().cast(),
+            count,
+        )
+    }
+}
+
+/// [`update_array`] for a per-CPU array, every CPU's value set to zeros (fresh counters).
+pub fn zero_percpu_array<V: Pod>(
+    map: &PerCpuArray<MapData, V>,
+    keys: &[u32],
+    cpus: usize,
+) -> (usize, Option<io::Error>) {
+    // The kernel's layout: each key's values, one per possible CPU, each padded to 8 bytes.
+    let per_cpu = std::mem::size_of::<V>().div_ceil(8) * 8;
+    let zeros = vec![0u64; keys.len() * cpus * per_cpu / 8];
+    // SAFETY: `keys.len()` keys and as many per-CPU values of the map's value type, in the
+    // kernel's layout for `cpus` possible CPUs (aya's `nr_cpus`, the count it sizes them by).
+    unsafe {
+        update(
+            map.map(),
+            keys.as_ptr().cast(),
+            zeros.as_ptr().cast(),
+            keys.len(),
+        )
+    }
+}
+
+/// `BPF_MAP_UPDATE_BATCH` of `count` entries.
+///
+/// # Safety
+/// `keys` and `values` must point at `count` keys and values laid out as the map's key and
+/// value sizes say, alive across the call; the kernel only reads them.
+unsafe fn update(
+    map: &MapData,
+    keys: *const u8,
+    values: *const u8,
+    count: usize,
+) -> (usize, Option<io::Error>) {
     if count == 0 {
         return (0, None);
     }
     let mut attr = BatchAttr {
-        keys: keys.as_ptr() as u64,
-        values: values.as_ptr() as u64,
+        keys: keys as u64,
+        values: values as u64,
         count: count as u32,
-        map_fd: map.map().fd().as_fd().as_raw_fd() as u32,
+        map_fd: map.fd().as_fd().as_raw_fd() as u32,
         ..BatchAttr::default()
     };
-    // SAFETY: the attribute names `count` keys (u32, an array's key) and values of the map's
-    // own value type, alive across the call; the kernel only reads them.
+    // SAFETY: as the caller promised.
     let ret = unsafe { bpf(BPF_MAP_UPDATE_BATCH, &mut attr) };
     let written = (attr.count as usize).min(count);
     if ret < 0 {

@@ -124,7 +124,10 @@ impl Engine {
 
     pub fn apply_service(&mut self, service: impl Into<Arc<Service>>) {
         let service = service.into();
-        let key = model::namespaced(&service.metadata);
+        self.put_service(model::namespaced(&service.metadata), service);
+    }
+
+    fn put_service(&mut self, key: String, service: Arc<Service>) {
         self.dirty.insert(key.clone());
         self.services.insert(key, service);
     }
@@ -137,7 +140,10 @@ impl Engine {
 
     pub fn apply_slice(&mut self, slice: impl Into<Arc<EndpointSlice>>) {
         let slice = slice.into();
-        let key = model::namespaced(&slice.metadata);
+        self.put_slice(model::namespaced(&slice.metadata), slice);
+    }
+
+    fn put_slice(&mut self, key: String, slice: Arc<EndpointSlice>) {
         let owner = slice_service(&slice);
         // A slice relabelled to another Service leaves the first one.
         if let Some(previous) = self.slice_owner.remove(&key) {
@@ -197,12 +203,12 @@ impl Engine {
         }
         for (key, service) in services {
             if self.services.get(&key) != Some(&service) {
-                self.apply_service(service);
+                self.put_service(key, service);
             }
         }
         for (key, slice) in slices {
             if self.slices.get(&key) != Some(&slice) {
-                self.apply_slice(slice);
+                self.put_slice(key, slice);
             }
         }
     }
@@ -223,6 +229,8 @@ impl Engine {
         let mut delta = Delta::default();
         let mut contested = BTreeSet::new();
         let empty = DesiredState::default();
+        // A relist marks thousands at once: grow the tables once, not step by step.
+        self.parts.reserve(self.dirty.len());
         for key in std::mem::take(&mut self.dirty) {
             let new = self.services.get(&key).map(|service| {
                 let slices: Vec<&EndpointSlice> = self
@@ -371,6 +379,35 @@ impl Engine {
             state.skipped.extend(part.skipped.iter().cloned());
         }
         state
+    }
+
+    /// The whole desired state as a full sync reads it, borrowed from the parts (no merged
+    /// copy: at 10,000 Services that copy cost as much as computing the parts).
+    pub fn sync_input(&self) -> crate::maps::SyncInput<'_> {
+        let mut input = crate::maps::SyncInput {
+            entries: self
+                .parts
+                .values()
+                .flat_map(|p| p.services.iter().map(|(n, s)| (n.as_str(), s)))
+                .collect(),
+            backends: HashMap::default(),
+            node_addresses: self.node_addresses(),
+        };
+        input.entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        for part in self.parts.values() {
+            let chosen = part.services.values().flat_map(|s| &s.backends);
+            input.add_backends(
+                chosen.chain(&part.known_backends),
+                &part.remote_backends,
+                &part.terminating_backends,
+            );
+        }
+        input
+    }
+
+    /// Services that rightly get no frontend, with why, as last computed.
+    pub fn skipped(&self) -> impl Iterator<Item = &(String, String)> {
+        self.parts.values().flat_map(|p| &p.skipped)
     }
 
     /// One Service's part of the desired state (`ns/name`), as last computed.

@@ -592,10 +592,10 @@ impl Programmer {
     }
 
     /// Logs skipped objects when the set changes, not on every poll or resync.
-    fn report_problems(
+    fn report_problems<'a>(
         &mut self,
         problems: Vec<String>,
-        skipped: &[(String, String)],
+        skipped: impl IntoIterator<Item = &'a (String, String)>,
         settings: &model::Settings,
     ) {
         if problems != self.last_problems {
@@ -617,12 +617,22 @@ impl Programmer {
         force: bool,
         seen: Option<std::time::Instant>,
     ) {
-        let desired = engine.desired();
         self.metrics
-            .set_invalid_objects(desired.errors.iter().map(|e| Some(e.object.as_str())));
-        let problems = desired.errors.iter().map(ToString::to_string).collect();
-        self.report_problems(problems, &desired.skipped, engine.settings());
-        self.program_full(desired, force, seen);
+            .set_invalid_objects(engine.errors().map(|e| Some(e.object.as_str())));
+        // Sorted: the parts come in no particular order, and an unchanged set logs nothing.
+        let mut problems: Vec<String> = engine.errors().map(ToString::to_string).collect();
+        problems.sort();
+        self.report_problems(problems, engine.skipped(), engine.settings());
+        if force {
+            self.reopen_maps();
+        }
+        let started = std::time::Instant::now();
+        // Read from the engine's parts as they are: no merged copy is made, or kept.
+        let result = self.applier.sync_input(&engine.sync_input());
+        if self.record(result, started, seen).is_some() {
+            self.health_checks.sync(engine.health_checks());
+        }
+        self.last = None;
     }
 
     /// Kubernetes mode, incremental: only the Services changed since the last sync. Returns
@@ -659,6 +669,14 @@ impl Programmer {
         done
     }
 
+    /// A full resync diffs against what the maps really hold, repairing any drift.
+    fn reopen_maps(&mut self) {
+        match maps::Applier::open(&self.pin_dir) {
+            Ok(applier) => self.applier = applier,
+            Err(err) => warn!("re-reading the maps failed, diffing from memory: {err:#}"),
+        }
+    }
+
     /// Writes `desired` whole (diffed against what the maps hold when `force`).
     fn program_full(
         &mut self,
@@ -667,11 +685,7 @@ impl Programmer {
         seen: Option<std::time::Instant>,
     ) {
         if force {
-            // A full resync diffs against what the maps really hold, repairing any drift.
-            match maps::Applier::open(&self.pin_dir) {
-                Ok(applier) => self.applier = applier,
-                Err(err) => warn!("re-reading the maps failed, diffing from memory: {err:#}"),
-            }
+            self.reopen_maps();
         }
         let started = std::time::Instant::now();
         let result = self.applier.sync(&desired);

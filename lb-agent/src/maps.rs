@@ -321,13 +321,112 @@ pub struct SyncReport {
     pub errors: Vec<String>,
 }
 
+/// What a full sync reads of the desired state, borrowed from wherever it is kept (one
+/// [`DesiredState`], or the engine's per-Service parts).
+pub struct SyncInput<'a> {
+    /// Every entry, in name order (the first by name wins a contested frontend).
+    pub(crate) entries: Vec<(&'a str, &'a DesiredService)>,
+    /// Every endpoint of the entries, chosen or only known, with its `BackendValue::flags`
+    /// (`BACKEND_REMOTE`, `BACKEND_TERMINATING`).
+    pub(crate) backends: FastMap<Backend, u8>,
+    pub(crate) node_addresses: BTreeSet<Ipv4Addr>,
+}
+
+impl<'a> SyncInput<'a> {
+    pub fn from_state(state: &'a DesiredState) -> Self {
+        let mut input = Self {
+            entries: state
+                .services
+                .iter()
+                .map(|(n, s)| (n.as_str(), s))
+                .collect(),
+            backends: FastMap::new(),
+            node_addresses: state.node_addresses.clone(),
+        };
+        let chosen = state.services.values().flat_map(|s| &s.backends);
+        input.add_backends(
+            chosen.chain(&state.known_backends),
+            &state.remote_backends,
+            &state.terminating_backends,
+        );
+        input
+    }
+
+    /// Adds backends with the flags the two sets give them (a backend listed twice keeps
+    /// every flag it was given).
+    pub(crate) fn add_backends<'b>(
+        &mut self,
+        backends: impl Iterator<Item = &'b Backend>,
+        remote: &BTreeSet<Backend>,
+        terminating: &BTreeSet<Backend>,
+    ) {
+        for backend in backends {
+            let mut flags = 0;
+            if remote.contains(backend) {
+                flags |= BACKEND_REMOTE;
+            }
+            if terminating.contains(backend) {
+                flags |= BACKEND_TERMINATING;
+            }
+            *self.backends.entry(*backend).or_default() |= flags;
+        }
+    }
+
+    fn has_entry(&self, name: &str) -> bool {
+        self.entries
+            .binary_search_by(|(n, _)| (*n).cmp(name))
+            .is_ok()
+    }
+}
+
+/// Stored backends and their flags, indexed by id: ids are dense (the allocator hands out
+/// the lowest free one), so a vector beats a tree or hash map at 100,000 of them.
+#[derive(Default)]
+struct BackendTable {
+    by_id: Vec<Option<(Backend, u8)>>,
+    len: usize,
+}
+
+impl BackendTable {
+    fn get(&self, id: u32) -> Option<&(Backend, u8)> {
+        self.by_id.get(id as usize).and_then(Option::as_ref)
+    }
+
+    fn insert(&mut self, id: u32, backend: Backend, flags: u8) {
+        let i = id as usize;
+        if i >= self.by_id.len() {
+            self.by_id.resize(i + 1, None);
+        }
+        if self.by_id[i].replace((backend, flags)).is_none() {
+            self.len += 1;
+        }
+    }
+
+    fn remove(&mut self, id: u32) -> Option<Backend> {
+        let (backend, _) = self.by_id.get_mut(id as usize)?.take()?;
+        self.len -= 1;
+        Some(backend)
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.by_id
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.is_some())
+            .map(|(id, _)| id as u32)
+    }
+}
+
 /// The applier: desired state in, minimal map writes out.
 pub struct Applier {
     maps: Maps,
-    backends: BTreeMap<u32, Backend>,
+    /// Stored backends with their `BackendValue::flags`, by id.
+    backends: BackendTable,
     backend_ids: FastMap<Backend, u32>,
-    /// `BackendValue::flags` as written, by backend id.
-    backend_flags: FastMap<u32, u8>,
     backend_alloc: IdAllocator,
     /// Service id -> (name, backend ids by slot).
     services: BTreeMap<u32, (String, Vec<u32>)>,
@@ -486,6 +585,25 @@ fn write_slot_entries(
     (indexes.len(), None)
 }
 
+/// Where a backend goes in a full sync's write order: chosen ones first, then address, port
+/// and protocol (one integer, computed once: a sort comparing sets and tuples cost more than
+/// the writes).
+fn backend_order(backend: &Backend, chosen: bool) -> u64 {
+    (u64::from(!chosen) << 56)
+        | (u64::from(u32::from(backend.addr)) << 24)
+        | (u64::from(backend.port) << 8)
+        | u64::from(backend.protocol.number())
+}
+
+/// An entry's `ServiceValue` flags (before Maglev) and affinity timeout.
+fn entry_settings(service: &DesiredService) -> (u32, u32) {
+    let flags = match service.when_empty {
+        WhenEmpty::Drop => SERVICE_DROP_WHEN_EMPTY,
+        WhenEmpty::Reject => 0,
+    };
+    (flags, service.affinity_timeout_seconds.unwrap_or(0))
+}
+
 /// Entries a service with `n` backends is given: a quarter more, so that it grows a while
 /// without moving (a move rewrites all its slots).
 fn run_for(n: u32) -> u32 {
@@ -554,14 +672,10 @@ impl Applier {
     /// Opens the pinned maps and adopts whatever they already hold.
     pub fn open(pin_dir: &Path) -> anyhow::Result<Self> {
         let mut maps = Maps::open(pin_dir)?;
-        let mut backends = BTreeMap::new();
-        let mut backend_flags = FastMap::new();
+        let mut backends = BackendTable::default();
         for (id, value) in read_backends(&maps.backends)? {
-            backend_flags.insert(id, value.flags);
             match backend_from_value(&value) {
-                Some(backend) => {
-                    backends.insert(id, backend);
-                }
+                Some(backend) => backends.insert(id, backend, value.flags),
                 None => warn!(id, "dropping backend entry with an unknown protocol"),
             }
         }
@@ -667,7 +781,10 @@ impl Applier {
             let data = key.data();
             source_ranges.insert((data.frontend, key.prefix_len(), data.client));
         }
-        let backend_ids = backends.iter().map(|(&id, &b)| (b, id)).collect();
+        let backend_ids = backends
+            .ids()
+            .filter_map(|id| backends.get(id).map(|&(b, _)| (b, id)))
+            .collect();
         let mut frontends_by_service: FastMap<u32, BTreeSet<FrontendKey>> = FastMap::new();
         for (key, value) in &frontends {
             frontends_by_service
@@ -686,12 +803,11 @@ impl Applier {
             .map(|(&id, (name, _))| (name.clone(), id))
             .collect();
         Ok(Self {
-            backend_alloc: IdAllocator::from_used(backends.keys().copied()),
+            backend_alloc: IdAllocator::from_used(backends.ids()),
             service_alloc: IdAllocator::from_used(services.keys().copied()),
             maps,
             backends,
             backend_ids,
-            backend_flags,
             services,
             written,
             slot_runs,
@@ -713,38 +829,37 @@ impl Applier {
     /// be written (a full map, say) is reported in [`SyncReport::errors`] and keeps what it had;
     /// the others are still programmed. Callers retry on the next sync.
     pub fn sync(&mut self, desired: &DesiredState) -> anyhow::Result<SyncReport> {
+        self.sync_input(&SyncInput::from_state(desired))
+    }
+
+    /// [`Applier::sync`] from a borrowed view of the desired state (the engine's parts, say),
+    /// so a full sync needs no merged copy.
+    pub fn sync_input(&mut self, desired: &SyncInput<'_>) -> anyhow::Result<SyncReport> {
         let mut report = SyncReport::default();
         self.settle_slots(&mut report);
 
         // 1. Backends first, so that no slot ever points at a missing backend. Endpoints that
         //    are known but not chosen (terminating, not ready) stay too: established flows to
         //    them keep going, as with kube-proxy, until they leave their slice.
-        let chosen: BTreeSet<Backend> = desired
-            .services
-            .values()
-            .flat_map(|s| s.backends.iter().copied())
-            .collect();
-        let wanted_backends: BTreeSet<Backend> = chosen
+        let chosen: FastSet<Backend> = desired
+            .entries
             .iter()
-            .chain(&desired.known_backends)
-            .copied()
+            .flat_map(|(_, s)| s.backends.iter().copied())
             .collect();
-        let room = self.plan_backends(desired.services.values(), &desired.known_backends);
-        let known_only = desired.known_backends.difference(&chosen);
-        let terminating = &desired.terminating_backends;
-        let mut stored = Vec::new();
-        for backend in chosen.iter().chain(known_only) {
-            let mut flags = 0;
-            if desired.remote_backends.contains(backend) {
-                flags |= BACKEND_REMOTE;
-            }
-            if terminating.contains(backend) {
-                flags |= BACKEND_TERMINATING;
-            }
-            if self.backend_ids.contains_key(backend) || room.contains(backend) {
-                stored.push((*backend, flags));
-            }
-        }
+        let room = self.plan_backends(
+            desired.entries.iter().map(|(_, s)| *s),
+            desired.backends.keys(),
+        );
+        // Chosen ones first, each group in address order: new ids are handed out the same way
+        // whatever the order the view was built in.
+        let mut stored: Vec<(u64, Backend, u8)> = desired
+            .backends
+            .iter()
+            .filter(|(b, _)| self.backend_ids.contains_key(*b) || room.contains(*b))
+            .map(|(b, &flags)| (backend_order(b, chosen.contains(b)), *b, flags))
+            .collect();
+        stored.sort_unstable_by_key(|e| e.0);
+        let stored: Vec<(Backend, u8)> = stored.into_iter().map(|(_, b, f)| (b, f)).collect();
         self.put_backends(&stored, &mut report);
 
         // 2. Each service's slots and backend count. A service that cannot be written whole
@@ -752,8 +867,8 @@ impl Applier {
         let mut wanted_frontends: FastMap<FrontendKey, (FrontendValue, &str)> = FastMap::new();
         let mut wanted_ranges: BTreeSet<RangeEntry> = BTreeSet::new();
         let mut kept: BTreeSet<u32> = BTreeSet::new();
-        for (name, service) in &desired.services {
-            let result = self.write_entry(name, service, &mut report);
+        let results = self.write_entries(&desired.entries, &mut report);
+        for (&(name, service), result) in desired.entries.iter().zip(results) {
             let service_id = match result {
                 Ok(id) => id,
                 Err(err) => {
@@ -827,30 +942,28 @@ impl Applier {
             .services
             .iter()
             .filter(|(id, (name, _))| {
-                !desired.services.contains_key(name)
-                    && !kept.contains(id)
-                    && !referenced.contains(id)
+                !desired.has_entry(name) && !kept.contains(id) && !referenced.contains(id)
             })
             .map(|(&id, _)| id)
             .collect();
         for id in stale {
             self.remove_service(id, &mut report)?;
         }
-        let used: BTreeSet<u32> = self
+        let used: FastSet<u32> = self
             .services
             .values()
             .flat_map(|(_, ids)| ids.iter().copied())
             .chain(
-                wanted_backends
-                    .iter()
+                desired
+                    .backends
+                    .keys()
                     .filter_map(|b| self.backend_ids.get(b).copied()),
             )
             .collect();
         let stale: Vec<u32> = self
             .backends
-            .keys()
+            .ids()
             .filter(|id| !used.contains(id))
-            .copied()
             .collect();
         for id in stale {
             self.remove_backend(id)?;
@@ -911,7 +1024,7 @@ impl Applier {
         let mut pending = Vec::new();
         for &(backend, flags) in list {
             let (id, is_new) = match self.backend_ids.get(&backend) {
-                Some(&id) if self.backend_flags.get(&id) == Some(&flags) => continue,
+                Some(&id) if self.backends.get(id).map(|b| b.1) == Some(flags) => continue,
                 Some(&id) => (id, false),
                 None => match self.backend_alloc.allocate(self.maps.backends.len()) {
                     Some(id) => (id, true),
@@ -936,10 +1049,9 @@ impl Applier {
             match stored {
                 Ok(()) => {
                     if is_new {
-                        self.backends.insert(id, backend);
                         self.backend_ids.insert(backend, id);
                     }
-                    self.backend_flags.insert(id, flags);
+                    self.backends.insert(id, backend, flags);
                     report.writes += 1;
                 }
                 Err(err) => {
@@ -954,6 +1066,211 @@ impl Applier {
         }
     }
 
+    /// The backend ids of an entry's backends, in its order; every one must be stored.
+    fn backend_ids_of(&self, service: &DesiredService) -> anyhow::Result<Vec<u32>> {
+        service
+            .backends
+            .iter()
+            .map(|b| {
+                self.backend_ids.get(b).copied().ok_or_else(|| {
+                    anyhow!(
+                        "backend {}:{} could not be stored (LB_BACKENDS full? see --max-backends)",
+                        b.addr,
+                        b.port
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// Writes the entries' slots and service entries (not their frontends); their ids, or why
+    /// not, in the order given. New entries without Maglev are written together, one system
+    /// call per map for all of them (a full sync from empty has 10,000s); the rest one by one.
+    fn write_entries(
+        &mut self,
+        entries: &[(&str, &DesiredService)],
+        report: &mut SyncReport,
+    ) -> Vec<anyhow::Result<u32>> {
+        let mut results: Vec<Option<anyhow::Result<u32>>> = std::iter::repeat_with(|| None)
+            .take(entries.len())
+            .collect();
+        let fresh: Vec<usize> = (0..entries.len())
+            .filter(|&i| !entries[i].1.maglev && !self.service_ids.contains_key(entries[i].0))
+            .collect();
+        if fresh.len() > 1 {
+            self.write_new_entries(entries, &fresh, &mut results, report);
+        }
+        entries
+            .iter()
+            .zip(results)
+            .map(|(&(name, service), done)| {
+                done.unwrap_or_else(|| self.write_entry(name, service, report))
+            })
+            .collect()
+    }
+
+    /// New services (no id yet, no Maglev table), written map by map: counters, then slots,
+    /// then names, then the service entries, each in one batch (one by one for what a batch
+    /// leaves). A service that any step fails is undone whole: nothing of it is visible before
+    /// its entry, written last, and no frontend names it yet.
+    fn write_new_entries(
+        &mut self,
+        entries: &[(&str, &DesiredService)],
+        fresh: &[usize],
+        results: &mut [Option<anyhow::Result<u32>>],
+        report: &mut SyncReport,
+    ) {
+        struct Planned {
+            at: usize,
+            id: u32,
+            run: (u32, u32),
+            slots: Vec<u32>,
+            value: ServiceValue,
+        }
+        let limit = self.maps.service_stats.len();
+        let mut planned = Vec::with_capacity(fresh.len());
+        for &at in fresh {
+            let service = entries[at].1;
+            let slots = match self.backend_ids_of(service) {
+                Ok(slots) => slots,
+                Err(err) => {
+                    results[at] = Some(Err(err));
+                    continue;
+                }
+            };
+            let Some(id) = self.service_alloc.allocate(limit) else {
+                results[at] = Some(Err(anyhow!("no free service id (see --max-services)")));
+                continue;
+            };
+            let count = slots.len() as u32;
+            let run = if count == 0 {
+                Some((0, 0))
+            } else {
+                let mut fit = |len| self.slot_alloc.allocate(len).map(|at| (at, len));
+                fit(run_for(count)).or_else(|| fit(count))
+            };
+            let Some(run) = run else {
+                self.service_alloc.release(id);
+                results[at] = Some(Err(anyhow!(
+                    "LB_SLOTS has no {count} free entries in a row (see --max-backends)"
+                )));
+                continue;
+            };
+            let (flags, affinity_timeout_s) = entry_settings(service);
+            let value = ServiceValue {
+                backend_count: count,
+                slot_base: run.0,
+                flags,
+                affinity_timeout_s,
+                maglev_table: 0,
+                maglev_size: 0,
+            };
+            planned.push(Planned {
+                at,
+                id,
+                run,
+                slots,
+                value,
+            });
+        }
+        let mut failed: Vec<Option<anyhow::Error>> = std::iter::repeat_with(|| None)
+            .take(planned.len())
+            .collect();
+
+        // A reused id starts with clean traffic counters.
+        let ids: Vec<u32> = planned.iter().map(|p| p.id).collect();
+        let cpus = aya::util::nr_cpus().unwrap_or(0);
+        let (done, _) = if cpus > 0 {
+            crate::batch::zero_percpu_array(&self.maps.service_stats, &ids, cpus)
+        } else {
+            (0, None)
+        };
+        for (i, p) in planned.iter().enumerate().skip(done) {
+            if let Err(err) = self.clear_counters(p.id) {
+                failed[i] = Some(err);
+            }
+        }
+
+        let (mut indexes, mut values, mut owners) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, p) in planned.iter().enumerate() {
+            if failed[i].is_some() {
+                continue;
+            }
+            for (k, &backend_id) in p.slots.iter().enumerate() {
+                indexes.push(p.run.0 + k as u32);
+                values.push(SlotValue {
+                    backend_id,
+                    service_id: p.id,
+                });
+                owners.push(i);
+            }
+        }
+        let (done, _) = crate::batch::update_array(&self.maps.slots, &indexes, &values);
+        report.writes += done;
+        for j in done..indexes.len() {
+            if failed[owners[j]].is_some() {
+                continue;
+            }
+            match self.maps.slots.set(indexes[j], values[j], 0) {
+                Ok(()) => report.writes += 1,
+                Err(err) => {
+                    failed[owners[j]] = Some(anyhow!(err).context("writing backend slots"));
+                }
+            }
+        }
+
+        let standing: Vec<usize> = (0..planned.len())
+            .filter(|&i| failed[i].is_none())
+            .collect();
+        let ids: Vec<u32> = standing.iter().map(|&i| planned[i].id).collect();
+        let names: Vec<ServiceName> = standing
+            .iter()
+            .map(|&i| encode_name(entries[planned[i].at].0))
+            .collect();
+        let (done, _) = crate::batch::update_hash(&self.maps.service_names, &ids, &names);
+        for (k, &i) in standing.iter().enumerate().skip(done) {
+            if let Err(err) = self.maps.service_names.insert(ids[k], names[k], 0) {
+                failed[i] = Some(anyhow!(err).context("writing the service name"));
+            }
+        }
+
+        let standing: Vec<usize> = standing
+            .into_iter()
+            .filter(|&i| failed[i].is_none())
+            .collect();
+        let ids: Vec<u32> = standing.iter().map(|&i| planned[i].id).collect();
+        let values: Vec<ServiceValue> = standing.iter().map(|&i| planned[i].value).collect();
+        let (done, _) = crate::batch::update_array(&self.maps.services, &ids, &values);
+        report.writes += done;
+        for (k, &i) in standing.iter().enumerate().skip(done) {
+            match self.maps.services.set(ids[k], values[k], 0) {
+                Ok(()) => report.writes += 1,
+                Err(err) => failed[i] = Some(anyhow!(err).context("writing the service entry")),
+            }
+        }
+
+        for (p, failure) in planned.into_iter().zip(failed) {
+            let name = entries[p.at].0;
+            if let Some(err) = failure {
+                let _ = self.maps.service_names.remove(&p.id);
+                if p.run.1 > 0 {
+                    self.slot_alloc.free(p.run.0, p.run.1);
+                }
+                self.service_alloc.release(p.id);
+                results[p.at] = Some(Err(err));
+                continue;
+            }
+            debug!(service = name, id = p.id, "new service");
+            self.service_ids.insert(name.to_string(), p.id);
+            self.record_slots(p.id, name, p.slots);
+            if p.run.1 > 0 {
+                self.slot_runs.insert(p.id, p.run);
+            }
+            self.written.insert(p.id, p.value);
+            results[p.at] = Some(Ok(p.id));
+        }
+    }
+
     /// Writes one desired entry's slots and service entry (not its frontends); returns its id.
     fn write_entry(
         &mut self,
@@ -961,33 +1278,17 @@ impl Applier {
         service: &DesiredService,
         report: &mut SyncReport,
     ) -> anyhow::Result<u32> {
-        if let Some(b) = service
-            .backends
-            .iter()
-            .find(|b| !self.backend_ids.contains_key(b))
-        {
-            anyhow::bail!(
-                "backend {}:{} could not be stored (LB_BACKENDS full? see --max-backends)",
-                b.addr,
-                b.port
-            );
-        }
-        let ids: Vec<u32> = service
-            .backends
-            .iter()
-            .filter_map(|b| self.backend_ids.get(b).copied())
-            .collect();
-        let flags = (
-            match service.when_empty {
-                WhenEmpty::Drop => SERVICE_DROP_WHEN_EMPTY,
-                WhenEmpty::Reject => 0,
-            },
-            service.affinity_timeout_seconds.unwrap_or(0),
-        );
+        let ids = self.backend_ids_of(service)?;
         // No backend, no table: the datapath looks at the count first.
         let maglev: Option<Vec<Backend>> = (service.maglev && !service.backends.is_empty())
             .then(|| service.backends.iter().copied().collect());
-        self.write_service(name, &ids, flags, maglev.as_deref(), report)
+        self.write_service(
+            name,
+            &ids,
+            entry_settings(service),
+            maglev.as_deref(),
+            report,
+        )
     }
 
     /// Applies a [`Delta`](crate::engine::Delta): only the entries and backends it names are
@@ -1017,8 +1318,11 @@ impl Applier {
         let mut wanted_frontends: FastMap<FrontendKey, (FrontendValue, &str)> = FastMap::new();
         let mut wanted_ranges: BTreeSet<RangeEntry> = BTreeSet::new();
         let mut entries = Vec::new();
-        for (name, service) in &delta.upsert {
-            match self.write_entry(name, service, &mut report) {
+        let upsert: Vec<(&str, &DesiredService)> =
+            delta.upsert.iter().map(|(n, s)| (n.as_str(), s)).collect();
+        let results = self.write_entries(&upsert, &mut report);
+        for ((name, service), result) in delta.upsert.iter().zip(results) {
+            match result {
                 Ok(id) => {
                     changing.insert(id);
                     entries.push((name, service, id));
@@ -1173,13 +1477,25 @@ impl Applier {
                 self.insert_range(entry, report);
             }
         }
+        let (mut keys, mut values, mut names) = (Vec::new(), Vec::new(), Vec::new());
         for (key, (value, name)) in frontends {
-            if self.frontends.get(key) == Some(value) {
-                continue;
+            if self.frontends.get(key) != Some(value) {
+                keys.push(*key);
+                values.push(*value);
+                names.push(*name);
             }
-            match self.maps.frontends.insert(key, value, 0) {
+        }
+        // One batch (a full sync from empty writes one per Service), one by one for the rest.
+        let (batched, _) = crate::batch::update_hash(&self.maps.frontends, &keys, &values);
+        for (i, name) in names.into_iter().enumerate() {
+            let written = if i < batched {
+                Ok(())
+            } else {
+                self.maps.frontends.insert(keys[i], values[i], 0)
+            };
+            match written {
                 Ok(()) => {
-                    self.record_frontend(*key, Some(*value));
+                    self.record_frontend(keys[i], Some(values[i]));
                     report.writes += 1;
                 }
                 Err(err) => report
@@ -1221,10 +1537,9 @@ impl Applier {
             .backends
             .set(id, BackendValue::default(), 0)
             .context("removing a backend")?;
-        if let Some(backend) = self.backends.remove(&id) {
+        if let Some(backend) = self.backends.remove(id) {
             self.backend_ids.remove(&backend);
         }
-        self.backend_flags.remove(&id);
         self.backend_alloc.release(id);
         Ok(())
     }

@@ -270,7 +270,11 @@ pub fn desired_state(
     };
     let slices_by_service = group_slices(slices);
     for service in services {
-        add_service(service, &slices_by_service, settings, &mut state);
+        let slices = slices_by_service
+            .get(&namespaced(&service.metadata))
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        add_service(service, slices, settings, &mut state);
     }
     state
 }
@@ -286,8 +290,7 @@ pub fn service_part(
     let mut state = DesiredState::default();
     let mut sorted = slices.to_vec();
     sorted.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
-    let grouped = BTreeMap::from([(namespaced(&service.metadata), sorted)]);
-    add_service(service, &grouped, settings, &mut state);
+    add_service(service, &sorted, settings, &mut state);
     state
 }
 
@@ -327,7 +330,7 @@ fn group_slices(slices: &[EndpointSlice]) -> BTreeMap<String, Vec<&EndpointSlice
 
 fn add_service(
     service: &Service,
-    slices_by_service: &BTreeMap<String, Vec<&EndpointSlice>>,
+    slices: &[&EndpointSlice],
     settings: &Settings,
     state: &mut DesiredState,
 ) {
@@ -400,10 +403,6 @@ fn add_service(
         return;
     }
 
-    let slices = slices_by_service
-        .get(&name)
-        .map(Vec::as_slice)
-        .unwrap_or_default();
     // Kubernetes refuses any other type; the cluster IP is the part that is surely meant.
     let type_ = match spec.type_.as_deref().unwrap_or("") {
         "" => "ClusterIP",
@@ -851,13 +850,13 @@ fn endpoints_for_port(
     state: &mut DesiredState,
 ) -> Vec<EndpointInfo> {
     let port_name = port_name.unwrap_or("");
-    let mut endpoints: Vec<EndpointInfo> = Vec::new();
+    let mut endpoints: Vec<EndpointInfo> =
+        Vec::with_capacity(slices.iter().map(|s| s.endpoints.len()).sum());
     for slice in slices {
-        let object = format!("EndpointSlice {}", namespaced(&slice.metadata));
         // Each port of the Service reads the slice again: report its faults once.
         let mut report = |field: String, message: String| {
             let error = ModelError {
-                object: object.clone(),
+                object: format!("EndpointSlice {}", namespaced(&slice.metadata)),
                 field,
                 message,
             };

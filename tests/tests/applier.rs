@@ -534,3 +534,61 @@ fn a_reopened_applier_clears_released_slots_and_gives_runs_their_room_back() {
     );
     assert_eq!(backends_of(&h.pin_dir, "ns/a:80/TCP").len(), 9);
 }
+
+#[test]
+fn new_services_written_together_are_undone_one_by_one_when_a_map_fills_midway() {
+    // Service ids 1..=4 and twelve slots: just enough for the four below, so an id or a run
+    // the failed attempt kept would make the second one fail. LB_SERVICE_NAMES holds five,
+    // three of which a stranger holds: the batch of new services' names stops after two.
+    let mut h = small_harness(5, 12);
+    let mut maps = lb_agent::maps::Maps::open(&h.pin_dir).unwrap();
+    let strangers: Vec<u32> = (1_000_000..1_000_003).collect();
+    for &key in &strangers {
+        maps.service_names
+            .insert(key, lb_common::ServiceName::default(), 0)
+            .unwrap();
+    }
+    let desired = services(&[
+        ("ns/a:80/TCP", "10.96.0.1", &addresses("10.0.1", 3)),
+        ("ns/b:80/TCP", "10.96.0.2", &addresses("10.0.2", 2)),
+        ("ns/c:80/TCP", "10.96.0.3", &addresses("10.0.3", 4)),
+        ("ns/d:80/TCP", "10.96.0.4", &addresses("10.0.4", 1)),
+    ]);
+    let report = h.applier.sync(&desired).unwrap();
+    assert_eq!(report.errors.len(), 2, "{:?}", report.errors);
+    for (error, name) in report.errors.iter().zip(["ns/c", "ns/d"]) {
+        assert!(
+            error.starts_with(&format!("service {name}:")) && error.contains("service name"),
+            "{error}"
+        );
+    }
+    assert_eq!(report.frontends, 2, "the refused ones have no frontend");
+    for key in &strangers {
+        maps.service_names.remove(key).unwrap();
+    }
+    let shown: Vec<String> = read_services(&h.pin_dir)
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(shown, ["ns/a:80/TCP", "ns/b:80/TCP"], "nothing of c or d");
+
+    // Room again: the refused ones are programmed on the next sync, on ids and runs the
+    // first attempt gave back, each with exactly its own backends.
+    let report = h.applier.sync(&desired).unwrap();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    for (name, prefix, n) in [
+        ("ns/a:80/TCP", "10.0.1", 3),
+        ("ns/b:80/TCP", "10.0.2", 2),
+        ("ns/c:80/TCP", "10.0.3", 4),
+        ("ns/d:80/TCP", "10.0.4", 1),
+    ] {
+        let mut got = backends_of(&h.pin_dir, name);
+        got.sort();
+        let want: Vec<Ipv4Addr> = addresses(prefix, n)
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        assert_eq!(got, want, "{name}");
+    }
+}

@@ -546,9 +546,9 @@ pub mod control_plane {
             slices.clone(),
         );
         engine.settle();
-        let desired = engine.desired();
+        let desired = engine.sync_input();
         let full_model_ms = started.elapsed().as_secs_f64() * 1000.0;
-        let report = h.applier.sync(&desired)?;
+        let report = h.applier.sync_input(&desired)?;
         let full_ms = started.elapsed().as_secs_f64() * 1000.0;
         anyhow::ensure!(report.errors.is_empty(), "{:?}", report.errors.first());
         let full_ops = report.writes + report.deletes;
