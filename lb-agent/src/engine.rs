@@ -47,6 +47,9 @@ impl Delta {
     }
 }
 
+/// At most this many threads compute parts at once (a start or relist on a big node).
+const MAX_THREADS: usize = 4;
+
 /// Objects in, per-Service parts of the desired state out.
 #[derive(Default)]
 pub struct Engine {
@@ -231,17 +234,9 @@ impl Engine {
         let empty = DesiredState::default();
         // A relist marks thousands at once: grow the tables once, not step by step.
         self.parts.reserve(self.dirty.len());
-        for key in std::mem::take(&mut self.dirty) {
-            let new = self.services.get(&key).map(|service| {
-                let slices: Vec<&EndpointSlice> = self
-                    .slices_by_service
-                    .get(&key)
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|k| self.slices.get(k).map(|s| &**s))
-                    .collect();
-                model::service_part(service, &slices, &self.settings)
-            });
+        let keys: Vec<String> = std::mem::take(&mut self.dirty).into_iter().collect();
+        let computed = self.compute_parts(&keys);
+        for (key, new) in keys.into_iter().zip(computed) {
             // The old part is only read: the new one moves in at the end, uncloned.
             let old = self.parts.get(&key);
             if old == new.as_ref() {
@@ -348,6 +343,53 @@ impl Engine {
             .released
             .retain(|b| !self.backend_users.contains_key(b));
         delta
+    }
+
+    /// The parts of the Services `keys` names (`None`: the Service is gone). Each part depends
+    /// on its own Service and slices only, so a big batch (a start or a relist) is split over
+    /// the CPUs; a handful is computed right here.
+    fn compute_parts(&self, keys: &[String]) -> Vec<Option<DesiredState>> {
+        let part = |key: &String| {
+            self.services.get(key).map(|service| {
+                let slices: Vec<&EndpointSlice> = self
+                    .slices_by_service
+                    .get(key)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|k| self.slices.get(k).map(|s| &**s))
+                    .collect();
+                model::service_part(service, &slices, &self.settings)
+            })
+        };
+        const PER_THREAD: usize = 1024;
+        if keys.len() < 2 * PER_THREAD {
+            return keys.iter().map(part).collect();
+        }
+        // (Not asked every time: it reads the cgroup's CPU quota.)
+        let threads = std::thread::available_parallelism()
+            .map_or(1, usize::from)
+            .min(keys.len() / PER_THREAD)
+            .min(MAX_THREADS);
+        if threads <= 1 {
+            return keys.iter().map(part).collect();
+        }
+        let chunk = keys.len().div_ceil(threads);
+        std::thread::scope(|scope| {
+            let mut chunks = keys.chunks(chunk);
+            let here = chunks.next().unwrap_or_default();
+            let others: Vec<_> = chunks
+                .map(|c| scope.spawn(move || c.iter().map(part).collect::<Vec<_>>()))
+                .collect();
+            let mut out: Vec<Option<DesiredState>> = here.iter().map(part).collect();
+            for handle in others {
+                match handle.join() {
+                    Ok(parts) => out.extend(parts),
+                    // A panic in the model is a bug; surface it as it would surface here.
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
+            }
+            out
+        })
     }
 
     /// The whole desired state (for a full resync): the union of the parts.
@@ -538,6 +580,34 @@ mod tests {
             BTreeSet::from([backend("10.1.0.1")]),
             "10.1.0.2 is still b's"
         );
+    }
+
+    #[test]
+    fn a_batch_big_enough_to_be_split_over_threads_gives_the_whole_model() {
+        let mut engine = Engine::default();
+        let n = 3000; // over two threads' worth where there are two CPUs
+        for i in 0..n {
+            let (a, b) = (i / 250, i % 250);
+            engine.apply_service(service(&format!("s{i}"), &format!("10.96.{a}.{b}")));
+            engine.apply_slice(slice(
+                &format!("s{i}"),
+                &format!("s{i}-a"),
+                &[&format!("10.1.{a}.{b}"), &format!("10.2.{a}.{b}")],
+            ));
+        }
+        let delta = engine.take_delta();
+        assert_eq!(delta.upsert.len(), n);
+        assert_eq!(delta.backends.len(), 2 * n);
+        assert_eq!(engine.desired(), full(&engine));
+        // Each part is filed under its own Service.
+        for i in 0..n {
+            let key = format!("ns/s{i}");
+            let part = engine.desired_service(&key).unwrap();
+            assert_eq!(
+                part.services.keys().collect::<Vec<_>>(),
+                [&format!("{key}:http/TCP")]
+            );
+        }
     }
 
     #[test]

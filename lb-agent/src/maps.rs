@@ -585,12 +585,10 @@ fn write_slot_entries(
     (indexes.len(), None)
 }
 
-/// Where a backend goes in a full sync's write order: chosen ones first, then address, port
-/// and protocol (one integer, computed once: a sort comparing sets and tuples cost more than
-/// the writes).
-fn backend_order(backend: &Backend, chosen: bool) -> u64 {
-    (u64::from(!chosen) << 56)
-        | (u64::from(u32::from(backend.addr)) << 24)
+/// Where a backend goes in a full sync's write order: address, port and protocol, as one
+/// integer computed once (a sort comparing tuples cost more than the writes).
+fn backend_order(backend: &Backend) -> u64 {
+    (u64::from(u32::from(backend.addr)) << 24)
         | (u64::from(backend.port) << 8)
         | u64::from(backend.protocol.number())
 }
@@ -841,22 +839,19 @@ impl Applier {
         // 1. Backends first, so that no slot ever points at a missing backend. Endpoints that
         //    are known but not chosen (terminating, not ready) stay too: established flows to
         //    them keep going, as with kube-proxy, until they leave their slice.
-        let chosen: FastSet<Backend> = desired
-            .entries
-            .iter()
-            .flat_map(|(_, s)| s.backends.iter().copied())
-            .collect();
         let room = self.plan_backends(
             desired.entries.iter().map(|(_, s)| *s),
             desired.backends.keys(),
         );
-        // Chosen ones first, each group in address order: new ids are handed out the same way
-        // whatever the order the view was built in.
+        // In address order: new ids are handed out the same way whatever the order the view
+        // was built in.
         let mut stored: Vec<(u64, Backend, u8)> = desired
             .backends
             .iter()
-            .filter(|(b, _)| self.backend_ids.contains_key(*b) || room.contains(*b))
-            .map(|(b, &flags)| (backend_order(b, chosen.contains(b)), *b, flags))
+            .filter(|(b, _)| {
+                self.backend_ids.contains_key(*b) || room.as_ref().is_none_or(|r| r.contains(*b))
+            })
+            .map(|(b, &flags)| (backend_order(b), *b, flags))
             .collect();
         stored.sort_unstable_by_key(|e| e.0);
         let stored: Vec<(Backend, u8)> = stored.into_iter().map(|(_, b, f)| (b, f)).collect();
@@ -976,16 +971,24 @@ impl Applier {
         Ok(report)
     }
 
-    /// Which new backends get an id when `LB_BACKENDS` cannot hold them all: whole services
-    /// (in the order given: name order), never part of one, so a Service that does not fit is
-    /// refused whole and cannot starve the ones after it; then endpoints that are only known
-    /// (draining ones), while room is left.
+    /// Which new backends get an id when `LB_BACKENDS` cannot hold them all (`None`: it holds
+    /// them all, the usual case): whole services (in the order given: name order), never part
+    /// of one, so a Service that does not fit is refused whole and cannot starve the ones after
+    /// it; then endpoints that are only known (draining ones), while room is left. `known`
+    /// lists every backend, the services' chosen ones included.
     fn plan_backends<'a>(
         &self,
         services: impl Iterator<Item = &'a DesiredService>,
-        known: impl IntoIterator<Item = &'a Backend>,
-    ) -> FastSet<Backend> {
+        known: impl Iterator<Item = &'a Backend> + Clone,
+    ) -> Option<FastSet<Backend>> {
         let mut room = self.backend_alloc.available(self.maps.backends.len());
+        let new = known
+            .clone()
+            .filter(|b| !self.backend_ids.contains_key(b))
+            .count();
+        if new <= room {
+            return None;
+        }
         let mut planned = FastSet::new();
         let mut chosen = FastSet::new();
         for service in services {
@@ -1012,7 +1015,7 @@ impl Applier {
                 room -= 1;
             }
         }
-        planned
+        Some(planned)
     }
 
     /// Stores backends (new, or with new flags), in one batched write where the kernel has it
@@ -1307,7 +1310,9 @@ impl Applier {
         let stored: Vec<(Backend, u8)> = delta
             .backends
             .iter()
-            .filter(|(b, _)| self.backend_ids.contains_key(b) || room.contains(b))
+            .filter(|(b, _)| {
+                self.backend_ids.contains_key(b) || room.as_ref().is_none_or(|r| r.contains(*b))
+            })
             .map(|(b, &flags)| (*b, flags))
             .collect();
         self.put_backends(&stored, &mut report);
