@@ -12,7 +12,7 @@ use std::{
 };
 
 // Seeded per process; keys are object names and addresses from the API.
-use foldhash::HashMap;
+use foldhash::{HashMap, HashSet};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
@@ -69,7 +69,7 @@ pub struct Engine {
     /// (an externalIP, say); the first by name gets it, as in a full sync, so every claimant
     /// of a contested frontend goes into a delta that changes any of the claims.
     claims: HashMap<(std::net::Ipv4Addr, u16, model::Protocol), BTreeSet<String>>,
-    dirty: BTreeSet<String>,
+    dirty: HashSet<String>,
 }
 
 fn slice_service(slice: &EndpointSlice) -> Option<String> {
@@ -82,27 +82,34 @@ fn slice_service(slice: &EndpointSlice) -> Option<String> {
     Some(format!("{namespace}/{service}"))
 }
 
-/// The backends a part uses, with the flags the datapath's backend entry carries.
-fn part_backends(part: &DesiredState) -> BTreeMap<Backend, u8> {
-    let mut out: BTreeMap<Backend, u8> = BTreeMap::new();
-    // Flags are the endpoint's own (its node, its conditions), the same in every part that
-    // lists it, so writing them from the parts that changed agrees with the others.
-    for backend in part
+/// The backends a part uses, with the flags the datapath's backend entry carries, in order
+/// (a sorted vector: parts hold a handful, and a start computes 10,000s of them).
+fn part_backends(part: &DesiredState) -> Vec<(Backend, u8)> {
+    let mut out: Vec<(Backend, u8)> = part
         .services
         .values()
         .flat_map(|s| &s.backends)
         .chain(&part.known_backends)
-    {
-        let mut flags = 0;
-        if part.remote_backends.contains(backend) {
-            flags |= lb_common::BACKEND_REMOTE;
-        }
-        if part.terminating_backends.contains(backend) {
-            flags |= lb_common::BACKEND_TERMINATING;
-        }
-        out.insert(*backend, flags);
-    }
+        .map(|backend| {
+            // Flags are the endpoint's own (its node, its conditions), the same in every part
+            // that lists it, so writing them from the parts that changed agrees with the others.
+            let mut flags = 0;
+            if part.remote_backends.contains(backend) {
+                flags |= lb_common::BACKEND_REMOTE;
+            }
+            if part.terminating_backends.contains(backend) {
+                flags |= lb_common::BACKEND_TERMINATING;
+            }
+            (*backend, flags)
+        })
+        .collect();
+    out.sort_unstable();
+    out.dedup_by_key(|(b, _)| *b);
     out
+}
+
+fn has_backend(list: &[(Backend, u8)], backend: &Backend) -> bool {
+    list.binary_search_by(|(b, _)| b.cmp(backend)).is_ok()
 }
 
 impl Engine {
@@ -186,6 +193,16 @@ impl Engine {
             .into_iter()
             .map(|s| (model::namespaced(&s.metadata), s))
             .collect();
+        // A first list (a start) fills empty tables: size them once.
+        self.services
+            .reserve(services.len().saturating_sub(self.services.len()));
+        self.slices
+            .reserve(slices.len().saturating_sub(self.slices.len()));
+        self.slice_owner
+            .reserve(slices.len().saturating_sub(self.slice_owner.len()));
+        self.slices_by_service
+            .reserve(services.len().saturating_sub(self.slices_by_service.len()));
+        self.dirty.reserve(services.len());
         let gone: Vec<String> = self
             .services
             .keys()
@@ -234,7 +251,9 @@ impl Engine {
         let empty = DesiredState::default();
         // A relist marks thousands at once: grow the tables once, not step by step.
         self.parts.reserve(self.dirty.len());
-        let keys: Vec<String> = std::mem::take(&mut self.dirty).into_iter().collect();
+        // In name order, so a delta's errors come in the same order every time.
+        let mut keys: Vec<String> = std::mem::take(&mut self.dirty).into_iter().collect();
+        keys.sort_unstable();
         let computed = self.compute_parts(&keys);
         for (key, new) in keys.into_iter().zip(computed) {
             // The old part is only read: the new one moves in at the end, uncloned.
@@ -294,13 +313,13 @@ impl Engine {
                 }
             }
             let (old_backends, new_backends) = (part_backends(old), part_backends(new_ref));
-            for backend in new_backends.keys() {
-                if !old_backends.contains_key(backend) {
+            for (backend, _) in &new_backends {
+                if !has_backend(&old_backends, backend) {
                     *self.backend_users.entry(*backend).or_default() += 1;
                 }
             }
-            for backend in old_backends.keys() {
-                if !new_backends.contains_key(backend) {
+            for (backend, _) in &old_backends {
+                if !has_backend(&new_backends, backend) {
                     let users = self.backend_users.entry(*backend).or_default();
                     *users = users.saturating_sub(1);
                     if *users == 0 {
@@ -315,11 +334,13 @@ impl Engine {
                     *delta.backends.entry(backend).or_default() |= flags;
                 }
             }
+            if build {
+                delta.services.insert(key.clone());
+            }
             match new {
-                Some(new) => self.parts.insert(key.clone(), new),
+                Some(new) => self.parts.insert(key, new),
                 None => self.parts.remove(&key),
             };
-            delta.services.insert(key);
         }
         if build {
             for key in contested {
@@ -432,7 +453,10 @@ impl Engine {
                 .values()
                 .flat_map(|p| p.services.iter().map(|(n, s)| (n.as_str(), s)))
                 .collect(),
-            backends: HashMap::default(),
+            backends: HashMap::with_capacity_and_hasher(
+                self.backend_users.len(),
+                Default::default(),
+            ),
             node_addresses: self.node_addresses(),
         };
         input.entries.sort_unstable_by(|a, b| a.0.cmp(b.0));

@@ -421,6 +421,34 @@ impl BackendTable {
     }
 }
 
+/// How many slots (of all services) name each backend id, indexed by id (ids are dense).
+#[derive(Default)]
+struct SlotRefs(Vec<u32>);
+
+impl SlotRefs {
+    fn add(&mut self, ids: &[u32]) {
+        for &id in ids {
+            let i = id as usize;
+            if i >= self.0.len() {
+                self.0.resize(i + 1, 0);
+            }
+            self.0[i] += 1;
+        }
+    }
+
+    fn remove(&mut self, ids: &[u32]) {
+        for &id in ids {
+            if let Some(refs) = self.0.get_mut(id as usize) {
+                *refs = refs.saturating_sub(1);
+            }
+        }
+    }
+
+    fn any(&self, id: u32) -> bool {
+        self.0.get(id as usize).is_some_and(|&n| n > 0)
+    }
+}
+
 /// The applier: desired state in, minimal map writes out.
 pub struct Applier {
     maps: Maps,
@@ -441,7 +469,7 @@ pub struct Applier {
     /// The keys of `frontends`, by the service id they point at.
     frontends_by_service: FastMap<u32, BTreeSet<FrontendKey>>,
     /// How many slots (of all services) hold each backend id.
-    slot_refs: FastMap<u32, u32>,
+    slot_refs: SlotRefs,
     /// (frontend, client prefix length, client prefix) entries of LB_SOURCE_RANGES.
     source_ranges: BTreeSet<(FrontendKey, u32, [u8; 4])>,
     /// `LB_MAGLEV` layout: entries per table (M) and how many tables fit.
@@ -790,11 +818,9 @@ impl Applier {
                 .or_default()
                 .insert(*key);
         }
-        let mut slot_refs: FastMap<u32, u32> = FastMap::new();
+        let mut slot_refs = SlotRefs::default();
         for (_, ids) in services.values() {
-            for id in ids {
-                *slot_refs.entry(*id).or_default() += 1;
-            }
+            slot_refs.add(ids);
         }
         let service_ids = services
             .iter()
@@ -944,21 +970,25 @@ impl Applier {
         for id in stale {
             self.remove_service(id, &mut report)?;
         }
-        let used: FastSet<u32> = self
+        // Ids are dense: one flag per id.
+        let mut used = vec![false; self.backends.by_id.len()];
+        let in_slots = self
             .services
             .values()
-            .flat_map(|(_, ids)| ids.iter().copied())
-            .chain(
-                desired
-                    .backends
-                    .keys()
-                    .filter_map(|b| self.backend_ids.get(b).copied()),
-            )
-            .collect();
+            .flat_map(|(_, ids)| ids.iter().copied());
+        let wanted = desired
+            .backends
+            .keys()
+            .filter_map(|b| self.backend_ids.get(b).copied());
+        for id in in_slots.chain(wanted) {
+            if let Some(flag) = used.get_mut(id as usize) {
+                *flag = true;
+            }
+        }
         let stale: Vec<u32> = self
             .backends
             .ids()
-            .filter(|id| !used.contains(id))
+            .filter(|&id| !used.get(id as usize).copied().unwrap_or(false))
             .collect();
         for id in stale {
             self.remove_backend(id)?;
@@ -1415,7 +1445,7 @@ impl Applier {
             let Some(&id) = self.backend_ids.get(backend) else {
                 continue;
             };
-            if self.slot_refs.contains_key(&id) {
+            if self.slot_refs.any(id) {
                 continue; // still in a refused service's old slots
             }
             self.remove_backend(id)?;
@@ -1451,21 +1481,9 @@ impl Applier {
 
     /// Records the slots a service's entry now exposes, keeping `slot_refs` in step.
     fn record_slots(&mut self, id: u32, name: &str, slots: Vec<u32>) {
-        let old = self
-            .services
-            .insert(id, (name.to_string(), slots.clone()))
-            .map(|(_, old)| old)
-            .unwrap_or_default();
-        for backend in old {
-            if let Some(refs) = self.slot_refs.get_mut(&backend) {
-                *refs -= 1;
-                if *refs == 0 {
-                    self.slot_refs.remove(&backend);
-                }
-            }
-        }
-        for backend in slots {
-            *self.slot_refs.entry(backend).or_default() += 1;
+        self.slot_refs.add(&slots);
+        if let Some((_, old)) = self.services.insert(id, (name.to_string(), slots)) {
+            self.slot_refs.remove(&old);
         }
     }
 

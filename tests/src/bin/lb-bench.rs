@@ -315,18 +315,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if let Some(n) = cli.control_plane_child {
         let r = control_plane::measure(n)?;
-        println!(
-            "| {} | {:.1} ms | {:.1} ms | {} | {:.3} ms / {:.2} ms | {:.3} ms | {} | {:.0} MB |",
-            r.services,
-            r.full_ms,
-            r.full_model_ms,
-            r.full_ops,
-            r.change_ms,
-            r.change_worst_ms,
-            r.change_model_ms,
-            r.change_ops,
-            r.rss_mb
-        );
+        println!("{}", r.to_line());
         return Ok(());
     }
     let (mut counts, calls): (&[u32], u32) = if cli.quick {
@@ -348,28 +337,38 @@ fn main() -> anyhow::Result<()> {
     eprintln!("bench: conntrack walk ...");
     text.push_str(&conntrack_walk(if cli.quick { 4096 } else { 262_144 })?);
     let sizes: &[u32] = if cli.quick { &[100] } else { &[1_000, 10_000] };
+    let control_plane_runs = if cli.quick { 1 } else { 5 };
     text.push_str(
-        "\nControl plane: N Services x 10 endpoints from Service and EndpointSlice objects, model \
+        &"\nControl plane: N Services x 10 endpoints from Service and EndpointSlice objects, model \
          and applier, from empty; then one endpoint of one Service replaced, 21 times, each in \
          another Service (median / slowest). *Ops* are map \
          writes plus deletes; RSS is this process holding the objects, the desired state and \
-         the applier's view (what the agent holds).\n\n\
-         | services | program all | of which model | ops | one endpoint change | of which model | ops | RSS |\n\
-         |---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         the applier's view (what the agent holds). Each figure is the median of RUNS runs, \
+         each in a fresh process (program all: median and range); *per Service* is program all \
+         over N.\n\n\
+         | services | program all | per Service | of which model | ops | one endpoint change | of which model | ops | RSS |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+            .replace("RUNS", &control_plane_runs.to_string()),
     );
     for &n in sizes {
-        eprintln!("bench: control plane, {n} services ...");
-        // A fresh process per size, so its resident memory is that state's alone.
-        let output = std::process::Command::new(std::env::current_exe()?)
-            .args(["--control-plane-child", &n.to_string()])
-            .output()
-            .context("running the control-plane measurement")?;
-        anyhow::ensure!(
-            output.status.success(),
-            "control plane, {n} services: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        text.push_str(&String::from_utf8_lossy(&output.stdout));
+        eprintln!("bench: control plane, {n} services, {control_plane_runs} runs ...");
+        let mut runs = Vec::new();
+        for _ in 0..control_plane_runs {
+            // A fresh process per run, so its resident memory is that state's alone.
+            let output = std::process::Command::new(std::env::current_exe()?)
+                .args(["--control-plane-child", &n.to_string()])
+                .output()
+                .context("running the control-plane measurement")?;
+            anyhow::ensure!(
+                output.status.success(),
+                "control plane, {n} services: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            runs.push(control_plane::Result::from_line(&String::from_utf8_lossy(
+                &output.stdout,
+            ))?);
+        }
+        text.push_str(&control_plane::row(&runs));
     }
     if !cli.quick {
         // The churn soak at full length (the tests run 10 s of it).
@@ -457,6 +456,77 @@ pub mod control_plane {
         pub rss_mb: f64,
     }
 
+    impl Result {
+        /// What a child process prints for its parent: the fields, space-separated.
+        pub fn to_line(&self) -> String {
+            format!(
+                "control-plane {} {} {} {} {} {} {} {} {}",
+                self.services,
+                self.full_ms,
+                self.full_model_ms,
+                self.full_ops,
+                self.change_ms,
+                self.change_worst_ms,
+                self.change_model_ms,
+                self.change_ops,
+                self.rss_mb
+            )
+        }
+
+        pub fn from_line(text: &str) -> anyhow::Result<Self> {
+            let fields: Vec<&str> = text
+                .lines()
+                .find_map(|l| l.strip_prefix("control-plane "))
+                .ok_or_else(|| anyhow::anyhow!("no result in {text:?}"))?
+                .split_whitespace()
+                .collect();
+            anyhow::ensure!(fields.len() == 9, "9 fields expected in {text:?}");
+            let f = |i: usize| -> anyhow::Result<f64> { Ok(fields[i].parse()?) };
+            Ok(Self {
+                services: fields[0].parse()?,
+                full_ms: f(1)?,
+                full_model_ms: f(2)?,
+                full_ops: fields[3].parse()?,
+                change_ms: f(4)?,
+                change_worst_ms: f(5)?,
+                change_model_ms: f(6)?,
+                change_ops: fields[7].parse()?,
+                rss_mb: f(8)?,
+            })
+        }
+    }
+
+    /// One table row from several runs of one size: the median of each figure (and the
+    /// range of the full programming time).
+    pub fn row(runs: &[Result]) -> String {
+        let median = |f: &dyn Fn(&Result) -> f64| {
+            let mut v: Vec<f64> = runs.iter().map(f).collect();
+            v.sort_by(f64::total_cmp);
+            v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+        };
+        let full = median(&|r| r.full_ms);
+        let (low, high) = runs.iter().fold((f64::MAX, f64::MIN), |(lo, hi), r| {
+            (lo.min(r.full_ms), hi.max(r.full_ms))
+        });
+        let services = runs.first().map_or(0, |r| r.services);
+        let range = if runs.len() > 1 {
+            format!(" ({low:.0}–{high:.0})")
+        } else {
+            String::new()
+        };
+        format!(
+            "| {services} | {full:.1} ms{range} | {:.1} µs | {:.1} ms | {:.0} | {:.3} ms / {:.2} ms | {:.3} ms | {:.0} | {:.0} MB |\n",
+            full * 1000.0 / f64::from(services.max(1)),
+            median(&|r| r.full_model_ms),
+            median(&|r| r.full_ops as f64),
+            median(&|r| r.change_ms),
+            median(&|r| r.change_worst_ms),
+            median(&|r| r.change_model_ms),
+            median(&|r| r.change_ops as f64),
+            median(&|r| r.rss_mb),
+        )
+    }
+
     fn objects(n: u32) -> (Vec<Service>, Vec<EndpointSlice>) {
         let mut services = Vec::new();
         let mut slices = Vec::new();
@@ -536,15 +606,15 @@ pub mod control_plane {
         let node = Settings::default();
 
         // As the agent starts: every object into the engine, then one full sync.
-        let started = Instant::now();
-        let mut engine = Engine::new(node);
-        // The agent's engine shares the objects with its watch stores; so does this.
+        // The agent's engine shares the objects with its watch stores, which hand them out as
+        // `Arc`s (decoded as they arrived); so does this.
+        let services: Vec<std::sync::Arc<Service>> =
+            services.into_iter().map(std::sync::Arc::new).collect();
         let slices: Vec<std::sync::Arc<EndpointSlice>> =
             slices.into_iter().map(std::sync::Arc::new).collect();
-        engine.replace_all(
-            services.into_iter().map(std::sync::Arc::new).collect(),
-            slices.clone(),
-        );
+        let started = Instant::now();
+        let mut engine = Engine::new(node);
+        engine.replace_all(services.clone(), slices.clone());
         engine.settle();
         let desired = engine.sync_input();
         let full_model_ms = started.elapsed().as_secs_f64() * 1000.0;
@@ -601,5 +671,40 @@ pub mod control_plane {
             change_ops,
             rss_mb: rss_mb(),
         })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn run(full_ms: f64, rss_mb: f64) -> Result {
+            Result {
+                services: 10_000,
+                full_ms,
+                full_model_ms: full_ms / 2.0,
+                full_ops: 220_000,
+                change_ms: 0.02,
+                change_worst_ms: 0.1,
+                change_model_ms: 0.01,
+                change_ops: 3,
+                rss_mb,
+            }
+        }
+
+        #[test]
+        fn runs_come_back_from_the_child_and_make_a_row_of_medians() {
+            let runs: Vec<Result> = [(150.0, 130.0), (120.0, 140.0), (135.0, 120.0)]
+                .into_iter()
+                .map(|(ms, mb)| Result::from_line(&run(ms, mb).to_line()).unwrap())
+                .collect();
+            assert_eq!(runs[1].full_ms, 120.0);
+            let row = row(&runs);
+            assert!(
+                row.starts_with("| 10000 | 135.0 ms (120–150) | 13.5 µs | 67.5 ms | 220000 |"),
+                "{row}"
+            );
+            assert!(row.ends_with("| 3 | 130 MB |\n"), "{row}");
+            assert!(Result::from_line("nothing here").is_err());
+        }
     }
 }
