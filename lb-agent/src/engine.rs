@@ -185,6 +185,21 @@ impl Engine {
 
     /// Replaces every object (a relist): only the Services whose objects differ are marked.
     pub fn replace_all(&mut self, services: Vec<Arc<Service>>, slices: Vec<Arc<EndpointSlice>>) {
+        if self.services.is_empty() && self.slices.is_empty() {
+            // The first list (a start): nothing to compare with or to find gone.
+            self.services.reserve(services.len());
+            self.slices.reserve(slices.len());
+            self.slice_owner.reserve(slices.len());
+            self.slices_by_service.reserve(services.len());
+            self.dirty.reserve(services.len());
+            for service in services {
+                self.put_service(model::namespaced(&service.metadata), service);
+            }
+            for slice in slices {
+                self.put_slice(model::namespaced(&slice.metadata), slice);
+            }
+            return;
+        }
         let services: HashMap<String, Arc<Service>> = services
             .into_iter()
             .map(|s| (model::namespaced(&s.metadata), s))
@@ -193,16 +208,6 @@ impl Engine {
             .into_iter()
             .map(|s| (model::namespaced(&s.metadata), s))
             .collect();
-        // A first list (a start) fills empty tables: size them once.
-        self.services
-            .reserve(services.len().saturating_sub(self.services.len()));
-        self.slices
-            .reserve(slices.len().saturating_sub(self.slices.len()));
-        self.slice_owner
-            .reserve(slices.len().saturating_sub(self.slice_owner.len()));
-        self.slices_by_service
-            .reserve(services.len().saturating_sub(self.slices_by_service.len()));
-        self.dirty.reserve(services.len());
         let gone: Vec<String> = self
             .services
             .keys()
@@ -632,6 +637,36 @@ mod tests {
                 [&format!("{key}:http/TCP")]
             );
         }
+    }
+
+    #[test]
+    fn a_first_list_gives_what_the_same_objects_one_by_one_give() {
+        let services = [service("a", "10.96.0.1"), service("b", "10.96.0.2")];
+        let slices = [
+            slice("a", "a-1", &["10.1.0.1"]),
+            slice("b", "b-1", &["10.1.0.2"]),
+            // A second copy of a slice in one list: the last one counts.
+            slice("a", "a-1", &["10.1.0.3"]),
+        ];
+        let mut listed = Engine::default();
+        listed.replace_all(
+            services.iter().cloned().map(Arc::new).collect(),
+            slices.iter().cloned().map(Arc::new).collect(),
+        );
+        let mut fed = Engine::default();
+        for s in &services {
+            fed.apply_service(s.clone());
+        }
+        for s in &slices {
+            fed.apply_slice(s.clone());
+        }
+        assert_eq!(listed.take_delta(), fed.take_delta());
+        assert_eq!(listed.desired(), fed.desired());
+        assert_eq!(listed.desired(), full(&listed));
+        assert!(!listed
+            .desired()
+            .known_backends
+            .contains(&backend("10.1.0.1")));
     }
 
     #[test]
