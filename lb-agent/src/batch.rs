@@ -154,16 +154,7 @@ pub fn update_array<V: Pod>(
     keys: &[u32],
     values: &[V],
 ) -> (usize, Option<io::Error>) {
-    let count = keys.len().min(values.len());
-    // SAFETY: `count` keys (u32, an array's key) and values of the map's own value type.
-    unsafe {
-        update(
-            map.map(),
-            keys.as_ptr().cast(),
-            values.as_ptr().cast(),
-            count,
-        )
-    }
+    update_typed(map.map(), keys, values)
 }
 
 /// [`update_array`] for a hash map: `values[i]` under `keys[i]` (inserted or replaced).
@@ -172,16 +163,20 @@ pub fn update_hash<K: Pod, V: Pod>(
     keys: &[K],
     values: &[V],
 ) -> (usize, Option<io::Error>) {
+    update_typed(map.map(), keys, values)
+}
+
+/// [`update`] of typed keys and values; `map`'s key and value types are `K` and `V` (aya
+/// checked their sizes when the callers' typed maps were opened).
+fn update_typed<K: Pod, V: Pod>(
+    map: &MapData,
+    keys: &[K],
+    values: &[V],
+) -> (usize, Option<io::Error>) {
     let count = keys.len().min(values.len());
-    // SAFETY: `count` keys and values of the map's own key and value types.
-    unsafe {
-        update(
-            map.map(),
-            keys.as_ptr().cast(),
-            values.as_ptr().cast(),
-            count,
-        )
-    }
+    // SAFETY: `count` keys and values of the map's own key and value types, alive across the
+    // call.
+    unsafe { update(map, keys.as_ptr().cast(), values.as_ptr().cast(), count) }
 }
 
 /// [`update_array`] for a per-CPU array, every CPU's value set to zeros (fresh counters).
@@ -192,17 +187,28 @@ pub fn zero_percpu_array<V: Pod>(
 ) -> (usize, Option<io::Error>) {
     // The kernel's layout: each key's values, one per possible CPU, each padded to 8 bytes.
     let per_cpu = std::mem::size_of::<V>().div_ceil(8) * 8;
-    let zeros = vec![0u64; keys.len() * cpus * per_cpu / 8];
-    // SAFETY: `keys.len()` keys and as many per-CPU values of the map's value type, in the
-    // kernel's layout for `cpus` possible CPUs (aya's `nr_cpus`, the count it sizes them by).
-    unsafe {
-        update(
-            map.map(),
-            keys.as_ptr().cast(),
-            zeros.as_ptr().cast(),
-            keys.len(),
-        )
+    // Chunks, so the buffer of zeros stays small whatever the number of keys and CPUs.
+    const CHUNK: usize = 1024;
+    let zeros = vec![0u64; CHUNK.min(keys.len()) * cpus * per_cpu / 8];
+    let mut written = 0;
+    for chunk in keys.chunks(CHUNK) {
+        // SAFETY: `chunk.len()` keys and as many per-CPU values of the map's value type, in
+        // the kernel's layout for `cpus` possible CPUs (aya's `nr_cpus`, the count it sizes
+        // them by); `zeros` holds at least that many.
+        let (n, err) = unsafe {
+            update(
+                map.map(),
+                chunk.as_ptr().cast(),
+                zeros.as_ptr().cast(),
+                chunk.len(),
+            )
+        };
+        written += n;
+        if err.is_some() {
+            return (written, err);
+        }
     }
+    (written, None)
 }
 
 /// `BPF_MAP_UPDATE_BATCH` of `count` entries.
@@ -228,12 +234,14 @@ unsafe fn update(
     };
     // SAFETY: as the caller promised.
     let ret = unsafe { bpf(BPF_MAP_UPDATE_BATCH, &mut attr) };
-    let written = (attr.count as usize).min(count);
-    if ret < 0 {
-        (written, Some(io::Error::last_os_error()))
-    } else {
-        (written, None)
+    if ret >= 0 {
+        return (count, None);
     }
+    let err = io::Error::last_os_error();
+    // The kernel writes back how many it wrote when it stops midway; when it refuses the call
+    // (no batch support, bad arguments) `count` is left as we set it, and nothing was written.
+    let written = attr.count as usize;
+    (if written < count { written } else { 0 }, Some(err))
 }
 
 /// The element member of `union bpf_attr` (`BPF_MAP_*_ELEM`).

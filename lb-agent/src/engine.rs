@@ -90,18 +90,9 @@ fn part_backends(part: &DesiredState) -> Vec<(Backend, u8)> {
         .values()
         .flat_map(|s| &s.backends)
         .chain(&part.known_backends)
-        .map(|backend| {
-            // Flags are the endpoint's own (its node, its conditions), the same in every part
-            // that lists it, so writing them from the parts that changed agrees with the others.
-            let mut flags = 0;
-            if part.remote_backends.contains(backend) {
-                flags |= lb_common::BACKEND_REMOTE;
-            }
-            if part.terminating_backends.contains(backend) {
-                flags |= lb_common::BACKEND_TERMINATING;
-            }
-            (*backend, flags)
-        })
+        // Flags are the endpoint's own (its node, its conditions), the same in every part that
+        // lists it, so writing them from the parts that changed agrees with the others.
+        .map(|backend| (*backend, crate::maps::backend_flags(part, backend)))
         .collect();
     out.sort_unstable();
     out.dedup_by_key(|(b, _)| *b);
@@ -245,7 +236,7 @@ impl Engine {
 
     /// Recomputes the Services marked since the last call, before a full sync: the engine's
     /// own books are kept as [`Engine::take_delta`] keeps them, but no delta is built (a full
-    /// sync reads [`Engine::desired`] instead).
+    /// sync reads [`Engine::sync_input`] instead).
     pub fn settle(&mut self) {
         self.recompute(false);
     }
@@ -466,12 +457,7 @@ impl Engine {
         };
         input.entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
         for part in self.parts.values() {
-            let chosen = part.services.values().flat_map(|s| &s.backends);
-            input.add_backends(
-                chosen.chain(&part.known_backends),
-                &part.remote_backends,
-                &part.terminating_backends,
-            );
+            input.add_backends(part);
         }
         input
     }
@@ -496,9 +482,32 @@ impl Engine {
             .collect()
     }
 
-    /// Health-check NodePorts of every Service.
+    /// Health-check NodePorts of every Service, as kept step by step.
     pub fn health_checks(&self) -> &BTreeMap<u16, HealthCheck> {
         &self.health_checks
+    }
+
+    /// Health-check NodePorts of every Service, gathered afresh from the parts in key order
+    /// (a full sync's: it repairs whatever the step-by-step table lost, two Services naming
+    /// one port say).
+    pub fn all_health_checks(&self) -> BTreeMap<u16, HealthCheck> {
+        let mut keys: Vec<&String> = self
+            .parts
+            .iter()
+            .filter(|(_, p)| !p.health_checks.is_empty())
+            .map(|(k, _)| k)
+            .collect();
+        keys.sort();
+        let mut all = BTreeMap::new();
+        for key in keys {
+            all.extend(
+                self.parts[key]
+                    .health_checks
+                    .iter()
+                    .map(|(port, check)| (*port, check.clone())),
+            );
+        }
+        all
     }
 
     /// Field errors of every Service as last computed.

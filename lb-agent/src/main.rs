@@ -622,7 +622,9 @@ impl Programmer {
         // Sorted: the parts come in no particular order, and an unchanged set logs nothing.
         let mut problems: Vec<String> = engine.errors().map(ToString::to_string).collect();
         problems.sort();
-        self.report_problems(problems, engine.skipped(), engine.settings());
+        let mut skipped: Vec<&(String, String)> = engine.skipped().collect();
+        skipped.sort();
+        self.report_problems(problems, skipped, engine.settings());
         if force {
             self.reopen_maps();
         }
@@ -630,7 +632,7 @@ impl Programmer {
         // Read from the engine's parts as they are: no merged copy is made, or kept.
         let result = self.applier.sync_input(&engine.sync_input());
         if self.record(result, started, seen).is_some() {
-            self.health_checks.sync(engine.health_checks());
+            self.health_checks.sync(&engine.all_health_checks());
         }
         self.last = None;
     }

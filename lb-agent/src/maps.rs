@@ -343,32 +343,16 @@ impl<'a> SyncInput<'a> {
             backends: FastMap::new(),
             node_addresses: state.node_addresses.clone(),
         };
-        let chosen = state.services.values().flat_map(|s| &s.backends);
-        input.add_backends(
-            chosen.chain(&state.known_backends),
-            &state.remote_backends,
-            &state.terminating_backends,
-        );
+        input.add_backends(state);
         input
     }
 
-    /// Adds backends with the flags the two sets give them (a backend listed twice keeps
-    /// every flag it was given).
-    pub(crate) fn add_backends<'b>(
-        &mut self,
-        backends: impl Iterator<Item = &'b Backend>,
-        remote: &BTreeSet<Backend>,
-        terminating: &BTreeSet<Backend>,
-    ) {
-        for backend in backends {
-            let mut flags = 0;
-            if remote.contains(backend) {
-                flags |= BACKEND_REMOTE;
-            }
-            if terminating.contains(backend) {
-                flags |= BACKEND_TERMINATING;
-            }
-            *self.backends.entry(*backend).or_default() |= flags;
+    /// Adds the backends a state (whole, or one Service's part) uses, chosen or known, with
+    /// the flags its sets give them (a backend listed twice keeps every flag it was given).
+    pub(crate) fn add_backends(&mut self, state: &DesiredState) {
+        let chosen = state.services.values().flat_map(|s| &s.backends);
+        for backend in chosen.chain(&state.known_backends) {
+            *self.backends.entry(*backend).or_default() |= backend_flags(state, backend);
         }
     }
 
@@ -613,6 +597,19 @@ fn write_slot_entries(
     (indexes.len(), None)
 }
 
+/// The `BackendValue::flags` a state's sets give one of its backends: its node and its
+/// conditions.
+pub(crate) fn backend_flags(state: &DesiredState, backend: &Backend) -> u8 {
+    let mut flags = 0;
+    if state.remote_backends.contains(backend) {
+        flags |= BACKEND_REMOTE;
+    }
+    if state.terminating_backends.contains(backend) {
+        flags |= BACKEND_TERMINATING;
+    }
+    flags
+}
+
 /// Where a backend goes in a full sync's write order: address, port and protocol, as one
 /// integer computed once (a sort comparing tuples cost more than the writes).
 fn backend_order(backend: &Backend) -> u64 {
@@ -744,6 +741,7 @@ impl Applier {
             .map_err(|err| anyhow!("reading LB_SLOTS: {err}"))?;
         let mut slot_alloc = SlotRuns::new(maps.slots.len());
         let mut slot_runs = FastMap::new();
+        let backend_limit = maps.backends.len();
         for (&id, value) in &mut written {
             let (base, count) = (value.slot_base, value.backend_count);
             let Some((_, list)) = services.get_mut(&id) else {
@@ -754,6 +752,11 @@ impl Applier {
                     let index = base.wrapping_add(slot) as usize;
                     let entry = slot_entries.get(index).context("slot outside LB_SLOTS")?;
                     anyhow::ensure!(entry.service_id == id, "slot of another service");
+                    // (Ids index tables sized by the map: a foreign value must not size them.)
+                    anyhow::ensure!(
+                        entry.backend_id < backend_limit,
+                        "backend id outside LB_BACKENDS"
+                    );
                     Ok(entry.backend_id)
                 })
                 .collect();
@@ -1033,7 +1036,10 @@ impl Applier {
                 planned.extend(new.into_iter().copied());
             }
         }
-        // A refused Service's own backends are not worth an id as merely known ones.
+        // A refused Service's own backends are not worth an id as merely known ones. In address
+        // order, so which draining ones get the room left does not depend on a hash seed.
+        let mut known: Vec<&Backend> = known.collect();
+        known.sort_unstable_by_key(|b| backend_order(b));
         for backend in known {
             if room == 0 {
                 break;

@@ -592,3 +592,45 @@ fn new_services_written_together_are_undone_one_by_one_when_a_map_fills_midway()
         assert_eq!(got, want, "{name}");
     }
 }
+
+#[test]
+fn a_slot_naming_a_backend_id_outside_the_map_is_rewritten_on_open_not_trusted() {
+    // Another writer (or a corrupt map) left a slot naming a backend id LB_BACKENDS cannot
+    // hold: the reopened applier must neither size its tables by it nor serve it.
+    let mut h = small_harness(16, 64);
+    let desired = services(&[("ns/a:80/TCP", "10.96.0.1", &addresses("10.0.1", 3))]);
+    h.applier.sync(&desired).unwrap();
+    let (index, service_id) = slot_entries(&h.pin_dir)
+        .iter()
+        .enumerate()
+        .find(|(_, (_, service))| *service != 0)
+        .map(|(i, &(_, service))| (i as u32, service))
+        .unwrap();
+    let mut slots = lb_tests::packet::pinned_array::<lb_common::SlotValue>(
+        &h.pin_dir,
+        lb_common::map_names::SLOTS,
+    );
+    slots
+        .set(
+            index,
+            lb_common::SlotValue {
+                backend_id: u32::MAX,
+                service_id,
+            },
+            0,
+        )
+        .unwrap();
+
+    let mut again = lb_agent::maps::Applier::open(&h.pin_dir).unwrap();
+    // The run is not adopted: like any entry outside a run, its slots are cleared at once.
+    assert_eq!(slot_entries(&h.pin_dir)[index as usize], (0, 0));
+    let report = again.sync(&desired).unwrap();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let mut got = backends_of(&h.pin_dir, "ns/a:80/TCP");
+    got.sort();
+    let want: Vec<Ipv4Addr> = addresses("10.0.1", 3)
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+    assert_eq!(got, want);
+}
