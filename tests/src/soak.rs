@@ -61,6 +61,11 @@ pub struct Report {
     pub endpoints_after: u64,
     /// Conntrack entries once every connection has closed and expired.
     pub conntrack_after: u64,
+    /// The datapath's own refusals over the run (counters): established flows reset because
+    /// their backend went away, and new flows answered with a reset or unreachable for want
+    /// of a backend. Tells a failure the datapath caused from one it did not.
+    pub reset_backend_gone: u64,
+    pub reject_no_backend: u64,
     /// The most backends the Service had in the maps at once, sampled during the churn.
     pub most_backends_programmed: usize,
 }
@@ -293,6 +298,13 @@ pub fn run(config: &Config) -> anyhow::Result<Report> {
         .lock()
         .map_err(|_| anyhow::anyhow!("poisoned"))?
         .clone();
+    let counters = lb_agent::maps::read_counters(&pin_dir).unwrap_or_default();
+    let counter = |which: lb_common::Counter| -> u64 {
+        counters
+            .iter()
+            .find(|(c, _)| *c == which)
+            .map_or(u64::MAX, |(_, n)| *n)
+    };
     let report = Report {
         seconds,
         changes,
@@ -319,6 +331,8 @@ pub fn run(config: &Config) -> anyhow::Result<Report> {
         backend_entries_after: fill(lb_common::map_names::BACKENDS),
         endpoints_after: endpoints.len() as u64,
         conntrack_after: fill(lb_common::map_names::CONNTRACK),
+        reset_backend_gone: counter(lb_common::Counter::ResetBackendGone),
+        reject_no_backend: counter(lb_common::Counter::RejectNoBackend),
         most_backends_programmed: most,
     };
     agent.stop()?;
