@@ -413,6 +413,7 @@ impl Engine {
     pub fn desired(&self) -> DesiredState {
         let mut state = DesiredState {
             node_addresses: self.node_addresses(),
+            health_checks: self.all_health_checks(),
             ..DesiredState::default()
         };
         let mut keys: Vec<&String> = self.parts.keys().collect();
@@ -429,11 +430,6 @@ impl Engine {
             state
                 .terminating_backends
                 .extend(&part.terminating_backends);
-            state.health_checks.extend(
-                part.health_checks
-                    .iter()
-                    .map(|(port, check)| (*port, check.clone())),
-            );
             state.errors.extend(part.errors.iter().cloned());
             state.skipped.extend(part.skipped.iter().cloned());
         }

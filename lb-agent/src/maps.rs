@@ -1136,7 +1136,7 @@ impl Applier {
         let fresh: Vec<usize> = (0..entries.len())
             .filter(|&i| !entries[i].1.maglev && !self.service_ids.contains_key(entries[i].0))
             .collect();
-        if fresh.len() > 1 {
+        if !fresh.is_empty() {
             self.write_new_entries(entries, &fresh, &mut results, report);
         }
         entries
@@ -1602,6 +1602,7 @@ impl Applier {
                 result.map(|()| id)
             }
             None => {
+                // (A new Service with Maglev: the others are written by write_new_entries.)
                 // Ids index LB_SERVICE_STATS, so they must stay below its size.
                 let limit = self.maps.service_stats.len();
                 let id = self
