@@ -618,6 +618,30 @@ fn backend_order(backend: &Backend) -> u64 {
         | u64::from(backend.protocol.number())
 }
 
+/// The rest of one step of [`Applier::write_new_entries`] after its batch wrote the first
+/// `done` elements: the others one by one with `one`, skipping those whose service (`owners`)
+/// has failed already; a failure marks the service. Returns how many elements were written.
+fn finish_step<K: Copy, V: Copy>(
+    done: usize,
+    keys: &[K],
+    values: &[V],
+    owners: &[usize],
+    failed: &mut [Option<anyhow::Error>],
+    mut one: impl FnMut(K, V) -> anyhow::Result<()>,
+) -> usize {
+    let mut written = done;
+    for j in done..keys.len() {
+        if failed[owners[j]].is_some() {
+            continue;
+        }
+        match one(keys[j], values[j]) {
+            Ok(()) => written += 1,
+            Err(err) => failed[owners[j]] = Some(err),
+        }
+    }
+    written
+}
+
 /// An entry's `ServiceValue` flags (before Maglev) and affinity timeout.
 fn entry_settings(service: &DesiredService) -> (u32, u32) {
     let flags = match service.when_empty {
@@ -1216,25 +1240,31 @@ impl Applier {
             .take(planned.len())
             .collect();
 
+        // Each step writes what the ones before left standing: a batch, then the rest one by
+        // one; an element that fails marks its service failed.
+        let standing = |failed: &[Option<anyhow::Error>]| -> Vec<usize> {
+            (0..planned.len())
+                .filter(|&i| failed[i].is_none())
+                .collect()
+        };
+
         // A reused id starts with clean traffic counters.
-        let ids: Vec<u32> = planned.iter().map(|p| p.id).collect();
+        let owners = standing(&failed);
+        let ids: Vec<u32> = owners.iter().map(|&i| planned[i].id).collect();
         let cpus = aya::util::nr_cpus().unwrap_or(0);
         let (done, _) = if cpus > 0 {
             crate::batch::zero_percpu_array(&self.maps.service_stats, &ids, cpus)
         } else {
             (0, None)
         };
-        for (i, p) in planned.iter().enumerate().skip(done) {
-            if let Err(err) = self.clear_counters(p.id) {
-                failed[i] = Some(err);
-            }
-        }
+        let units = vec![(); ids.len()];
+        finish_step(done, &ids, &units, &owners, &mut failed, |id, ()| {
+            self.clear_counters(id)
+        });
 
         let (mut indexes, mut values, mut owners) = (Vec::new(), Vec::new(), Vec::new());
-        for (i, p) in planned.iter().enumerate() {
-            if failed[i].is_some() {
-                continue;
-            }
+        for i in standing(&failed) {
+            let p = &planned[i];
             for (k, &backend_id) in p.slots.iter().enumerate() {
                 indexes.push(p.run.0 + k as u32);
                 values.push(SlotValue {
@@ -1245,48 +1275,35 @@ impl Applier {
             }
         }
         let (done, _) = crate::batch::update_array(&self.maps.slots, &indexes, &values);
-        report.writes += done;
-        for j in done..indexes.len() {
-            if failed[owners[j]].is_some() {
-                continue;
-            }
-            match self.maps.slots.set(indexes[j], values[j], 0) {
-                Ok(()) => report.writes += 1,
-                Err(err) => {
-                    failed[owners[j]] = Some(anyhow!(err).context("writing backend slots"));
-                }
-            }
-        }
+        let slots = &mut self.maps.slots;
+        report.writes += finish_step(done, &indexes, &values, &owners, &mut failed, |i, v| {
+            slots.set(i, v, 0).context("writing backend slots")
+        });
 
-        let standing: Vec<usize> = (0..planned.len())
-            .filter(|&i| failed[i].is_none())
-            .collect();
-        let ids: Vec<u32> = standing.iter().map(|&i| planned[i].id).collect();
-        let names: Vec<ServiceName> = standing
+        let owners = standing(&failed);
+        let ids: Vec<u32> = owners.iter().map(|&i| planned[i].id).collect();
+        let names: Vec<ServiceName> = owners
             .iter()
             .map(|&i| encode_name(entries[planned[i].at].0))
             .collect();
         let (done, _) = crate::batch::update_hash(&self.maps.service_names, &ids, &names);
-        for (k, &i) in standing.iter().enumerate().skip(done) {
-            if let Err(err) = self.maps.service_names.insert(ids[k], names[k], 0) {
-                failed[i] = Some(anyhow!(err).context("writing the service name"));
-            }
-        }
+        let service_names = &mut self.maps.service_names;
+        finish_step(done, &ids, &names, &owners, &mut failed, |id, name| {
+            service_names
+                .insert(id, name, 0)
+                .context("writing the service name")
+        });
 
-        let standing: Vec<usize> = standing
-            .into_iter()
-            .filter(|&i| failed[i].is_none())
-            .collect();
-        let ids: Vec<u32> = standing.iter().map(|&i| planned[i].id).collect();
-        let values: Vec<ServiceValue> = standing.iter().map(|&i| planned[i].value).collect();
+        let owners = standing(&failed);
+        let ids: Vec<u32> = owners.iter().map(|&i| planned[i].id).collect();
+        let values: Vec<ServiceValue> = owners.iter().map(|&i| planned[i].value).collect();
         let (done, _) = crate::batch::update_array(&self.maps.services, &ids, &values);
-        report.writes += done;
-        for (k, &i) in standing.iter().enumerate().skip(done) {
-            match self.maps.services.set(ids[k], values[k], 0) {
-                Ok(()) => report.writes += 1,
-                Err(err) => failed[i] = Some(anyhow!(err).context("writing the service entry")),
-            }
-        }
+        let services = &mut self.maps.services;
+        report.writes += finish_step(done, &ids, &values, &owners, &mut failed, |id, value| {
+            services
+                .set(id, value, 0)
+                .context("writing the service entry")
+        });
 
         for (p, failure) in planned.into_iter().zip(failed) {
             let name = entries[p.at].0;
