@@ -12,7 +12,7 @@ use aya::{
     programs::{
         links::{FdLink, PinnedLink},
         tc::SchedClassifierLink,
-        SchedClassifier, TcAttachType,
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType,
     },
     Ebpf, EbpfLoader,
 };
@@ -26,6 +26,11 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 pub const PROGRAM: &str = "lb_ingress";
 /// A program that does nothing, for benchmarks (the floor).
 pub const PASSTHROUGH: &str = "lb_passthrough";
+/// The socket-level programs (`--socket-lb-cgroup`), with the name each link is pinned under.
+pub const SOCKET_PROGRAMS: [(&str, &str); 2] = [
+    ("lb_sock_connect4", "connect4"),
+    ("lb_sock_getpeername4", "getpeername4"),
+];
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
@@ -160,6 +165,16 @@ pub fn load(pin_dir: &Path, settings: &DatapathSettings) -> anyhow::Result<Ebpf>
         .try_into()
         .context("lb_ingress is not a tc program")?;
     program.load().context("the kernel rejected lb_ingress")?;
+    for (name, _) in SOCKET_PROGRAMS {
+        let program: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the object"))?
+            .try_into()
+            .with_context(|| format!("{name} is not a cgroup sock_addr program"))?;
+        program
+            .load()
+            .with_context(|| format!("the kernel rejected {name}"))?;
+    }
     let mut meta: Array<_, Meta> = Array::try_from(
         ebpf.map_mut(map_names::META)
             .context("map LB_META missing from the object")?,
@@ -327,6 +342,65 @@ pub fn attach(
     Ok(done)
 }
 
+const SOCKET_LINKS_DIR: &str = "socket-links";
+
+/// Attaches the socket-level programs to the cgroup v2 directory `cgroup` (and so to every
+/// cgroup below it), or with `None` detaches those of an earlier agent. The links are pinned
+/// under `pin_dir/socket-links`, so they outlive this process like the tc links. A restarted
+/// agent attaches its own programs before it unpins the old ones: for that moment both run,
+/// and the second finds a backend address, which is no frontend, and leaves it alone.
+pub fn attach_socket_lb(
+    ebpf: &mut Ebpf,
+    cgroup: Option<&Path>,
+    pin_dir: &Path,
+) -> anyhow::Result<()> {
+    let dir = pin_dir.join(SOCKET_LINKS_DIR);
+    let Some(cgroup) = cgroup else {
+        if dir.exists() {
+            warn!("socket-level load balancing is off: detaching the programs of an earlier agent");
+            fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
+        return Ok(());
+    };
+    let file = fs::File::open(cgroup).with_context(|| {
+        format!(
+            "opening the cgroup {} for socket-level load balancing",
+            cgroup.display()
+        )
+    })?;
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    for (name, pin) in SOCKET_PROGRAMS {
+        let program: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing"))?
+            .try_into()?;
+        let id = program
+            // A link is always one of many on its cgroup; the kernel refuses the multi flag
+            // for links (it is for the older attach call).
+            .attach(&file, CgroupAttachMode::Single)
+            .with_context(|| {
+                format!(
+                    "attaching {name} to the cgroup {} (a cgroup v2 directory?)",
+                    cgroup.display()
+                )
+            })?;
+        let link: FdLink = program
+            .take_link(id)?
+            .try_into()
+            .context("a cgroup attachment is an fd link on this kernel")?;
+        let path = dir.join(pin);
+        // bpffs refuses names with a dot.
+        let fresh = dir.join(format!("{pin}-new"));
+        let _ = fs::remove_file(&fresh);
+        link.pin(&fresh)
+            .with_context(|| format!("pinning the link at {}", fresh.display()))?;
+        // Replacing the old pin drops the old link, which detaches the old program.
+        fs::rename(&fresh, &path).with_context(|| format!("pinning {}", path.display()))?;
+    }
+    info!(cgroup = %cgroup.display(), "socket-level load balancing attached");
+    Ok(())
+}
+
 /// The link pinned at `path`, if it still carries one of the programs attached to
 /// `interface` (an interface deleted and re-created leaves a dead link behind: unpinned here).
 fn live_pinned_link(path: &Path, interface: &str) -> anyhow::Result<Option<FdLink>> {
@@ -351,6 +425,12 @@ fn live_pinned_link(path: &Path, interface: &str) -> anyhow::Result<Option<FdLin
 /// program from its interface) and every map. Returns what it removed.
 pub fn cleanup(pin_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
+    let socket_links = pin_dir.join(SOCKET_LINKS_DIR);
+    if socket_links.exists() {
+        fs::remove_dir_all(&socket_links)
+            .with_context(|| format!("removing {}", socket_links.display()))?;
+        removed.push(socket_links);
+    }
     let links = pin_dir.join(LINKS_DIR);
     if let Ok(entries) = fs::read_dir(&links) {
         for entry in entries.flatten() {

@@ -94,6 +94,12 @@ struct RunArgs {
         required = true
     )]
     interfaces: Vec<String>,
+    /// Socket-level load balancing for the processes of this cgroup v2 directory and those
+    /// below it (the pods' cgroups, say `/sys/fs/cgroup`): their TCP connections to a
+    /// ClusterIP go straight to a backend at `connect()`, so their packets need no
+    /// translation. Off unless given.
+    #[arg(long, value_name = "CGROUP_DIR")]
+    socket_lb_cgroup: Option<PathBuf>,
     /// This node's name (endpoints with this `nodeName` are local; a Node manifest of this
     /// name gives the zone and addresses).
     #[arg(long, env = "NODE_NAME", default_value_t = hostname())]
@@ -283,6 +289,7 @@ fn run(pin_dir: &Path, args: RunArgs) -> anyhow::Result<()> {
 
     let mut ebpf = loader::load(pin_dir, &datapath)?;
     loader::attach(&mut ebpf, &args.interfaces, pin_dir)?;
+    loader::attach_socket_lb(&mut ebpf, args.socket_lb_cgroup.as_deref(), pin_dir)?;
     let applier = maps::Applier::open(pin_dir)?;
     let node_health: lb_agent::health::Answer = std::sync::Arc::new(std::sync::Mutex::new((
         503,

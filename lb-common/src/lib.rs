@@ -28,7 +28,7 @@
 #![no_std]
 
 /// Bumped whenever a key or value layout below changes; stamped into the pinned state.
-pub const MAP_LAYOUT_VERSION: u32 = 10;
+pub const MAP_LAYOUT_VERSION: u32 = 11;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -55,7 +55,8 @@ pub mod map_names {
     pub const META: &str = "LB_META";
     pub const AFFINITY: &str = "LB_AFFINITY";
     pub const MAGLEV: &str = "LB_MAGLEV";
-    pub const ALL: [&str; 12] = [
+    pub const SOCK_REVNAT: &str = "LB_SOCK_REVNAT";
+    pub const ALL: [&str; 13] = [
         META,
         AFFINITY,
         MAGLEV,
@@ -68,6 +69,7 @@ pub mod map_names {
         CONNTRACK,
         SERVICE_STATS,
         STATS,
+        SOCK_REVNAT,
     ];
 }
 
@@ -196,6 +198,19 @@ pub struct ServiceValue {
     /// Entries of that table (prime): M, or for a service with many backends a larger prime
     /// spanning the next tables too (ceil(maglev_size / M) tables in all).
     pub maglev_size: u32,
+}
+
+/// `LB_SOCK_REVNAT` value, stored on the socket itself (socket storage, freed with it): where
+/// the connect hook sent the socket and the frontend it asked for, so that `getpeername`
+/// answers with the frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevNat {
+    pub frontend_addr: [u8; 4],
+    pub backend_addr: [u8; 4],
+    pub frontend_port: u16,
+    pub backend_port: u16,
+    pub _pad: u32,
 }
 
 /// `LB_AFFINITY` key: a client of a service.
@@ -442,9 +457,12 @@ pub enum Counter {
     DropSnatPorts = 15,
     /// TCP connections closed by both ends whose entries went with their last ACK.
     CtClosed = 16,
+    /// TCP connections to a ClusterIP sent to a backend by the socket hook at `connect()`:
+    /// their packets need no translation.
+    SockConnect = 17,
 }
 
-pub const COUNTER_COUNT: u32 = 17;
+pub const COUNTER_COUNT: u32 = 18;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -465,6 +483,7 @@ impl Counter {
         Counter::Snat,
         Counter::DropSnatPorts,
         Counter::CtClosed,
+        Counter::SockConnect,
     ];
 
     /// For the packets a counter counts that did not reach a backend: why.
@@ -498,6 +517,7 @@ impl Counter {
             Counter::Snat => "snat",
             Counter::DropSnatPorts => "drop_snat_ports",
             Counter::CtClosed => "conntrack_closed",
+            Counter::SockConnect => "socket_connect",
         }
     }
 }
@@ -521,6 +541,7 @@ mod pod {
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for SourceRangeKey {}
     unsafe impl aya::Pod for ServiceStats {}
+    unsafe impl aya::Pod for SockRevNat {}
 }
 
 #[cfg(test)]
@@ -544,5 +565,6 @@ mod tests {
         assert_eq!(size_of::<CtValue>(), 64);
         assert_eq!(size_of::<SourceRangeKey>(), 12);
         assert_eq!(size_of::<ServiceStats>(), 32);
+        assert_eq!(size_of::<SockRevNat>(), 16);
     }
 }

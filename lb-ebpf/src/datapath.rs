@@ -6,10 +6,7 @@ use aya_ebpf::{
         bpf_fib_lookup, BPF_ANY, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST,
         TC_ACT_OK, TC_ACT_SHOT,
     },
-    helpers::{
-        bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_redirect,
-        bpf_redirect_neigh,
-    },
+    helpers::{bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect, bpf_redirect_neigh},
     macros::classifier,
     programs::TcContext,
 };
@@ -27,9 +24,10 @@ use crate::{
     maps::{
         account, count, hairpin_addr, maglev_table_size, no_backend_drop, snat_addr,
         source_allowed, LB_AFFINITY, LB_BACKENDS, LB_CONNTRACK, LB_FRONTENDS, LB_MAGLEV,
-        LB_SERVICES, LB_SLOTS,
+        LB_SERVICES,
     },
     reject,
+    select::{pick_random, slot_backend},
 };
 
 /// Let the next program (or the stack) handle the packet: it is not ours.
@@ -441,31 +439,6 @@ fn maglev_entry(service: &ServiceValue, index: u32) -> u32 {
         Some(id) => *id,
         None => 0,
     }
-}
-
-/// A random slot of the service: (slot, backend id, backend).
-#[inline(always)]
-fn pick_random(service_id: u32, service: &ServiceValue) -> Option<(u32, u32, BackendValue)> {
-    let count = service.backend_count;
-    if count == 0 {
-        return None;
-    }
-    let slot = unsafe { bpf_get_prandom_u32() } % count;
-    // A slot beyond a count that just shrank may name another service by now (the agent
-    // reuses freed runs): slot 0 is always the service's own.
-    let (slot, backend_id) = match slot_backend(service_id, service, slot) {
-        Some(id) => (slot, id),
-        None => (0, slot_backend(service_id, service, 0)?),
-    };
-    let backend = *LB_BACKENDS.get(backend_id)?;
-    (backend.proto != 0).then_some((slot, backend_id, backend))
-}
-
-/// The backend id in slot `slot` of the service, if that entry is still the service's own.
-#[inline(always)]
-fn slot_backend(service_id: u32, service: &ServiceValue, slot: u32) -> Option<u32> {
-    let entry = LB_SLOTS.get(service.slot_base.wrapping_add(slot))?;
-    (entry.service_id == service_id).then_some(entry.backend_id)
 }
 
 #[inline(always)]

@@ -59,6 +59,7 @@ DEFAULT_ARGS = [
     "--max-backends=65536",
     "--maglev-table-size=16381",
     "--max-maglev-services=64",
+    "--socket-lb-cgroup=/run/lb-agent/cgroupv2",
 ]
 
 # Values sets rendered, linted and validated besides the defaults.
@@ -88,6 +89,8 @@ VARIATIONS: dict[str, dict[str, Any]] = {
         },
     },
     "no-bpffs-mount": {"bpffs": {"mount": {"enabled": False}}},
+    "no-socket-lb": {"agent": {"socketLB": {"enabled": False}}},
+    "hybrid-cgroup-host": {"agent": {"socketLB": {"enabled": True, "hostCgroupRoot": "/sys/fs/cgroup/unified"}}},
     "resources-node-selector": {
         "resources": {
             "requests": {"cpu": "200m", "memory": "256Mi"},
@@ -137,6 +140,8 @@ BAD_VALUES = [
     ("IPv6 NodePort address", {"agent": {"nodePortAddresses": ["10.0.0.1", "fe80::1"]}}, "/agent/nodePortAddresses/1"),
     ("host name as bind address", {"agent": {"metrics": {"bindAddress": "localhost"}}}, "/agent/metrics/bindAddress"),
     ("unknown noBackend", {"agent": {"noBackend": "ignore"}}, "/agent/noBackend"),
+    ("relative cgroup root", {"agent": {"socketLB": {"enabled": True, "hostCgroupRoot": "sys/fs/cgroup"}}}, "/agent/socketLB/hostCgroupRoot"),
+    ("socketLB switch as a string", {"agent": {"socketLB": {"enabled": "yes"}}}, "/agent/socketLB/enabled"),
     ("unknown logFormat", {"agent": {"logFormat": "yaml"}}, "/agent/logFormat"),
     ("no interfaces", {"agent": {"interfaces": []}}, "/agent/interfaces"),
     ("interface name too long", {"agent": {"interfaces": ["a-very-long-interface"]}}, "/agent/interfaces/0"),
@@ -277,13 +282,26 @@ class DefaultValues(unittest.TestCase):
         self.assertIn("mount -t bpf bpf /sys/fs/bpf", script)
         self.assertIn("/proc/self/mounts", script)
 
-    def test_bpffs_from_the_host(self) -> None:
+    def test_bpffs_and_cgroup2_from_the_host(self) -> None:
         self.assertEqual(self.pod["volumes"], [
             {"name": "bpffs", "hostPath": {"path": "/sys/fs/bpf", "type": "DirectoryOrCreate"}},
+            {"name": "cgroup2", "hostPath": {"path": "/sys/fs/cgroup", "type": "Directory"}},
         ])
         self.assertEqual(self.agent["volumeMounts"], [
             {"name": "bpffs", "mountPath": "/sys/fs/bpf", "mountPropagation": "HostToContainer"},
+            # The flag names the mount.
+            {"name": "cgroup2", "mountPath": "/run/lb-agent/cgroupv2", "readOnly": True},
         ])
+
+    def test_socket_lb_off_and_on_a_hybrid_host(self) -> None:
+        objects = render(VARIATIONS["no-socket-lb"])
+        self.assertFalse([a for a in agent_container(objects)["args"] if "socket-lb" in a])
+        self.assertEqual([v["name"] for v in pod_spec(objects)["volumes"]], ["bpffs"])
+        self.assertEqual([m["name"] for m in agent_container(objects)["volumeMounts"]], ["bpffs"])
+        objects = render(VARIATIONS["hybrid-cgroup-host"])
+        volumes = {v["name"]: v for v in pod_spec(objects)["volumes"]}
+        self.assertEqual(volumes["cgroup2"]["hostPath"]["path"], "/sys/fs/cgroup/unified")
+        self.assertIn("--socket-lb-cgroup=/run/lb-agent/cgroupv2", agent_container(objects)["args"])
 
     def test_args(self) -> None:
         self.assertNotIn("command", self.agent)  # the image's ENTRYPOINT is lb-agent

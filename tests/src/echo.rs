@@ -319,6 +319,11 @@ impl TcpSession {
         }
         Reply::parse(line.trim())
     }
+
+    /// What `getpeername` says this connection is connected to.
+    pub fn peer(&self) -> std::io::Result<SocketAddr> {
+        self.stream.get_ref().peer_addr()
+    }
 }
 
 /// An echo server on `port` in each backend of `lab`, answering as `backend-<i>`.

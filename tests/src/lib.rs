@@ -5,6 +5,7 @@
 //! Everything here needs root (or CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN).
 
 pub mod agent;
+pub mod cgroup;
 pub mod echo;
 pub mod fake_api;
 pub mod lab;

@@ -85,6 +85,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $args = append $args (printf "--max-backends=%d" ($a.maxBackends | int64)) }}
 {{- $args = append $args (printf "--maglev-table-size=%d" ($a.maglevTableSize | int64)) }}
 {{- $args = append $args (printf "--max-maglev-services=%d" ($a.maxMaglevServices | int64)) }}
+{{- if $a.socketLB.enabled }}
+{{- $args = append $args (printf "--socket-lb-cgroup=%s" (include "lb-agent.cgroupMount" .)) }}
+{{- end }}
 {{- $args = concat $args $a.extraArgs }}
 {{- toYaml $args }}
 {{- end }}
@@ -101,4 +104,9 @@ httpGet:
 {{- with .probe }}
 {{- toYaml . | nindent 0 }}
 {{- end }}
+{{- end }}
+
+{{/* Where the host's cgroup v2 root is mounted in the agent's container. */}}
+{{- define "lb-agent.cgroupMount" -}}
+/run/lb-agent/cgroupv2
 {{- end }}

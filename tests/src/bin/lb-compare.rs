@@ -17,7 +17,7 @@
 
 // The comparison lives in tests/src/compare/ and is compiled into this binary. (`crate::lab`
 // and friends below resolve to the library's modules through these imports.)
-use lb_tests::{agent, fake_api, lab};
+use lb_tests::{agent, cgroup, fake_api, lab};
 
 #[allow(dead_code)]
 #[path = "../compare/mod.rs"]
@@ -72,8 +72,8 @@ struct Cli {
     /// Do not write anything (print only).
     #[arg(long)]
     no_write: bool,
-    /// Only these modes (comma-separated slugs: direct, ours, iptables-legacy, iptables-nft,
-    /// nftables), for experiments.
+    /// Only these modes (comma-separated slugs: direct, ours-socket, ours, iptables-legacy,
+    /// iptables-nft, nftables), for experiments.
     #[arg(long, value_delimiter = ',')]
     modes: Vec<String>,
     /// The longest one rule load (iptables-restore, nft -f) may take before it is stopped and
@@ -227,7 +227,7 @@ fn measure_count(plan: &Plan, services: usize, results: &mut Results) -> anyhow:
             );
         }
         for b in order.iter().copied() {
-            let bps = load::bulk(&b.lab.client, b.bulk_target(), plan.bulk)
+            let bps = load::bulk(&b.client(), b.bulk_target(), plan.bulk)
                 .with_context(|| format!("{}: bulk stream", b.mode))?;
             entry.entry(b.mode).or_default().gbps.push(bps / 1e9);
             eprintln!("  {:<18} bulk {:>6.2} Gbit/s", b.mode.label(), bps / 1e9);
@@ -309,7 +309,7 @@ fn interleaved(
     let mut merged = vec![load::LoadReport::default(); order.len()];
     for _ in 0..slices {
         for (b, total) in order.iter().zip(&mut merged) {
-            let r = load::run(&b.lab.client, &b.targets(), &slice)
+            let r = load::run(&b.client(), &b.targets(), &slice)
                 .with_context(|| format!("{}: load", b.mode))?;
             total.seconds += r.seconds;
             total.absorb(r);
@@ -379,8 +379,22 @@ impl Report<'_> {
         self.modes
             .iter()
             .copied()
-            .filter(|m| !matches!(m, Mode::Direct | Mode::Ours))
+            .filter(|m| *m != Mode::Direct && !m.is_ours())
             .collect()
+    }
+
+    /// Ours as deployed (with socket-level load balancing when measured): the mode every
+    /// other is compared with.
+    fn ours(&self) -> Mode {
+        if self.has(Mode::OursSocket) {
+            Mode::OursSocket
+        } else {
+            Mode::Ours
+        }
+    }
+
+    fn ours_modes(&self) -> Vec<Mode> {
+        self.modes.iter().copied().filter(|m| m.is_ours()).collect()
     }
 
     fn header(&self, first: &str, modes: &[Mode], extra: &[String]) -> String {
@@ -398,12 +412,15 @@ impl Report<'_> {
     }
 
     fn cps_table(&self) -> String {
+        let ours = self.ours();
         let mut extra = Vec::new();
         if self.has(Mode::Direct) {
-            extra.push("ours / none".to_string());
+            for m in self.ours_modes() {
+                extra.push(format!("{} / none", m.label()));
+            }
         }
         for m in self.others() {
-            extra.push(format!("ours / {}", m.label()));
+            extra.push(format!("{} / {}", ours.label(), m.label()));
         }
         let mut out = self.header("Services", self.modes, &extra);
         for &n in self.results.keys() {
@@ -415,16 +432,15 @@ impl Report<'_> {
                 ));
             }
             if self.has(Mode::Direct) {
-                out.push_str(&format!(
-                    " {} |",
-                    x(self.ratio(n, Mode::Ours, Mode::Direct, |s| &s.cps))
-                ));
+                for m in self.ours_modes() {
+                    out.push_str(&format!(
+                        " {} |",
+                        x(self.ratio(n, m, Mode::Direct, |s| &s.cps))
+                    ));
+                }
             }
             for m in self.others() {
-                out.push_str(&format!(
-                    " {} |",
-                    x(self.ratio(n, Mode::Ours, m, |s| &s.cps))
-                ));
+                out.push_str(&format!(" {} |", x(self.ratio(n, ours, m, |s| &s.cps))));
             }
             out.push('\n');
         }
@@ -432,10 +448,11 @@ impl Report<'_> {
     }
 
     fn latency_table(&self) -> String {
+        let ours = self.ours();
         let extra: Vec<String> = self
             .others()
             .iter()
-            .map(|m| format!("p99 {} / ours", m.label()))
+            .map(|m| format!("p99 {} / {}", m.label(), ours.label()))
             .collect();
         let mut out = self.header("Services", self.modes, &extra);
         for &n in self.results.keys() {
@@ -450,10 +467,7 @@ impl Report<'_> {
                 ));
             }
             for m in self.others() {
-                out.push_str(&format!(
-                    " {} |",
-                    x(self.ratio(n, m, Mode::Ours, |s| &s.p99_us))
-                ));
+                out.push_str(&format!(" {} |", x(self.ratio(n, m, ours, |s| &s.p99_us))));
             }
             out.push('\n');
         }
@@ -505,10 +519,11 @@ impl Report<'_> {
         censored: impl Fn(&Samples) -> bool + Copy,
     ) -> String {
         let modes = self.lb_modes();
+        let ours = self.ours();
         let extra: Vec<String> = self
             .others()
             .iter()
-            .map(|m| format!("{} / ours", m.label()))
+            .map(|m| format!("{} / {}", m.label(), ours.label()))
             .collect();
         let mut out = self.header("Services", &modes, &extra);
         let over = |n: usize, m: Mode| {
@@ -531,7 +546,7 @@ impl Report<'_> {
                 out.push_str(&format!(
                     " {}{} |",
                     over(n, m),
-                    x(self.ratio(n, m, Mode::Ours, values))
+                    x(self.ratio(n, m, ours, values))
                 ));
             }
             out.push('\n');
@@ -566,8 +581,9 @@ impl Report<'_> {
             out.push_str(&format!("- {text}: {verdict}.\n"));
         };
         let counts: Vec<usize> = self.results.keys().copied().collect();
+        let ours = self.ours();
         for &n in &counts {
-            let r = self.ratio(n, Mode::Ours, Mode::Direct, |s| &s.cps);
+            let r = self.ratio(n, ours, Mode::Direct, |s| &s.cps);
             line(
                 r.map(|r| r >= 0.95),
                 format!(
@@ -578,8 +594,8 @@ impl Report<'_> {
         }
         if let Some(&small) = counts.first() {
             for m in [Mode::IptablesLegacy, Mode::IptablesNft] {
-                let c = self.ratio(small, Mode::Ours, m, |s| &s.cps);
-                let p = self.ratio(small, m, Mode::Ours, |s| &s.p99_us);
+                let c = self.ratio(small, ours, m, |s| &s.cps);
+                let p = self.ratio(small, m, ours, |s| &s.p99_us);
                 line(
                     c.zip(p).map(|(c, p)| c >= 1.0 && p >= 1.0),
                     format!(
@@ -593,7 +609,7 @@ impl Report<'_> {
             }
         }
         if let Some(&large) = counts.last().filter(|_| counts.len() > 1) {
-            let c = self.ratio(large, Mode::Ours, Mode::IptablesNft, |s| &s.cps);
+            let c = self.ratio(large, ours, Mode::IptablesNft, |s| &s.cps);
             line(
                 c.map(|c| c >= 3.0),
                 format!(
@@ -601,7 +617,7 @@ impl Report<'_> {
                     x3(c)
                 ),
             );
-            let c = self.ratio(large, Mode::Ours, Mode::Nftables, |s| &s.cps);
+            let c = self.ratio(large, ours, Mode::Nftables, |s| &s.cps);
             line(
                 c.map(|c| c > 1.0),
                 format!(
@@ -610,7 +626,7 @@ impl Report<'_> {
                 ),
             );
             for m in [Mode::IptablesLegacy, Mode::IptablesNft] {
-                let p = self.ratio(large, m, Mode::Ours, |s| &s.program_ms);
+                let p = self.ratio(large, m, ours, |s| &s.program_ms);
                 let over = self.get(large, m).is_some_and(|s| s.program_censored);
                 line(
                     p.map(|p| p >= 10.0),
@@ -624,8 +640,23 @@ impl Report<'_> {
                 );
             }
         }
+        // The tc path alone, for clients outside the socket-LB cgroup (reported, not a target
+        // of its own: the targets are for ours as deployed).
+        if ours != Mode::Ours && self.has(Mode::Ours) {
+            for &n in &counts {
+                let r = self.ratio(n, Mode::Ours, Mode::Direct, |s| &s.cps);
+                line(
+                    r.map(|r| r >= 0.95),
+                    format!(
+                        "(tc path alone) Connections/s at {n} Services at least 0.95x no load \
+                         balancer ({})",
+                        x3(r)
+                    ),
+                );
+            }
+        }
         for &n in &counts {
-            let t = self.ratio(n, Mode::Ours, Mode::Direct, |s| &s.gbps);
+            let t = self.ratio(n, ours, Mode::Direct, |s| &s.gbps);
             line(
                 t.map(|t| t >= 0.95),
                 format!(
@@ -803,7 +834,12 @@ fn section(report: &Report, plan: &Plan, elapsed: Duration, cli: &Cli) -> String
          - **Modes**: *no load balancer* (the client connects to the endpoints directly: the \
          floor); *ours*: the real `lb-agent` (Kubernetes mode, against the fake API server \
          holding the Services and EndpointSlices; defaults except `--min-sync-period 10ms` and \
-         no periodic resync during the run); *iptables*: the rules kube-proxy's iptables mode \
+         no periodic resync during the run), in two beds: *ours (socket LB)*, as deployed by \
+         the chart, with `--socket-lb-cgroup` on a cgroup the load generator's threads join \
+         (a TCP `connect()` to a ClusterIP goes straight to a backend, so no packet of it is \
+         translated; the tc program still sees every packet), and *ours (tc + maps)*, the same \
+         agent without it (every packet translated by the tc program, as for clients outside \
+         that cgroup, UDP, and external traffic); *iptables*: the rules kube-proxy's iptables mode \
          writes (`KUBE-SERVICES` dispatch, `KUBE-SVC-*` chains picking endpoints with \
          `statistic --mode random --probability 1/(n-i)`, `KUBE-SEP-*` DNAT chains, \
          `KUBE-MARK-MASQ` / `KUBE-POSTROUTING`, large cluster mode above 1,000 endpoints), \

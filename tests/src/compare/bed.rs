@@ -51,6 +51,7 @@ use super::{
 };
 use crate::{
     agent::{agent_binary, Agent},
+    cgroup::ThreadCgroup,
     fake_api::FakeApi,
     lab::{run, NodeLab, NODE_CLIENT_SIDE_ADDR},
 };
@@ -64,15 +65,19 @@ pub const CLIENT_POD_ADDR: &str = "10.244.200.2";
 pub enum Mode {
     /// No load balancer: the client connects to endpoints directly.
     Direct,
+    /// Ours with every packet through the tc program (clients outside the socket-LB cgroup).
     Ours,
+    /// Ours with socket-level load balancing for the client (`--socket-lb-cgroup`).
+    OursSocket,
     IptablesLegacy,
     IptablesNft,
     Nftables,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 5] = [
+    pub const ALL: [Mode; 6] = [
         Mode::Direct,
+        Mode::OursSocket,
         Mode::Ours,
         Mode::IptablesLegacy,
         Mode::IptablesNft,
@@ -83,6 +88,7 @@ impl Mode {
         match self {
             Mode::Direct => "no load balancer",
             Mode::Ours => "ours (tc + maps)",
+            Mode::OursSocket => "ours (socket LB)",
             Mode::IptablesLegacy => "iptables (legacy)",
             Mode::IptablesNft => "iptables (nft)",
             Mode::Nftables => "nftables",
@@ -94,6 +100,7 @@ impl Mode {
         match self {
             Mode::Direct => "#9e9e9e",
             Mode::Ours => "#1b9e77",
+            Mode::OursSocket => "#66a61e",
             Mode::IptablesLegacy => "#d95f02",
             Mode::IptablesNft => "#7570b3",
             Mode::Nftables => "#e7298a",
@@ -105,10 +112,16 @@ impl Mode {
         match self {
             Mode::Direct => "direct",
             Mode::Ours => "ours",
+            Mode::OursSocket => "ours-socket",
             Mode::IptablesLegacy => "iptables-legacy",
             Mode::IptablesNft => "iptables-nft",
             Mode::Nftables => "nftables",
         }
+    }
+
+    /// Our agent, either way.
+    pub fn is_ours(self) -> bool {
+        matches!(self, Mode::Ours | Mode::OursSocket)
     }
 
     fn iptables(self) -> Option<&'static str> {
@@ -193,6 +206,8 @@ pub struct Bed {
     pub load_limit: Duration,
     /// Extra arguments for our agent (experiments: `lb-compare --agent-arg`).
     pub agent_args: Vec<String>,
+    /// The client's cgroup, with the agent's socket programs on it ([`Mode::OursSocket`]).
+    cgroup: Option<Arc<ThreadCgroup>>,
 }
 
 fn ip_batch(ns: &str, commands: &str) -> anyhow::Result<()> {
@@ -368,7 +383,7 @@ impl Bed {
             .map(|(i, ns)| Server::start(ns, &format!("backend-{}", i + 1), TARGET_PORT))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let tmp = tempfile::tempdir()?;
-        let api = if mode == Mode::Ours {
+        let api = if mode.is_ours() {
             let api = FakeApi::start(&lab.node)?;
             api.apply(json!({
                 "apiVersion": "v1",
@@ -382,6 +397,14 @@ impl Bed {
             }
             std::fs::write(tmp.path().join("kubeconfig"), api.kubeconfig())?;
             Some(api)
+        } else {
+            None
+        };
+        let cgroup = if mode == Mode::OursSocket {
+            Some(Arc::new(ThreadCgroup::new(&format!(
+                "{}-socket-lb",
+                lab.lab.id
+            ))?))
         } else {
             None
         };
@@ -399,7 +422,16 @@ impl Bed {
             programmed: false,
             load_limit: Duration::from_secs(60),
             agent_args: Vec::new(),
+            cgroup,
         })
+    }
+
+    /// Where this bed's load comes from.
+    pub fn client(&self) -> load::Client {
+        load::Client {
+            ns: self.lab.client.clone(),
+            cgroup: self.cgroup.clone(),
+        }
     }
 
     fn node_command(&self, program: &str) -> Command {
@@ -446,7 +478,7 @@ impl Bed {
         let limit = self.load_limit;
         let timing = match self.mode {
             Mode::Direct => Timing::done(Duration::ZERO),
-            Mode::Ours => self.start_agent()?,
+            Mode::Ours | Mode::OursSocket => self.start_agent()?,
             Mode::IptablesLegacy | Mode::IptablesNft => {
                 let bin = self.mode.iptables().unwrap_or_default();
                 for jump in iptables::jump_commands() {
@@ -507,7 +539,7 @@ impl Bed {
     pub fn clear(&mut self) -> anyhow::Result<()> {
         match self.mode {
             Mode::Direct => {}
-            Mode::Ours => {
+            Mode::Ours | Mode::OursSocket => {
                 if let Some(mut agent) = self.agent.take() {
                     agent.stop()?;
                 }
@@ -550,7 +582,7 @@ impl Bed {
         let limit = self.load_limit;
         let timing = match self.mode {
             Mode::Direct => Timing::done(Duration::ZERO),
-            Mode::Ours => {
+            Mode::Ours | Mode::OursSocket => {
                 let api = self.api.as_ref().context("no API server")?;
                 let started = Instant::now();
                 api.apply(slice_object(&after[index]));
@@ -605,6 +637,13 @@ impl Bed {
             "--min-sync-period",
             "10ms",
         ];
+        let cgroup = self
+            .cgroup
+            .as_ref()
+            .map(|c| c.path().to_string_lossy().to_string());
+        if let Some(cgroup) = &cgroup {
+            args.extend(["--socket-lb-cgroup", cgroup.as_str()]);
+        }
         args.extend(self.agent_args.iter().map(String::as_str));
         let agent = Agent::start_run(
             &self.lab.node,
@@ -689,7 +728,7 @@ impl Bed {
     /// A few hundred connections to every kind of target must all succeed.
     pub fn verify(&self) -> anyhow::Result<()> {
         let report = load::run(
-            &self.lab.client,
+            &self.client(),
             &self.targets(),
             &load::LoadConfig {
                 duration: Duration::from_millis(300),
@@ -716,7 +755,9 @@ impl Bed {
     pub fn size(&self) -> String {
         match self.mode {
             Mode::Direct => String::new(),
-            Mode::Ours => format!("{} Services in the maps", self.services.len()),
+            Mode::Ours | Mode::OursSocket => {
+                format!("{} Services in the maps", self.services.len())
+            }
             Mode::IptablesLegacy | Mode::IptablesNft => {
                 let text = iptables::restore_full(&self.services, &self.config);
                 let nat = text.split("*nat\n").nth(1).unwrap_or_default();

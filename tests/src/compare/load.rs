@@ -18,7 +18,39 @@ use std::{
 use anyhow::{bail, Context as _};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::lab::Netns;
+use crate::{cgroup::ThreadCgroup, lab::Netns};
+
+/// Where load comes from: the client namespace and, for socket-level load balancing, the
+/// cgroup the generator's threads join (their sockets are the ones the cgroup hook sees).
+#[derive(Clone)]
+pub struct Client {
+    pub ns: Netns,
+    pub cgroup: Option<Arc<ThreadCgroup>>,
+}
+
+impl Client {
+    fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+    ) -> thread::JoinHandle<anyhow::Result<T>> {
+        let cgroup = self.cgroup.clone();
+        self.ns.spawn(move || {
+            if let Some(cgroup) = &cgroup {
+                cgroup.enter_current_thread()?;
+            }
+            f()
+        })
+    }
+
+    fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+    ) -> anyhow::Result<T> {
+        self.spawn(f)
+            .join()
+            .map_err(|_| anyhow::anyhow!("client thread panicked"))?
+    }
+}
 
 /// `lb-compare --pin-cpus`: load generators on CPU 0, echo servers on CPU 1, so that which
 /// side is the bottleneck (and what runs there) can be read per CPU in a profile.
@@ -308,23 +340,47 @@ async fn one_request(to: SocketAddr) -> std::io::Result<()> {
 }
 
 /// Connect, request, reply, close, as fast as `concurrency` connections in flight allow, from
-/// inside `ns`, to random Services of `targets`.
-pub fn run(ns: &Netns, targets: &Targets, config: &LoadConfig) -> anyhow::Result<LoadReport> {
+/// from `client`, to random Services of `targets`.
+pub fn run(client: &Client, targets: &Targets, config: &LoadConfig) -> anyhow::Result<LoadReport> {
     if targets.is_empty() || targets.iter().any(Vec::is_empty) {
         bail!("no targets");
     }
     let threads = config.threads.max(1);
-    let start = Instant::now() + Duration::from_millis(50);
-    let counted_from = start + config.warmup;
-    let deadline = counted_from + config.duration;
+    // The clock starts once every thread is in its namespace and cgroup: moving a thread into
+    // a cgroup waits for an RCU grace period, tens of milliseconds that must not be counted.
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+    let start_line = Arc::new((
+        std::sync::Mutex::new(None::<Instant>),
+        std::sync::Condvar::new(),
+    ));
     let handles: Vec<_> = (0..threads)
         .map(|t| {
             let targets = targets.clone();
             let config = config.clone();
             let tasks =
                 config.concurrency / threads + usize::from(t < config.concurrency % threads);
-            ns.spawn(move || {
+            let ready = ready_tx.clone();
+            let start_line = start_line.clone();
+            client.spawn(move || {
                 pin_to(0);
+                let _ = ready.send(());
+                let (lock, set) = &*start_line;
+                let mut at = lock
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("start line poisoned"))?;
+                let start = loop {
+                    match *at {
+                        Some(start) => break start,
+                        None => {
+                            at = set
+                                .wait(at)
+                                .map_err(|_| anyhow::anyhow!("start line poisoned"))?
+                        }
+                    }
+                };
+                drop(at);
+                let counted_from = start + config.warmup;
+                let deadline = counted_from + config.duration;
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()?;
@@ -387,6 +443,20 @@ pub fn run(ns: &Netns, targets: &Targets, config: &LoadConfig) -> anyhow::Result
             })
         })
         .collect();
+    drop(ready_tx);
+    for _ in 0..threads {
+        // A thread that failed to start never reports: its error comes with the join below.
+        if ready_rx.recv_timeout(Duration::from_secs(10)).is_err() {
+            break;
+        }
+    }
+    {
+        let (lock, set) = &*start_line;
+        if let Ok(mut at) = lock.lock() {
+            *at = Some(Instant::now() + Duration::from_millis(50));
+        }
+        set.notify_all();
+    }
     let mut total = LoadReport {
         seconds: config.duration.as_secs_f64(),
         ..LoadReport::default()
@@ -402,8 +472,8 @@ pub fn run(ns: &Netns, targets: &Targets, config: &LoadConfig) -> anyhow::Result
 
 /// One TCP stream of bulk data to `to` for `duration`, from inside `ns`: bits per second
 /// received by the server (counted by it, up to its answer after the client's FIN).
-pub fn bulk(ns: &Netns, to: SocketAddr, duration: Duration) -> anyhow::Result<f64> {
-    ns.run(move || {
+pub fn bulk(client: &Client, to: SocketAddr, duration: Duration) -> anyhow::Result<f64> {
+    client.run(move || {
         use std::io::{BufRead, BufReader, Write};
         let mut stream = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2))
             .with_context(|| format!("connecting to {to}"))?;

@@ -1,0 +1,214 @@
+//! Socket-level load balancing end to end: the real agent attaches its cgroup programs to a
+//! cgroup of the test's own, and real TCP connections from a client thread in that cgroup
+//! reach the Service's backends without any packet being translated, while `getpeername`
+//! still shows the ClusterIP. Clients outside the cgroup, UDP, and an agent restarted without
+//! the flag all go through the tc path.
+
+use std::{
+    collections::BTreeSet,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::Arc,
+    time::Duration,
+};
+
+use lb_agent::maps::{read_counters, read_services};
+use lb_tests::{
+    agent::Agent,
+    cgroup::ThreadCgroup,
+    echo::{start_backends, udp_request, TcpSession},
+    lab::{run, NodeLab, CLIENT_ADDR, TEST_PREFIX},
+};
+
+const VIP: &str = "10.96.0.10:80";
+const TIMEOUT: Duration = Duration::from_secs(2);
+const CONNECTIONS: usize = 60;
+
+fn examples() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples")
+}
+
+/// The attach types of the programs on `cgroup`, as bpftool lists them, sorted.
+fn attached(cgroup: &Path) -> Vec<String> {
+    let out = run(Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(cgroup))
+    .expect("bpftool cgroup show");
+    // Nothing at all when nothing is attached.
+    if out.trim().is_empty() {
+        return Vec::new();
+    }
+    let list: serde_json::Value = serde_json::from_str(&out).expect("bpftool JSON");
+    let mut types: Vec<String> = list
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|p| p["attach_type"].as_str().unwrap_or_default().to_string())
+        .collect();
+    types.sort();
+    types
+}
+
+fn counter(pin_dir: &Path, name: &str) -> u64 {
+    read_counters(pin_dir)
+        .expect("read counters")
+        .into_iter()
+        .find(|(c, _)| c.name() == name)
+        .map(|(_, v)| v)
+        .unwrap_or_else(|| panic!("no counter {name}"))
+}
+
+/// What `CONNECTIONS` TCP connections to the VIP saw, made from a thread of the client
+/// namespace, inside `cgroup` when given: (backends that answered, peer addresses the
+/// connections reported, client addresses the servers saw).
+struct Seen {
+    servers: BTreeSet<String>,
+    peers: BTreeSet<SocketAddr>,
+    clients: BTreeSet<String>,
+}
+
+fn connect_many(lab: &NodeLab, cgroup: Option<Arc<ThreadCgroup>>) -> Seen {
+    let vip: SocketAddr = VIP.parse().unwrap();
+    lab.client
+        .run(move || {
+            if let Some(cgroup) = &cgroup {
+                cgroup.enter_current_thread()?;
+            }
+            let mut seen = Seen {
+                servers: BTreeSet::new(),
+                peers: BTreeSet::new(),
+                clients: BTreeSet::new(),
+            };
+            for _ in 0..CONNECTIONS {
+                let mut session = TcpSession::connect(vip, TIMEOUT)?;
+                seen.peers.insert(session.peer()?);
+                let reply = session.request()?;
+                seen.servers.insert(reply.server);
+                seen.clients.insert(reply.peer.ip().to_string());
+            }
+            Ok(seen)
+        })
+        .expect("TCP connections to the VIP")
+}
+
+#[test]
+fn connections_from_the_cgroup_go_straight_to_backends_and_others_through_tc() {
+    let lab = NodeLab::new(TEST_PREFIX, 3).expect("lab");
+    let _servers = start_backends(&lab, 8080).expect("echo servers");
+    let cgroup = Arc::new(ThreadCgroup::new("lbt-socket-lb").expect("test cgroup"));
+    let cgroup_flag = cgroup.path().to_string_lossy().to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    let pin_dir = lab.lab.pin_dir();
+    let agent_log = |log: &str| std::fs::read_to_string(tmp.path().join(log)).unwrap_or_default();
+    let start = |log: &str, extra: &[&str]| {
+        let mut agent = Agent::start_with(
+            &lab.node,
+            &pin_dir,
+            &examples(),
+            &lab.node_interfaces(),
+            &tmp.path().join(log),
+            extra,
+        )
+        .expect("start agent");
+        // Its own log line, not the maps: after a restart they are full from the start.
+        agent
+            .wait_until(Duration::from_secs(20), || {
+                agent_log(log).contains("datapath programmed")
+                    && read_services(&pin_dir)
+                        .is_ok_and(|s| s.iter().map(|s| s.backends.len()).sum::<usize>() == 6)
+            })
+            .expect("agent programs the example services");
+        agent
+    };
+    let mut agent = start("agent.log", &["--socket-lb-cgroup", &cgroup_flag]);
+    let vip: SocketAddr = VIP.parse().unwrap();
+    let ready: BTreeSet<String> = ["backend-1", "backend-2", "backend-3"]
+        .map(String::from)
+        .into();
+
+    // Inside the cgroup: balanced at connect(), not one packet translated by the tc program.
+    let new_flows = counter(&pin_dir, "new_flow");
+    let forwarded = counter(&pin_dir, "forward");
+    let seen = connect_many(&lab, Some(cgroup.clone()));
+    assert_eq!(seen.servers, ready, "every ready backend answers");
+    assert_eq!(
+        seen.peers,
+        BTreeSet::from([vip]),
+        "getpeername shows the ClusterIP"
+    );
+    assert_eq!(seen.clients, BTreeSet::from([CLIENT_ADDR.to_string()]));
+    assert_eq!(
+        counter(&pin_dir, "socket_connect"),
+        CONNECTIONS as u64,
+        "each connection balanced by the socket hook"
+    );
+    assert_eq!(counter(&pin_dir, "new_flow"), new_flows, "no tc new flow");
+    assert_eq!(counter(&pin_dir, "forward"), forwarded, "no tc translation");
+
+    // UDP from the cgroup is left to the tc path (its replies must come from the VIP).
+    let udp = {
+        let cgroup = cgroup.clone();
+        lab.client
+            .run(move || {
+                cgroup.enter_current_thread()?;
+                udp_request(vip, TIMEOUT)
+            })
+            .expect("UDP through the VIP")
+    };
+    assert!(
+        ready.contains(&udp.server),
+        "UDP answered by {}",
+        udp.server
+    );
+    assert_eq!(
+        counter(&pin_dir, "new_flow"),
+        new_flows + 1,
+        "UDP balanced by tc"
+    );
+    assert_eq!(counter(&pin_dir, "socket_connect"), CONNECTIONS as u64);
+
+    // Outside the cgroup: the tc path, as before.
+    let seen = connect_many(&lab, None);
+    assert_eq!(seen.servers, ready);
+    assert_eq!(seen.peers, BTreeSet::from([vip]));
+    assert_eq!(
+        counter(&pin_dir, "new_flow"),
+        new_flows + 1 + CONNECTIONS as u64,
+        "clients outside the cgroup balanced per packet"
+    );
+    assert_eq!(counter(&pin_dir, "socket_connect"), CONNECTIONS as u64);
+
+    // A restart with the flag replaces the programs (the cgroup is never without them); one
+    // without it detaches them.
+    agent.stop().expect("stop agent");
+    let mut agent = start("agent-2.log", &["--socket-lb-cgroup", &cgroup_flag]);
+    let before = counter(&pin_dir, "socket_connect");
+    let seen = connect_many(&lab, Some(cgroup.clone()));
+    assert_eq!(seen.servers, ready);
+    assert_eq!(
+        counter(&pin_dir, "socket_connect"),
+        before + CONNECTIONS as u64,
+        "balanced by the socket hook after a restart"
+    );
+    assert_eq!(
+        attached(cgroup.path()),
+        ["cgroup_inet4_connect", "cgroup_inet4_getpeername"],
+        "the old agent's programs detached, the new ones attached"
+    );
+    agent.stop().expect("stop agent");
+    let _agent = start("agent-3.log", &[]);
+    let new_flows = counter(&pin_dir, "new_flow");
+    let seen = connect_many(&lab, Some(cgroup.clone()));
+    assert_eq!(seen.servers, ready);
+    assert_eq!(
+        counter(&pin_dir, "socket_connect"),
+        before + CONNECTIONS as u64,
+        "detached"
+    );
+    assert!(attached(cgroup.path()).is_empty());
+    assert_eq!(
+        counter(&pin_dir, "new_flow"),
+        new_flows + CONNECTIONS as u64
+    );
+}
