@@ -345,7 +345,8 @@ pub fn attach(
 const SOCKET_LINKS_DIR: &str = "socket-links";
 
 /// Attaches the socket-level programs to the cgroup v2 directory `cgroup` (and so to every
-/// cgroup below it), or with `None` detaches those of an earlier agent. The links are pinned
+/// cgroup below it), or with `None` detaches those of an earlier agent. The flag is explicit,
+/// so a failure to attach is an error, not a silent fall back to tc alone. The links are pinned
 /// under `pin_dir/socket-links`, so they outlive this process like the tc links. A restarted
 /// agent attaches its own programs before it unpins the old ones: for that moment both run,
 /// and the second finds a backend address, which is no frontend, and leaves it alone.
@@ -368,7 +369,9 @@ pub fn attach_socket_lb(
             cgroup.display()
         )
     })?;
-    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    // Both programs are attached before anything is pinned: a failure leaves the old pair (or
+    // none) in place, never one old and one new. Unpinned links detach when dropped.
+    let mut links = Vec::new();
     for (name, pin) in SOCKET_PROGRAMS {
         let program: &mut CgroupSockAddr = ebpf
             .program_mut(name)
@@ -388,14 +391,24 @@ pub fn attach_socket_lb(
             .take_link(id)?
             .try_into()
             .context("a cgroup attachment is an fd link on this kernel")?;
+        links.push((pin, link));
+    }
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    // bpffs refuses names with a dot.
+    let fresh = |pin: &str| dir.join(format!("{pin}-new"));
+    for (pin, link) in links {
+        let _ = fs::remove_file(fresh(pin));
+        if let Err(err) = link.pin(fresh(pin)) {
+            for (_, pin) in SOCKET_PROGRAMS {
+                let _ = fs::remove_file(fresh(pin));
+            }
+            return Err(err).with_context(|| format!("pinning the link {pin}"));
+        }
+    }
+    // Replacing an old pin drops the old link, which detaches the old program.
+    for (_, pin) in SOCKET_PROGRAMS {
         let path = dir.join(pin);
-        // bpffs refuses names with a dot.
-        let fresh = dir.join(format!("{pin}-new"));
-        let _ = fs::remove_file(&fresh);
-        link.pin(&fresh)
-            .with_context(|| format!("pinning the link at {}", fresh.display()))?;
-        // Replacing the old pin drops the old link, which detaches the old program.
-        fs::rename(&fresh, &path).with_context(|| format!("pinning {}", path.display()))?;
+        fs::rename(fresh(pin), &path).with_context(|| format!("pinning {}", path.display()))?;
     }
     info!(cgroup = %cgroup.display(), "socket-level load balancing attached");
     Ok(())

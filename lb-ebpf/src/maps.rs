@@ -95,7 +95,9 @@ pub fn hairpin_addr() -> [u8; 4] {
 #[inline(always)]
 pub fn count(counter: Counter) {
     if let Some(slot) = LB_STATS.get_ptr_mut(counter as u32) {
-        // SAFETY: per-CPU slot, no other writer on this CPU while we run.
+        // SAFETY: a per-CPU slot. Plain, not atomic (the BPF target has no atomic add in Rust):
+        // the socket hook runs preemptible, so a tc program interrupting its increment on the
+        // same CPU can, rarely, cost one count. Counters are for operators, not accounting.
         unsafe { *slot += 1 };
     }
 }

@@ -5,20 +5,24 @@
 //!
 //! Left to the tc path, which sees every packet: UDP (a reply would come from the backend's
 //! address, which resolvers check), Services with session affinity or Maglev (they pick by
-//! client address or by the flow's ports, unknown at `connect()`), other frontend kinds, and
-//! a Service with no usable backend (the tc path rejects or drops its flows as configured).
+//! client address or by the flow's ports, unknown at `connect()`), and other frontend kinds.
+//! A Service with no usable backend is refused at `connect()` (ECONNREFUSED, as the tc path's
+//! reset gives), unless configured to drop, which the tc path does.
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,
+    btf_maps::SkStorage,
+    helpers::generated::bpf_set_retval,
     macros::{btf_map, cgroup_sock_addr},
     programs::SockAddrContext,
 };
-use lb_common::{Counter, FrontendKey, SockRevNat, KIND_CLUSTER_IP, PROTO_TCP, SERVICE_MAGLEV};
-
-use aya_ebpf::btf_maps::SkStorage;
+use lb_common::{
+    Counter, FrontendKey, SockRevNat, KIND_CLUSTER_IP, PROTO_TCP, SERVICE_DROP_WHEN_EMPTY,
+    SERVICE_MAGLEV,
+};
 
 use crate::{
-    maps::{count, LB_FRONTENDS, LB_SERVICES},
+    maps::{count, no_backend_drop, LB_FRONTENDS, LB_SERVICES},
     select::pick_random,
 };
 
@@ -28,18 +32,21 @@ pub static LB_SOCK_REVNAT: SkStorage<SockRevNat> = SkStorage::new();
 /// A cgroup/sock_addr program's verdict: let the call go on.
 const PROCEED: i32 = 1;
 
+/// Its other verdict: fail the call (with the error `bpf_set_retval` set).
+const REFUSE: i32 = 0;
+const ECONNREFUSED: i32 = 111;
+
 #[cgroup_sock_addr(connect4)]
 pub fn lb_sock_connect4(ctx: SockAddrContext) -> i32 {
-    connect4(&ctx);
-    PROCEED
+    connect4(&ctx)
 }
 
 #[inline(always)]
-fn connect4(ctx: &SockAddrContext) {
+fn connect4(ctx: &SockAddrContext) -> i32 {
     // SAFETY: the context the kernel passed; only its plain integer fields are touched.
     let addr = unsafe { &mut *ctx.sock_addr };
     if addr.protocol != u32::from(PROTO_TCP) {
-        return;
+        return PROCEED;
     }
     let frontend_addr = addr.user_ip4.to_ne_bytes();
     let frontend_port = u16::from_be(addr.user_port as u16);
@@ -51,19 +58,31 @@ fn connect4(ctx: &SockAddrContext) {
     };
     // SAFETY: read-only copy of a value the agent replaces atomically.
     let Some(frontend) = (unsafe { LB_FRONTENDS.get(key) }).copied() else {
-        return;
+        return PROCEED;
     };
     if frontend.kind != KIND_CLUSTER_IP {
-        return;
+        return PROCEED;
     }
     let Some(service) = LB_SERVICES.get(frontend.service_id).copied() else {
-        return;
+        return PROCEED;
     };
+    if service.backend_count == 0 {
+        // No usable endpoint: refused at once, as the tc path's reset would be, and for a
+        // host process too, whose SYN the tc program would never see. Drop modes are the tc
+        // path's (a pod's SYN is dropped there).
+        if no_backend_drop() || service.flags & SERVICE_DROP_WHEN_EMPTY != 0 {
+            return PROCEED;
+        }
+        // SAFETY: plain helper call; the kernel hands the error to connect().
+        unsafe { bpf_set_retval(-ECONNREFUSED) };
+        count(Counter::RejectNoBackend);
+        return REFUSE;
+    }
     if service.affinity_timeout_s != 0 || service.flags & SERVICE_MAGLEV != 0 {
-        return;
+        return PROCEED;
     }
     let Some((_, _, backend)) = pick_random(frontend.service_id, &service) else {
-        return;
+        return PROCEED;
     };
     let mut remembered = SockRevNat {
         frontend_addr,
@@ -84,6 +103,7 @@ fn connect4(ctx: &SockAddrContext) {
     addr.user_ip4 = u32::from_ne_bytes(backend.addr);
     addr.user_port = u32::from(backend.port.to_be());
     count(Counter::SockConnect);
+    PROCEED
 }
 
 #[cgroup_sock_addr(getpeername4)]

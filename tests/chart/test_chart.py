@@ -59,7 +59,6 @@ DEFAULT_ARGS = [
     "--max-backends=65536",
     "--maglev-table-size=16381",
     "--max-maglev-services=64",
-    "--socket-lb-cgroup=/run/lb-agent/cgroupv2",
 ]
 
 # Values sets rendered, linted and validated besides the defaults.
@@ -89,7 +88,7 @@ VARIATIONS: dict[str, dict[str, Any]] = {
         },
     },
     "no-bpffs-mount": {"bpffs": {"mount": {"enabled": False}}},
-    "no-socket-lb": {"agent": {"socketLB": {"enabled": False}}},
+    "socket-lb": {"agent": {"socketLB": {"enabled": True, "hostCgroupRoot": "/sys/fs/cgroup"}}},
     "hybrid-cgroup-host": {"agent": {"socketLB": {"enabled": True, "hostCgroupRoot": "/sys/fs/cgroup/unified"}}},
     "resources-node-selector": {
         "resources": {
@@ -282,22 +281,25 @@ class DefaultValues(unittest.TestCase):
         self.assertIn("mount -t bpf bpf /sys/fs/bpf", script)
         self.assertIn("/proc/self/mounts", script)
 
-    def test_bpffs_and_cgroup2_from_the_host(self) -> None:
+    def test_bpffs_from_the_host(self) -> None:
         self.assertEqual(self.pod["volumes"], [
             {"name": "bpffs", "hostPath": {"path": "/sys/fs/bpf", "type": "DirectoryOrCreate"}},
-            {"name": "cgroup2", "hostPath": {"path": "/sys/fs/cgroup", "type": "Directory"}},
         ])
         self.assertEqual(self.agent["volumeMounts"], [
             {"name": "bpffs", "mountPath": "/sys/fs/bpf", "mountPropagation": "HostToContainer"},
-            # The flag names the mount.
-            {"name": "cgroup2", "mountPath": "/run/lb-agent/cgroupv2", "readOnly": True},
         ])
+        self.assertFalse([a for a in self.agent["args"] if "socket-lb" in a])
 
-    def test_socket_lb_off_and_on_a_hybrid_host(self) -> None:
-        objects = render(VARIATIONS["no-socket-lb"])
-        self.assertFalse([a for a in agent_container(objects)["args"] if "socket-lb" in a])
-        self.assertEqual([v["name"] for v in pod_spec(objects)["volumes"]], ["bpffs"])
-        self.assertEqual([m["name"] for m in agent_container(objects)["volumeMounts"]], ["bpffs"])
+    def test_socket_lb_on_and_on_a_hybrid_host(self) -> None:
+        objects = render(VARIATIONS["socket-lb"])
+        self.assertEqual(pod_spec(objects)["volumes"][1], {
+            "name": "cgroup2", "hostPath": {"path": "/sys/fs/cgroup", "type": "Directory"},
+        })
+        # The flag names the mount.
+        self.assertEqual(agent_container(objects)["volumeMounts"][1], {
+            "name": "cgroup2", "mountPath": "/run/lb-agent/cgroupv2", "readOnly": True,
+        })
+        self.assertEqual(agent_container(objects)["args"][-1], "--socket-lb-cgroup=/run/lb-agent/cgroupv2")
         objects = render(VARIATIONS["hybrid-cgroup-host"])
         volumes = {v["name"]: v for v in pod_spec(objects)["volumes"]}
         self.assertEqual(volumes["cgroup2"]["hostPath"]["path"], "/sys/fs/cgroup/unified")

@@ -29,6 +29,48 @@ fn examples() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples")
 }
 
+/// The examples, plus a Service with session affinity (left to the tc path) and one without
+/// endpoints (refused at connect()).
+const EXTRA: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: sticky, namespace: default}
+spec:
+  clusterIP: 10.96.0.30
+  sessionAffinity: ClientIP
+  ports: [{name: http, protocol: TCP, port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: sticky-1
+  namespace: default
+  labels: {kubernetes.io/service-name: sticky}
+addressType: IPv4
+ports: [{name: http, protocol: TCP, port: 8080}]
+endpoints:
+  - addresses: ["10.244.1.2"]
+    conditions: {ready: true}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: empty, namespace: default}
+spec:
+  clusterIP: 10.96.0.40
+  ports: [{name: http, protocol: TCP, port: 80, targetPort: 8080}]
+"#;
+
+fn manifests(dir: &Path) -> PathBuf {
+    let out = dir.join("manifests");
+    std::fs::create_dir_all(&out).unwrap();
+    for entry in std::fs::read_dir(examples()).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, out.join(path.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(out.join("extra.yaml"), EXTRA).unwrap();
+    out
+}
+
 /// The attach types of the programs on `cgroup`, as bpftool lists them, sorted.
 fn attached(cgroup: &Path) -> Vec<String> {
     let out = run(Command::new("bpftool")
@@ -99,13 +141,14 @@ fn connections_from_the_cgroup_go_straight_to_backends_and_others_through_tc() {
     let cgroup = Arc::new(ThreadCgroup::new("lbt-socket-lb").expect("test cgroup"));
     let cgroup_flag = cgroup.path().to_string_lossy().to_string();
     let tmp = tempfile::tempdir().unwrap();
+    let manifests = manifests(tmp.path());
     let pin_dir = lab.lab.pin_dir();
     let agent_log = |log: &str| std::fs::read_to_string(tmp.path().join(log)).unwrap_or_default();
     let start = |log: &str, extra: &[&str]| {
         let mut agent = Agent::start_with(
             &lab.node,
             &pin_dir,
-            &examples(),
+            &manifests,
             &lab.node_interfaces(),
             &tmp.path().join(log),
             extra,
@@ -116,7 +159,7 @@ fn connections_from_the_cgroup_go_straight_to_backends_and_others_through_tc() {
             .wait_until(Duration::from_secs(20), || {
                 agent_log(log).contains("datapath programmed")
                     && read_services(&pin_dir)
-                        .is_ok_and(|s| s.iter().map(|s| s.backends.len()).sum::<usize>() == 6)
+                        .is_ok_and(|s| s.iter().map(|s| s.backends.len()).sum::<usize>() == 7)
             })
             .expect("agent programs the example services");
         agent
@@ -179,6 +222,51 @@ fn connections_from_the_cgroup_go_straight_to_backends_and_others_through_tc() {
     );
     assert_eq!(counter(&pin_dir, "socket_connect"), CONNECTIONS as u64);
 
+    // A Service with session affinity is balanced by the tc path (it picks by client address).
+    let socket_connects = counter(&pin_dir, "socket_connect");
+    let new_flows = counter(&pin_dir, "new_flow");
+    let sticky = {
+        let cgroup = cgroup.clone();
+        lab.client
+            .run(move || {
+                cgroup.enter_current_thread()?;
+                let mut session = TcpSession::connect("10.96.0.30:80".parse()?, TIMEOUT)?;
+                Ok((session.peer()?, session.request()?.server))
+            })
+            .expect("connection to the affinity Service")
+    };
+    assert_eq!(
+        sticky,
+        ("10.96.0.30:80".parse().unwrap(), "backend-1".to_string())
+    );
+    assert_eq!(counter(&pin_dir, "socket_connect"), socket_connects);
+    assert_eq!(counter(&pin_dir, "new_flow"), new_flows + 1);
+
+    // The node's own processes (host network) reach a ClusterIP through the hook: tc on
+    // ingress never sees their packets. A Service without endpoints refuses them at once.
+    let rejected = counter(&pin_dir, "reject_no_backend");
+    let (peer, server, refused) = {
+        let cgroup = cgroup.clone();
+        lab.node
+            .run(move || {
+                cgroup.enter_current_thread()?;
+                let mut session = TcpSession::connect(vip, TIMEOUT)?;
+                let peer = session.peer()?;
+                let server = session.request()?.server;
+                let refused =
+                    std::net::TcpStream::connect_timeout(&"10.96.0.40:80".parse()?, TIMEOUT)
+                        .err()
+                        .map(|e| e.kind());
+                Ok((peer, server, refused))
+            })
+            .expect("host-network connections")
+    };
+    assert_eq!(peer, vip);
+    assert!(ready.contains(&server), "answered by {server}");
+    assert_eq!(counter(&pin_dir, "socket_connect"), socket_connects + 1);
+    assert_eq!(refused, Some(std::io::ErrorKind::ConnectionRefused));
+    assert_eq!(counter(&pin_dir, "reject_no_backend"), rejected + 1);
+
     // A restart with the flag replaces the programs (the cgroup is never without them); one
     // without it detaches them.
     agent.stop().expect("stop agent");
@@ -197,7 +285,13 @@ fn connections_from_the_cgroup_go_straight_to_backends_and_others_through_tc() {
         "the old agent's programs detached, the new ones attached"
     );
     agent.stop().expect("stop agent");
-    let _agent = start("agent-3.log", &[]);
+    let mut agent = start("agent-3.log", &[]);
+    // The kernel lets go of an unpinned link after a grace period.
+    agent
+        .wait_until(Duration::from_secs(10), || {
+            attached(cgroup.path()).is_empty()
+        })
+        .expect("socket programs detached");
     let new_flows = counter(&pin_dir, "new_flow");
     let seen = connect_many(&lab, Some(cgroup.clone()));
     assert_eq!(seen.servers, ready);
@@ -206,7 +300,6 @@ fn connections_from_the_cgroup_go_straight_to_backends_and_others_through_tc() {
         before + CONNECTIONS as u64,
         "detached"
     );
-    assert!(attached(cgroup.path()).is_empty());
     assert_eq!(
         counter(&pin_dir, "new_flow"),
         new_flows + CONNECTIONS as u64

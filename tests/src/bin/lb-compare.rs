@@ -383,13 +383,13 @@ impl Report<'_> {
             .collect()
     }
 
-    /// Ours as deployed (with socket-level load balancing when measured): the mode every
+    /// Ours as the chart deploys it by default (tc only, when measured): the mode every
     /// other is compared with.
     fn ours(&self) -> Mode {
-        if self.has(Mode::OursSocket) {
-            Mode::OursSocket
-        } else {
+        if self.has(Mode::Ours) {
             Mode::Ours
+        } else {
+            Mode::OursSocket
         }
     }
 
@@ -569,8 +569,15 @@ impl Report<'_> {
         out
     }
 
-    /// The issue's targets, each met or missed, with the figure.
+    /// The issue's targets, each met or missed, with the figure, for each of our modes.
     fn targets(&self) -> String {
+        self.ours_modes()
+            .into_iter()
+            .map(|m| self.targets_of(m))
+            .collect()
+    }
+
+    fn targets_of(&self, ours: Mode) -> String {
         let mut out = String::new();
         let mut line = |ok: Option<bool>, text: String| {
             let verdict = match ok {
@@ -578,10 +585,9 @@ impl Report<'_> {
                 Some(false) => "**missed**",
                 None => "not measured",
             };
-            out.push_str(&format!("- {text}: {verdict}.\n"));
+            out.push_str(&format!("- {}: {text}: {verdict}.\n", ours.label()));
         };
         let counts: Vec<usize> = self.results.keys().copied().collect();
-        let ours = self.ours();
         for &n in &counts {
             let r = self.ratio(n, ours, Mode::Direct, |s| &s.cps);
             line(
@@ -636,21 +642,6 @@ impl Report<'_> {
                         m.slug(),
                         if over { "> " } else { "" },
                         x3(p)
-                    ),
-                );
-            }
-        }
-        // The tc path alone, for clients outside the socket-LB cgroup (reported, not a target
-        // of its own: the targets are for ours as deployed).
-        if ours != Mode::Ours && self.has(Mode::Ours) {
-            for &n in &counts {
-                let r = self.ratio(n, Mode::Ours, Mode::Direct, |s| &s.cps);
-                line(
-                    r.map(|r| r >= 0.95),
-                    format!(
-                        "(tc path alone) Connections/s at {n} Services at least 0.95x no load \
-                         balancer ({})",
-                        x3(r)
                     ),
                 );
             }
@@ -834,12 +825,14 @@ fn section(report: &Report, plan: &Plan, elapsed: Duration, cli: &Cli) -> String
          - **Modes**: *no load balancer* (the client connects to the endpoints directly: the \
          floor); *ours*: the real `lb-agent` (Kubernetes mode, against the fake API server \
          holding the Services and EndpointSlices; defaults except `--min-sync-period 10ms` and \
-         no periodic resync during the run), in two beds: *ours (socket LB)*, as deployed by \
-         the chart, with `--socket-lb-cgroup` on a cgroup the load generator's threads join \
+         no periodic resync during the run), in two beds: *ours (socket LB)*, the chart's \
+         opt-in `agent.socketLB.enabled`, with `--socket-lb-cgroup` on the cgroup the load \
+         generator's threads join \
          (a TCP `connect()` to a ClusterIP goes straight to a backend, so no packet of it is \
          translated; the tc program still sees every packet), and *ours (tc + maps)*, the same \
          agent without it (every packet translated by the tc program, as for clients outside \
-         that cgroup, UDP, and external traffic); *iptables*: the rules kube-proxy's iptables mode \
+         that cgroup, UDP, and external traffic). Every mode's load generator joins a cgroup \
+         of its own bed, so that being in one is no difference between modes; *iptables*: the rules kube-proxy's iptables mode \
          writes (`KUBE-SERVICES` dispatch, `KUBE-SVC-*` chains picking endpoints with \
          `statistic --mode random --probability 1/(n-i)`, `KUBE-SEP-*` DNAT chains, \
          `KUBE-MARK-MASQ` / `KUBE-POSTROUTING`, large cluster mode above 1,000 endpoints), \

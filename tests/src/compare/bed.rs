@@ -77,8 +77,8 @@ pub enum Mode {
 impl Mode {
     pub const ALL: [Mode; 6] = [
         Mode::Direct,
-        Mode::OursSocket,
         Mode::Ours,
+        Mode::OursSocket,
         Mode::IptablesLegacy,
         Mode::IptablesNft,
         Mode::Nftables,
@@ -206,8 +206,9 @@ pub struct Bed {
     pub load_limit: Duration,
     /// Extra arguments for our agent (experiments: `lb-compare --agent-arg`).
     pub agent_args: Vec<String>,
-    /// The client's cgroup, with the agent's socket programs on it ([`Mode::OursSocket`]).
-    cgroup: Option<Arc<ThreadCgroup>>,
+    /// The cgroup the client's load threads join; the agent's socket programs are attached to
+    /// it in [`Mode::OursSocket`].
+    cgroup: Arc<ThreadCgroup>,
 }
 
 fn ip_batch(ns: &str, commands: &str) -> anyhow::Result<()> {
@@ -400,14 +401,9 @@ impl Bed {
         } else {
             None
         };
-        let cgroup = if mode == Mode::OursSocket {
-            Some(Arc::new(ThreadCgroup::new(&format!(
-                "{}-socket-lb",
-                lab.lab.id
-            ))?))
-        } else {
-            None
-        };
+        // Every bed's load generator joins a cgroup of its own, so that being in one is no
+        // difference between modes; only ours (socket LB) has programs on it.
+        let cgroup = Arc::new(ThreadCgroup::new(&format!("{}-client", lab.lab.id))?);
         Ok(Self {
             mode,
             lab,
@@ -430,7 +426,7 @@ impl Bed {
     pub fn client(&self) -> load::Client {
         load::Client {
             ns: self.lab.client.clone(),
-            cgroup: self.cgroup.clone(),
+            cgroup: Some(self.cgroup.clone()),
         }
     }
 
@@ -637,11 +633,8 @@ impl Bed {
             "--min-sync-period",
             "10ms",
         ];
-        let cgroup = self
-            .cgroup
-            .as_ref()
-            .map(|c| c.path().to_string_lossy().to_string());
-        if let Some(cgroup) = &cgroup {
+        let cgroup = self.cgroup.path().to_string_lossy().to_string();
+        if self.mode == Mode::OursSocket {
             args.extend(["--socket-lb-cgroup", cgroup.as_str()]);
         }
         args.extend(self.agent_args.iter().map(String::as_str));

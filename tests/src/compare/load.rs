@@ -364,6 +364,9 @@ pub fn run(client: &Client, targets: &Targets, config: &LoadConfig) -> anyhow::R
             client.spawn(move || {
                 pin_to(0);
                 let _ = ready.send(());
+                // Gone, so that a thread that failed before this point does not keep the
+                // others' wait open.
+                drop(ready);
                 let (lock, set) = &*start_line;
                 let mut at = lock
                     .lock()
@@ -461,11 +464,17 @@ pub fn run(client: &Client, targets: &Targets, config: &LoadConfig) -> anyhow::R
         seconds: config.duration.as_secs_f64(),
         ..LoadReport::default()
     };
-    for handle in handles {
-        let report = handle
-            .join()
-            .map_err(|_| anyhow::anyhow!("load thread panicked"))??;
-        total.absorb(report);
+    // Every thread is joined before an error is returned: none may go on loading the next
+    // measurement.
+    let results: Vec<anyhow::Result<LoadReport>> = handles
+        .into_iter()
+        .map(|h| {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("load thread panicked"))?
+        })
+        .collect();
+    for report in results {
+        total.absorb(report?);
     }
     Ok(total)
 }
