@@ -12,7 +12,38 @@ pub mod lab;
 pub mod packet;
 pub mod soak;
 
+use std::path::{Path, PathBuf};
+
 use lb_agent::model::{Backend, DesiredService, Frontend, FrontendKind, Protocol};
+
+/// The repository's example manifests.
+pub fn examples() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples")
+}
+
+/// `dir/manifests`: the examples plus `extra` as `extra_name`, for a test's own Services.
+pub fn examples_with(dir: &Path, extra_name: &str, extra: &str) -> PathBuf {
+    let out = dir.join("manifests");
+    std::fs::create_dir_all(&out).expect("manifest directory");
+    for entry in std::fs::read_dir(examples()).expect("examples") {
+        let path = entry.expect("examples entry").path();
+        if let Some(name) = path.file_name() {
+            std::fs::copy(&path, out.join(name)).expect("copying an example");
+        }
+    }
+    std::fs::write(out.join(extra_name), extra).expect("writing the extra manifests");
+    out
+}
+
+/// Datapath counter `name` (as `lb-agent stats` names it) of the maps pinned at `pin_dir`.
+pub fn counter(pin_dir: &Path, name: &str) -> u64 {
+    lb_agent::maps::read_counters(pin_dir)
+        .expect("read counters")
+        .into_iter()
+        .find(|(c, _)| c.name() == name)
+        .map(|(_, v)| v)
+        .unwrap_or_else(|| panic!("no counter {name}"))
+}
 
 /// A ClusterIP backend set for tests that program the maps directly.
 pub fn cluster_ip_service(

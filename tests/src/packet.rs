@@ -474,12 +474,7 @@ const BPF_PROG_TEST_RUN: i32 = 10;
 impl Harness {
     /// Datapath counter `name` (as `lb-agent stats` names it).
     pub fn counter(&self, name: &str) -> u64 {
-        lb_agent::maps::read_counters(&self.pin_dir)
-            .expect("read counters")
-            .into_iter()
-            .find(|(c, _)| c.name() == name)
-            .map(|(_, v)| v)
-            .unwrap_or_else(|| panic!("no counter {name}"))
+        crate::counter(&self.pin_dir, name)
     }
 
     /// The pinned array `name` (`lb_common::map_names`), for reading or writing it directly.

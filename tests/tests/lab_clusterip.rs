@@ -4,7 +4,6 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
-    path::PathBuf,
     process::Command,
     time::Duration,
 };
@@ -13,16 +12,13 @@ use lb_agent::maps::read_services;
 use lb_tests::{
     agent::{cli, Agent},
     echo::{start_backends, tcp_request, udp_request, Reply, TcpSession},
+    examples,
     lab::{run, NodeLab, CLIENT_ADDR, TEST_PREFIX},
 };
 
 const VIP: &str = "10.96.0.10:80";
 const TIMEOUT: Duration = Duration::from_secs(2);
 const SHORT_CONNECTIONS: usize = 150;
-
-fn examples() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples")
-}
 
 struct Traffic {
     tcp: Vec<Reply>,

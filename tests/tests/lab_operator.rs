@@ -6,7 +6,6 @@ use std::{
     collections::BTreeSet,
     fs,
     net::SocketAddr,
-    path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc,
@@ -18,6 +17,7 @@ use lb_agent::maps::read_services;
 use lb_tests::{
     agent::{cli, metric_sample as sample, Agent},
     echo::{http_get_path, start_backends, tcp_request, udp_request, TcpSession},
+    examples_with,
     lab::{NodeLab, CLIENT_ADDR, TEST_PREFIX},
 };
 
@@ -27,15 +27,7 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The examples, plus a Service whose only endpoint is terminating (so the CLI shows that
 /// state; no traffic goes to it) and a malformed Service (so the invalid-object metric counts it).
-fn manifests(dir: &Path) {
-    let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples");
-    for entry in fs::read_dir(examples).unwrap() {
-        let path = entry.unwrap().path();
-        fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
-    }
-    fs::write(
-        dir.join("draining.yaml"),
-        r#"apiVersion: v1
+const EXTRA: &str = r#"apiVersion: v1
 kind: Service
 metadata: {name: draining, namespace: default}
 spec:
@@ -60,19 +52,14 @@ metadata: {name: broken, namespace: default}
 spec:
   clusterIP: 10.96.0.30
   ports: [{protocol: TCP, port: 70000}]
-"#,
-    )
-    .unwrap();
-}
+"#;
 
 #[test]
 fn cli_and_metrics_show_services_connections_fill_levels_and_traffic() {
     let lab = NodeLab::new(TEST_PREFIX, 3).expect("lab");
     let _servers = start_backends(&lab, 8080).expect("echo servers");
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("manifests");
-    fs::create_dir(&dir).unwrap();
-    manifests(&dir);
+    let dir = examples_with(tmp.path(), "draining.yaml", EXTRA);
     let pin_dir = lab.lab.pin_dir();
     let mut agent = Agent::start_with(
         &lab.node,

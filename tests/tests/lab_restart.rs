@@ -5,7 +5,6 @@
 
 use std::{
     net::{SocketAddr, UdpSocket},
-    path::PathBuf,
     time::Duration,
 };
 
@@ -18,14 +17,11 @@ use lb_common::Meta;
 use lb_tests::{
     agent::{cli, Agent},
     echo::{start_backends, tcp_request, udp_ask, TcpSession},
+    examples,
     lab::{NodeLab, TEST_PREFIX},
 };
 
 const TIMEOUT: Duration = Duration::from_secs(2);
-
-fn examples() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples")
-}
 
 fn start_agent(lab: &NodeLab, log: &str, tmp: &tempfile::TempDir) -> Agent {
     let pin_dir = lab.lab.pin_dir();

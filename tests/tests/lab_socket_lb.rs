@@ -5,29 +5,22 @@
 //! the flag all go through the tc path.
 
 use std::{
-    collections::BTreeSet,
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    process::Command,
-    sync::Arc,
-    time::Duration,
+    collections::BTreeSet, net::SocketAddr, path::Path, process::Command, sync::Arc, time::Duration,
 };
 
-use lb_agent::maps::{read_counters, read_services};
+use lb_agent::maps::read_services;
 use lb_tests::{
     agent::Agent,
     cgroup::ThreadCgroup,
+    counter,
     echo::{start_backends, udp_request, TcpSession},
+    examples_with,
     lab::{run, NodeLab, CLIENT_ADDR, TEST_PREFIX},
 };
 
 const VIP: &str = "10.96.0.10:80";
 const TIMEOUT: Duration = Duration::from_secs(2);
 const CONNECTIONS: usize = 60;
-
-fn examples() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples")
-}
 
 /// The examples, plus a Service with session affinity (left to the tc path) and one without
 /// endpoints (refused at connect()).
@@ -60,17 +53,6 @@ spec:
   ports: [{name: http, protocol: TCP, port: 80, targetPort: 8080}]
 "#;
 
-fn manifests(dir: &Path) -> PathBuf {
-    let out = dir.join("manifests");
-    std::fs::create_dir_all(&out).unwrap();
-    for entry in std::fs::read_dir(examples()).unwrap() {
-        let path = entry.unwrap().path();
-        std::fs::copy(&path, out.join(path.file_name().unwrap())).unwrap();
-    }
-    std::fs::write(out.join("extra.yaml"), EXTRA).unwrap();
-    out
-}
-
 /// The attach types of the programs on `cgroup`, as bpftool lists them, sorted.
 fn attached(cgroup: &Path) -> Vec<String> {
     let out = run(Command::new("bpftool")
@@ -90,15 +72,6 @@ fn attached(cgroup: &Path) -> Vec<String> {
         .collect();
     types.sort();
     types
-}
-
-fn counter(pin_dir: &Path, name: &str) -> u64 {
-    read_counters(pin_dir)
-        .expect("read counters")
-        .into_iter()
-        .find(|(c, _)| c.name() == name)
-        .map(|(_, v)| v)
-        .unwrap_or_else(|| panic!("no counter {name}"))
 }
 
 /// What `CONNECTIONS` TCP connections to the VIP saw, made from a thread of the client
@@ -141,7 +114,7 @@ fn connections_from_the_cgroup_go_straight_to_backends_and_others_through_tc() {
     let cgroup = Arc::new(ThreadCgroup::new("lbt-socket-lb").expect("test cgroup"));
     let cgroup_flag = cgroup.path().to_string_lossy().to_string();
     let tmp = tempfile::tempdir().unwrap();
-    let manifests = manifests(tmp.path());
+    let manifests = examples_with(tmp.path(), "extra.yaml", EXTRA);
     let pin_dir = lab.lab.pin_dir();
     let agent_log = |log: &str| std::fs::read_to_string(tmp.path().join(log)).unwrap_or_default();
     let start = |log: &str, extra: &[&str]| {
