@@ -16,7 +16,8 @@ pub struct ThreadCgroup {
 }
 
 impl ThreadCgroup {
-    /// Creates `<this process's cgroup>/<name>-<pid>` in the cgroup v2 hierarchy.
+    /// Creates `<this process's cgroup>/<name>-<pid>` in the cgroup v2 hierarchy. Give it a
+    /// name that starts with a lab's id, so that `lab::sweep` removes it after a crash.
     pub fn new(name: &str) -> anyhow::Result<Self> {
         let own = own_cgroup()?;
         let path = own.join(format!("{name}-{}", std::process::id()));
@@ -60,7 +61,7 @@ impl Drop for ThreadCgroup {
 
 /// This process's directory in the cgroup v2 hierarchy (the `0::` line of /proc/self/cgroup
 /// under the cgroup2 mount).
-fn own_cgroup() -> anyhow::Result<PathBuf> {
+pub(crate) fn own_cgroup() -> anyhow::Result<PathBuf> {
     let mounts = fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
     let Some(mount) = mounts.lines().find_map(|line| {
         let mut fields = line.split_whitespace();

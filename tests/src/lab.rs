@@ -192,7 +192,8 @@ impl Drop for Lab {
     }
 }
 
-/// Removes namespaces and pin directories `<prefix>-<pid>-...` whose process is gone.
+/// Removes namespaces, pin directories and (empty) cgroups `<prefix>-<pid>-...` whose process
+/// is gone.
 pub fn sweep(prefix: &str) {
     let stale = |name: &str| -> bool {
         let Some(rest) = name.strip_prefix(prefix).and_then(|r| r.strip_prefix('-')) else {
@@ -203,6 +204,14 @@ pub fn sweep(prefix: &str) {
         };
         !Path::new(&format!("/proc/{pid}")).exists()
     };
+    if let Ok(cgroups) = crate::cgroup::own_cgroup() {
+        for entry in fs::read_dir(cgroups).into_iter().flatten().flatten() {
+            if stale(&entry.file_name().to_string_lossy()) {
+                // rmdir: a cgroup with members or children stays.
+                let _ = fs::remove_dir(entry.path());
+            }
+        }
+    }
     for dir in [NETNS_DIR, BPFFS] {
         let Ok(entries) = fs::read_dir(dir) else {
             continue;

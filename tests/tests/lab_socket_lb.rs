@@ -111,7 +111,8 @@ fn connect_many(lab: &NodeLab, cgroup: Option<Arc<ThreadCgroup>>) -> Seen {
 fn connections_from_the_cgroup_go_straight_to_backends_and_others_through_tc() {
     let lab = NodeLab::new(TEST_PREFIX, 3).expect("lab");
     let _servers = start_backends(&lab, 8080).expect("echo servers");
-    let cgroup = Arc::new(ThreadCgroup::new("lbt-socket-lb").expect("test cgroup"));
+    let cgroup =
+        Arc::new(ThreadCgroup::new(&format!("{}-socket-lb", lab.lab.id)).expect("test cgroup"));
     let cgroup_flag = cgroup.path().to_string_lossy().to_string();
     let tmp = tempfile::tempdir().unwrap();
     let manifests = examples_with(tmp.path(), "extra.yaml", EXTRA);
