@@ -426,7 +426,7 @@ impl Bed {
     pub fn client(&self) -> load::Client {
         load::Client {
             ns: self.lab.client.clone(),
-            cgroup: Some(self.cgroup.clone()),
+            cgroup: self.cgroup.clone(),
         }
     }
 

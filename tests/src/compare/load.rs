@@ -20,12 +20,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{cgroup::ThreadCgroup, lab::Netns};
 
-/// Where load comes from: the client namespace and, for socket-level load balancing, the
-/// cgroup the generator's threads join (their sockets are the ones the cgroup hook sees).
+/// Where load comes from: the client namespace and the cgroup the generator's threads join
+/// (their sockets are the ones a socket-level load balancer on that cgroup sees).
 #[derive(Clone)]
 pub struct Client {
     pub ns: Netns,
-    pub cgroup: Option<Arc<ThreadCgroup>>,
+    pub cgroup: Arc<ThreadCgroup>,
 }
 
 impl Client {
@@ -35,9 +35,7 @@ impl Client {
     ) -> thread::JoinHandle<anyhow::Result<T>> {
         let cgroup = self.cgroup.clone();
         self.ns.spawn(move || {
-            if let Some(cgroup) = &cgroup {
-                cgroup.enter_current_thread()?;
-            }
+            cgroup.enter_current_thread()?;
             f()
         })
     }
