@@ -28,7 +28,7 @@
 #![no_std]
 
 /// Bumped whenever a key or value layout below changes; stamped into the pinned state.
-pub const MAP_LAYOUT_VERSION: u32 = 11;
+pub const MAP_LAYOUT_VERSION: u32 = 12;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -460,9 +460,12 @@ pub enum Counter {
     /// TCP connections to a ClusterIP sent to a backend by the socket hook at `connect()`:
     /// their packets need no translation.
     SockConnect = 17,
+    /// New flows whose reply 4-tuple another live flow held (the same client port to another
+    /// frontend, the same backend): their source port was rewritten.
+    ReplyClash = 18,
 }
 
-pub const COUNTER_COUNT: u32 = 18;
+pub const COUNTER_COUNT: u32 = 19;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -484,6 +487,7 @@ impl Counter {
         Counter::DropSnatPorts,
         Counter::CtClosed,
         Counter::SockConnect,
+        Counter::ReplyClash,
     ];
 
     /// For the packets a counter counts that did not reach a backend: why.
@@ -518,6 +522,7 @@ impl Counter {
             Counter::DropSnatPorts => "drop_snat_ports",
             Counter::CtClosed => "conntrack_closed",
             Counter::SockConnect => "socket_connect",
+            Counter::ReplyClash => "reply_tuple_clash",
         }
     }
 }

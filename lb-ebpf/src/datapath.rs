@@ -24,7 +24,7 @@ use crate::{
     maps::{
         account, count, hairpin_addr, maglev_table_size, no_backend_drop, snat_addr,
         source_allowed, LB_AFFINITY, LB_BACKENDS, LB_CONNTRACK, LB_FRONTENDS, LB_MAGLEV,
-        LB_SERVICES,
+        LB_SCRATCH, LB_SERVICES,
     },
     reject,
     select::{pick_random, slot_backend},
@@ -188,7 +188,12 @@ fn try_lb_ingress(ctx: &TcContext) -> Result<i32, ()> {
     } else {
         NO_ADDR
     };
-    let mut forward = CtValue {
+    let Some(forward) = LB_SCRATCH.get_ptr_mut(0) else {
+        return Ok(TC_ACT_UNSPEC);
+    };
+    // SAFETY: this CPU's own slot, for this packet only (see LB_SCRATCH).
+    let forward = unsafe { &mut *forward };
+    *forward = CtValue {
         nat_addr: backend.addr,
         nat_port: backend.port,
         direction: CT_FORWARD,
@@ -206,54 +211,72 @@ fn try_lb_ingress(ctx: &TcContext) -> Result<i32, ()> {
         expires_ns: now + ct_timeout_ns(pkt.proto, pkt.tcp_flags),
     };
     let local_frontend = frontend.flags & FRONTEND_LOCAL_ADDRESS != 0;
-    if remote_external {
-        // Many clients share the node's address: the reply key (backend -> node address,
-        // port) must be unique. Keep the client's port when free, else probe a few others.
-        let mut claimed = false;
-        for attempt in 0..SNAT_PORT_ATTEMPTS {
-            if attempt > 0 {
-                forward.snat_port = snat_port_candidate(&key, attempt);
-            }
-            if record_reply(ctx, &key, &forward, local_frontend, BPF_NOEXIST as u64).is_ok() {
+    // The reply half is claimed first, and only when its key is free: the same client port to
+    // another frontend that picked the same backend would otherwise take over this flow's
+    // replies, and the backend would see two connections on one 4-tuple. Then the source
+    // port is rewritten, as nf_nat does; many clients sharing the node's address (source NAT)
+    // need that all the time.
+    let mut claimed = false;
+    let mut attempt = 0;
+    let mut flags = BPF_NOEXIST as u64;
+    // Each port is tried once, and once more when the flow holding it turns out to be gone.
+    for _ in 0..SNAT_PORT_ATTEMPTS * 2 {
+        match record_reply(ctx, &key, forward, local_frontend, flags) {
+            0 => {
                 claimed = true;
+                if attempt > 0 && !remote_external {
+                    count(Counter::ReplyClash);
+                }
+                break;
+            }
+            EEXIST if flags == BPF_NOEXIST as u64 && reply_reusable(&key, forward, now) => {
+                flags = BPF_ANY as u64;
+            }
+            EEXIST => {
+                attempt += 1;
+                if attempt == SNAT_PORT_ATTEMPTS {
+                    break;
+                }
+                if forward.snat_addr == NO_ADDR {
+                    // The client keeps its address; only the port changes.
+                    forward.snat_addr = key.src_addr;
+                }
+                forward.snat_port = snat_port_candidate(&key, attempt);
+                flags = BPF_NOEXIST as u64;
+            }
+            _ => {
+                count(Counter::CtInsertFailed);
                 break;
             }
         }
-        if !claimed {
-            count(Counter::DropSnatPorts);
-            return Ok(TC_ACT_SHOT);
-        }
     }
-    let chosen = match LB_CONNTRACK.insert(key, forward, BPF_NOEXIST as u64) {
-        Ok(()) => {
-            if !remote_external
-                && record_reply(ctx, &key, &forward, local_frontend, BPF_ANY as u64).is_err()
-            {
-                count(Counter::CtInsertFailed);
-            }
-            count(Counter::NewFlow);
-            forward
-        }
+    if !claimed && (remote_external || forward.snat_port != 0) {
+        // Every port tried is in use: the client retries, by then one may be free.
+        count(Counter::DropSnatPorts);
+        return Ok(TC_ACT_SHOT);
+    }
+    // By reference: a copy of the entry would land on the stack the scratch slot spares.
+    let entry: &CtValue = forward;
+    match LB_CONNTRACK.insert(key, entry, BPF_NOEXIST as u64) {
+        Ok(()) => count(Counter::NewFlow),
         // Another CPU recorded this flow first: follow its choice so the flow stays on one
-        // backend (and drop the reply half claimed for ours).
+        // backend, and drop the reply half claimed for ours unless it is the winner's too.
+        // SAFETY: read-only use of a value the map owns.
         Err(EEXIST) => {
-            if remote_external {
-                let _ = LB_CONNTRACK.remove(ct_other_half(&key, &forward));
-            }
-            match unsafe { LB_CONNTRACK.get(key) } {
-                Some(winner) => *winner,
-                None => forward,
+            if let Some(winner) = unsafe { LB_CONNTRACK.get(key) } {
+                let ours = ct_other_half(&key, forward);
+                if claimed && ct_other_half(&key, winner) != ours {
+                    let _ = LB_CONNTRACK.remove(ours);
+                }
+                *forward = *winner;
             }
         }
-        Err(_) => {
-            count(Counter::CtInsertFailed);
-            forward
-        }
-    };
-    pkt.set_dst(ctx, chosen.nat_addr, chosen.nat_port)?;
-    set_source(ctx, &pkt, &chosen)?;
+        Err(_) => count(Counter::CtInsertFailed),
+    }
+    pkt.set_dst(ctx, forward.nat_addr, forward.nat_port)?;
+    set_source(ctx, &pkt, forward)?;
     account(service_id, false, ctx.len());
-    Ok(send_on(ctx, &pkt, &chosen))
+    Ok(send_on(ctx, &pkt, forward))
 }
 
 /// Where a translated forward packet goes. Source-NATed to this node's own address, it would
@@ -449,7 +472,30 @@ fn backend_still_there(ct: &CtValue) -> bool {
     }
 }
 
+/// Whether the reply half the new flow `key` (entry `forward`) wants may be taken over: it is
+/// this flow's own (its forward half was evicted, or another CPU is recording the same flow
+/// right now), or its connection has expired in both directions (as the lookup above counts
+/// it). Out of line, off the common path: `lb_ingress`'s frame has no room for its keys.
+#[inline(never)]
+fn reply_reusable(key: &CtKey, forward: &CtValue, now: u64) -> bool {
+    let reply_key = ct_other_half(key, forward);
+    // SAFETY: read-only use of values the map owns.
+    let Some(held) = (unsafe { LB_CONNTRACK.get(reply_key) }) else {
+        return true;
+    };
+    let forward = ct_other_half(&reply_key, held);
+    if forward == *key {
+        return true;
+    }
+    now > held.expires_ns
+        && match unsafe { LB_CONNTRACK.get(forward) } {
+            Some(f) => now > f.expires_ns,
+            None => true,
+        }
+}
+
 /// Records the reply direction so the backend's answers are translated back to the frontend.
+/// 0 or the map's error.
 #[inline(always)]
 fn record_reply(
     ctx: &TcContext,
@@ -457,7 +503,7 @@ fn record_reply(
     forward: &CtValue,
     local_frontend: bool,
     flags: u64,
-) -> Result<(), i32> {
+) -> i32 {
     // Replies from a node address go back the way the request came (see `return_ifindex`).
     let (return_ifindex, return_dst_mac, return_src_mac) =
         match local_frontend.then(|| load::<[u8; 12]>(ctx, 0)).flatten() {
@@ -495,7 +541,10 @@ fn record_reply(
         last_seen_ns: forward.created_ns,
         expires_ns: forward.created_ns + ct_timeout_ns(key.proto, 0),
     };
-    LB_CONNTRACK.insert(ct_other_half(key, forward), reply, flags)
+    match LB_CONNTRACK.insert(ct_other_half(key, forward), reply, flags) {
+        Ok(()) => 0,
+        Err(e) => e,
+    }
 }
 
 /// Sends a translated reply straight out of the interface its flow came in on, with the

@@ -1,7 +1,8 @@
 //! Reading and rewriting Ethernet / IPv4 / TCP / UDP headers.
 //!
-//! Reads go through `bpf_skb_load_bytes` (works on non-linear skbs too); writes through
-//! `bpf_skb_store_bytes` with the checksums fixed incrementally by the csum helpers.
+//! Hot-path reads go through packet pointers into the linear part (pulled there only when
+//! short), cold paths through `bpf_skb_load_bytes`; writes always through
+//! `bpf_skb_store_bytes`, with the checksums fixed incrementally by the csum helpers.
 
 use core::mem::size_of;
 
@@ -27,14 +28,14 @@ pub fn load<T>(ctx: &TcContext, off: usize) -> Option<T> {
     ctx.load::<T>(off).ok()
 }
 
-/// Direct packet access: a bounds-checked pointer into the linear data (hot path).
+/// Direct packet access: a bounds-checked pointer into the linear data (hot path, reads only).
 #[inline(always)]
-fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*mut T> {
+fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*const T> {
     let start = ctx.data();
     if start + off + size_of::<T>() > ctx.data_end() {
         return None;
     }
-    Some((start + off) as *mut T)
+    Some((start + off) as *const T)
 }
 
 #[inline(always)]
@@ -43,16 +44,30 @@ fn read<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
     ptr_at::<T>(ctx, off).map(|p| unsafe { core::ptr::read_unaligned(p) })
 }
 
+/// Writes through bpf_skb_store_bytes, never through a packet pointer: a program that writes
+/// packet memory directly gets a prologue from the verifier that unclones every cloned skb
+/// (every TCP segment a local socket sends is one) before the program runs, a copy of the
+/// packet head even for the packets that pass untouched. The helper unclones only the packets
+/// actually rewritten.
 #[inline(always)]
 fn write<T>(ctx: &TcContext, off: usize, value: T) -> Result<(), ()> {
-    let p = ptr_at::<T>(ctx, off).ok_or(())?;
-    // SAFETY: as above; tc programs that write packets get an uncloned skb from the kernel.
-    unsafe { core::ptr::write_unaligned(p, value) };
-    Ok(())
+    ctx.store(off, &value, 0).map_err(|_| ())
 }
 
-/// Longest header run the hot path reads: Ethernet, IPv4 with options, TCP.
-const HEADERS_MAX: usize = ETH_HLEN + 60 + 20;
+/// Ethernet, IPv4 without options, TCP without options: what nearly every packet's linear
+/// part already holds, so nearly none needs a pull.
+const HEADERS_COMMON: usize = ETH_HLEN + 20 + 20;
+/// The longest TCP/UDP header the hot path reads (TCP without its options).
+const L4_READ: usize = 20;
+
+/// Makes the first `want` bytes (at most the packet) readable through packet pointers. Only a
+/// packet whose linear part is shorter is pulled, since a pull also unclones the skb.
+#[inline(always)]
+fn ensure_linear(ctx: &TcContext, want: usize) -> bool {
+    let len = ctx.len() as usize;
+    let want = if len < want { len } else { want };
+    ctx.data_end() - ctx.data() >= want || ctx.pull_data(want as u32).is_ok()
+}
 
 /// An IPv4 header that passed the sanity checks.
 pub struct Ipv4 {
@@ -80,8 +95,7 @@ pub enum Parsed {
 pub fn parse_ipv4(ctx: &TcContext) -> Parsed {
     // Headers normally sit in the linear part; pull them there when they do not.
     let len = ctx.len() as usize;
-    let want = if len < HEADERS_MAX { len } else { HEADERS_MAX };
-    if ctx.data_end() - ctx.data() < want && ctx.pull_data(want as u32).is_err() {
+    if !ensure_linear(ctx, HEADERS_COMMON) {
         return Parsed::Malformed;
     }
     let Some(eth_proto) = read::<u16>(ctx, 12) else {
@@ -103,6 +117,10 @@ pub fn parse_ipv4(ctx: &TcContext) -> Parsed {
     }
     if u16::from_be_bytes([head[6], head[7]]) & IP_FRAG_MASK != 0 {
         return Parsed::Fragment;
+    }
+    // IP options push the L4 header past the common length.
+    if ihl > 20 && !ensure_linear(ctx, ETH_HLEN + ihl + L4_READ) {
+        return Parsed::Malformed;
     }
     Parsed::Ipv4(Ipv4 {
         proto: head[9],
@@ -237,8 +255,8 @@ impl Packet {
 
     /// Replaces an address and a port (host order) in place, then fixes the IPv4 checksum and
     /// the L4 checksum (pseudo header for the address) with the csum helpers, which also keep
-    /// the skb's checksum state right (CHECKSUM_PARTIAL / COMPLETE). All writes come before the
-    /// helpers, which invalidate packet pointers.
+    /// the skb's checksum state right (CHECKSUM_PARTIAL / COMPLETE). The one packet read comes
+    /// first: every helper after it invalidates packet pointers.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn rewrite(

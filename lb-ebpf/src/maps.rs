@@ -57,6 +57,11 @@ pub static LB_SERVICE_STATS: PerCpuArray<ServiceStats, { capacity::SERVICES as u
     PerCpuArray::new();
 #[btf_map]
 pub static LB_STATS: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray::new();
+/// Room for the conntrack entry a new flow builds: on the stack it would push `lb_ingress`
+/// past the verifier's 512 bytes per call chain. Never pinned: nothing in it outlives the
+/// packet, and a program runs to its end on a CPU before the next one starts there.
+#[btf_map]
+pub static LB_SCRATCH: PerCpuArray<CtValue, 1> = PerCpuArray::new();
 
 /// Set by the agent at load time (see `lb_common::globals`).
 #[unsafe(no_mangle)]

@@ -1065,3 +1065,147 @@ fn two_clients_with_one_port_get_distinct_source_nat_ports() {
     .unwrap();
     assert_eq!(again.sport, out_b.sport);
 }
+
+/// Two ClusterIP Services with one endpoint, the same for both.
+const SHARED_ENDPOINT: &str = "
+apiVersion: v1
+kind: Service
+metadata: {name: one, namespace: shop}
+spec:
+  clusterIP: 10.96.0.71
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: one-1, namespace: shop, labels: {kubernetes.io/service-name: one}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.244.1.2]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: two, namespace: shop}
+spec:
+  clusterIP: 10.96.0.72
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: two-1, namespace: shop, labels: {kubernetes.io/service-name: two}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.244.1.2]}]
+";
+
+fn flow_key(flow: &Flow) -> CtKey {
+    CtKey {
+        src_addr: flow.src.octets(),
+        dst_addr: flow.dst.octets(),
+        src_port: flow.sport,
+        dst_port: flow.dport,
+        proto: flow.proto,
+        _pad: [0; 3],
+    }
+}
+
+#[test]
+fn one_client_port_to_two_frontends_of_one_endpoint_gets_two_reply_tuples() {
+    let mut m = Manifests::default();
+    parse_into(Path::new("shared.yaml"), SHARED_ENDPOINT, &mut m);
+    assert!(m.errors.is_empty(), "{:?}", m.errors);
+    let state = desired_state(&m.services, &m.endpoint_slices, &Settings::default());
+    let mut h = Harness::new().unwrap();
+    h.program(&state).unwrap();
+    let translate = |h: &mut Harness, flow: &Flow| {
+        let verdict = h.run(&flow.build()).unwrap();
+        assert_eq!(verdict.action, TC_ACT_OK, "{flow:?}");
+        parse_checked(&verdict.packet).unwrap()
+    };
+    let reply_of = |out: &Flow| Flow {
+        tcp_flags: TCP_SYN | TCP_ACK,
+        ..out.reversed()
+    };
+
+    // The kernel lets a client use one port towards two destinations; both pick the endpoint.
+    let a = Flow::tcp(CLIENT, 41000, "10.96.0.71", 80, TCP_SYN);
+    let b = Flow::tcp(CLIENT, 41000, "10.96.0.72", 80, TCP_SYN);
+    let out_a = translate(&mut h, &a);
+    assert_eq!(
+        (out_a.dst.to_string(), out_a.dport),
+        ("10.244.1.2".into(), 8080)
+    );
+    assert_eq!(out_a.sport, 41000, "the first keeps its port");
+    let out_b = translate(&mut h, &b);
+    assert_eq!(
+        (out_b.dst.to_string(), out_b.dport),
+        ("10.244.1.2".into(), 8080)
+    );
+    assert_eq!(out_b.src, b.src, "only the port changes");
+    assert_ne!(
+        out_b.sport, 41000,
+        "the second may not share the first's 4-tuple"
+    );
+    assert_eq!(h.counter("reply_tuple_clash"), 1);
+    assert_eq!(h.counter("drop_snat_ports"), 0);
+    assert_eq!(
+        out_b,
+        Flow {
+            sport: out_b.sport,
+            dst: out_b.dst,
+            dport: 8080,
+            ..b.clone()
+        },
+        "byte for byte but for the rewritten fields"
+    );
+
+    // Each reply goes back to its own frontend, and b's to its own port.
+    for (out, client) in [(&out_a, &a), (&out_b, &b)] {
+        let verdict = h.run(&reply_of(out).build()).unwrap();
+        assert_eq!(verdict.action, TC_ACT_OK);
+        let expected = Flow {
+            src: client.dst,
+            sport: client.dport,
+            dst: client.src,
+            dport: client.sport,
+            ..reply_of(out)
+        };
+        assert_eq!(verdict.packet, expected.build(), "reply to {client:?}");
+    }
+    // Later packets keep their ports.
+    let ack = |f: &Flow| Flow {
+        tcp_flags: TCP_ACK,
+        ..f.clone()
+    };
+    assert_eq!(translate(&mut h, &ack(&b)).sport, out_b.sport);
+    assert_eq!(translate(&mut h, &ack(&a)).sport, 41000);
+
+    // A flow whose forward half was evicted finds its own reply half: it keeps its port.
+    let mut ct = h.conntrack();
+    ct.remove(&flow_key(&a)).unwrap();
+    assert_eq!(translate(&mut h, &ack(&a)).sport, 41000);
+    assert_eq!(h.counter("reply_tuple_clash"), 1);
+
+    // Another flow's reply half holds its tuple while either half of that flow is alive, and
+    // not once both have expired.
+    let age = |ct: &mut lb_agent::maps::ConntrackMap, key: &CtKey| {
+        let mut value = ct.get(key, 0).unwrap();
+        value.expires_ns = monotonic_ns() - 1;
+        ct.insert(key, value, 0).unwrap();
+    };
+    age(&mut ct, &flow_key(&reply_of(&out_a)));
+    ct.remove(&flow_key(&b)).unwrap();
+    let out_b2 = translate(&mut h, &b);
+    assert_ne!(
+        out_b2.sport, 41000,
+        "a's forward half is alive: a still holds it"
+    );
+    assert_eq!(h.counter("reply_tuple_clash"), 2);
+    ct.remove(&flow_key(&b)).unwrap();
+    age(&mut ct, &flow_key(&a));
+    let out_b3 = translate(&mut h, &b);
+    assert_eq!(
+        out_b3.sport, 41000,
+        "a connection expired both ways holds nothing"
+    );
+    assert_eq!(h.counter("reply_tuple_clash"), 2);
+}

@@ -24,7 +24,7 @@ use lb_agent::{
     maps::{open_conntrack, ConntrackMap},
     model::{desired_state, DesiredState, FrontendKind, Ipv4Prefix, Settings},
 };
-use lb_common::{CtKey, CtValue, CT_REPLY};
+use lb_common::{ct_other_half, CtKey, CtValue, CT_REPLY};
 use lb_tests::packet::{
     checksum, icmp_error_frame, Flow, Harness, Verdict, BPF_F_TEST_SKB_CHECKSUM_COMPLETE, ETH_HLEN,
     PROTO_ICMP, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, TC_ACT_OK,
@@ -448,6 +448,21 @@ impl Fuzz {
         self.ct.get(key, 0).ok()
     }
 
+    /// Whether the reply tuple `backend -> client` belongs to a flow other than `l`'s.
+    fn held_by_another(&self, l: &L4, backend: (Ipv4Addr, u16), client: (Ipv4Addr, u16)) -> bool {
+        let reply = CtKey {
+            src_addr: backend.0.octets(),
+            dst_addr: client.0.octets(),
+            src_port: backend.1,
+            dst_port: client.1,
+            proto: l.ip.proto,
+            _pad: [0; 3],
+        };
+        self.lookup(&reply).is_some_and(|held| {
+            held.direction == CT_REPLY && ct_other_half(&reply, &held) != flow_key(l)
+        })
+    }
+
     /// Runs `frame` (in CHECKSUM_COMPLETE state when `complete`) and judges the result.
     fn run_case(&mut self, frame: &[u8], complete: bool) -> Result<Class, Box<Failure>> {
         let ip = ipv4(frame);
@@ -651,8 +666,10 @@ impl Fuzz {
         }
         // A new flow (or one whose entry expired): one of the frontend's backends; the
         // client's address kept, or the hairpin address for a pod reaching itself, or this
-        // node's for external traffic to a remote endpoint. External traffic to a remote
-        // endpoint may also get another port (32768..61000) when the client's is taken.
+        // node's for external traffic to a remote endpoint. It may also get another port
+        // (32768..61000) when the client's is taken: always possible for external traffic to
+        // a remote endpoint (many clients share the node's address), else only when another
+        // flow holds the reply tuple the client's own port would give.
         if let Some(f) = self.model.frontend(l) {
             if f.backends.contains(&dst) {
                 let remote_external = f.external && self.model.remote.contains(&dst);
@@ -663,8 +680,9 @@ impl Fuzz {
                 } else {
                     l.ip.src
                 };
-                let port_ok =
-                    src.1 == l.sport || (remote_external && (32_768..61_000).contains(&src.1));
+                let port_ok = src.1 == l.sport
+                    || ((32_768..61_000).contains(&src.1)
+                        && (remote_external || self.held_by_another(l, dst, (want, l.sport))));
                 if src.0 == want && port_ok && (plain || self.redirect_after_snat(v, src.0)) {
                     return Ok(Class::NewFlow);
                 }
