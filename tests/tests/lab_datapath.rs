@@ -1,6 +1,7 @@
 //! The datapath end to end in a lab: NodePort and LoadBalancer from an external client,
-//! hairpin from a backend pod to its own Service, and flows whose backend is removed while
-//! they run (UDP moves to a live backend, TCP gets a reset).
+//! hairpin from a backend pod to its own Service, flows whose backend is removed while they
+//! run (UDP moves to a live backend, TCP gets a reset), and one client port to two Services
+//! of one endpoint.
 
 use std::{
     collections::BTreeSet,
@@ -14,7 +15,11 @@ use std::{
 use lb_agent::maps::read_services;
 use lb_tests::{
     agent::Agent,
-    echo::{start_backends, tcp_request, udp_ask, udp_request, EchoServer, Reply, TcpSession},
+    counter,
+    echo::{
+        start_backends, tcp_request, tcp_session_from_port, udp_ask, udp_request, EchoServer,
+        Reply, TcpSession,
+    },
     lab::{backend_addr, NodeLab, CLIENT_ADDR, TEST_PREFIX},
 };
 
@@ -252,4 +257,75 @@ fn an_open_tcp_connection_is_reset_when_its_backend_is_removed() {
         })
         .unwrap();
     assert!(replies.iter().all(|r| r.server != first), "{replies:?}");
+}
+
+/// A second ClusterIP Service, `other`, whose one endpoint is backend 1.
+const OTHER: &str = "apiVersion: v1
+kind: Service
+metadata: {name: other, namespace: default}
+spec:
+  clusterIP: 10.96.0.20
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: other-1
+  namespace: default
+  labels: {kubernetes.io/service-name: other}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.244.1.2]}]
+";
+
+#[test]
+fn one_client_port_to_two_services_of_one_endpoint_makes_two_connections() {
+    let mut setup = Setup::new();
+    assert_eq!(backend_addr(1), "10.244.1.2");
+    setup.set_backends(&[1]);
+    fs::write(setup.manifests.path().join("other.yaml"), OTHER).unwrap();
+    let pin_dir = setup.lab.lab.pin_dir();
+    setup
+        .agent
+        .wait_until(Duration::from_secs(10), || backend_count(&pin_dir) == 3)
+        .expect("agent programs the second Service");
+
+    // The kernel keeps 4-tuples unique, so one port may go to two ClusterIPs at once; both
+    // are translated to the same endpoint, where they must still be two connections.
+    let client: std::net::Ipv4Addr = CLIENT_ADDR.parse().unwrap();
+    let replies = setup
+        .lab
+        .client
+        .run(move || {
+            let web: SocketAddr = "10.96.0.10:80".parse()?;
+            let other: SocketAddr = "10.96.0.20:80".parse()?;
+            let mut a = tcp_session_from_port(client, 45000, web, TIMEOUT)?;
+            let mut b = tcp_session_from_port(client, 45000, other, TIMEOUT)?;
+            let mut replies = Vec::new();
+            for _ in 0..3 {
+                replies.push((a.request()?, b.request()?));
+            }
+            anyhow::ensure!(a.peer()? == web && b.peer()? == other, "peers changed");
+            anyhow::ensure!(a.local.port() == 45000 && b.local.port() == 45000);
+            Ok(replies)
+        })
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", setup.agent.log_text()));
+    for (a, b) in &replies {
+        assert_eq!(
+            (a.server.as_str(), b.server.as_str()),
+            ("backend-1", "backend-1")
+        );
+        assert_eq!(
+            a.peer.ip(),
+            b.peer.ip(),
+            "the client's address kept for both"
+        );
+        assert_eq!(a.peer.port(), 45000, "the first keeps its port");
+        assert_ne!(
+            b.peer.port(),
+            45000,
+            "the second is another connection there"
+        );
+    }
+    assert_eq!(counter(&pin_dir, "reply_tuple_clash"), 1);
 }
