@@ -475,7 +475,8 @@ fn backend_still_there(ct: &CtValue) -> bool {
 /// Whether the reply half the new flow `key` (entry `forward`) wants may be taken over: it is
 /// this flow's own (its forward half was evicted, or another CPU is recording the same flow
 /// right now), or its connection has expired in both directions (as the lookup above counts
-/// it). Out of line, off the common path: `lb_ingress`'s frame has no room for its keys.
+/// it; that connection's forward half is removed then). Out of line, off the common path:
+/// `lb_ingress`'s frame has no room for its keys.
 #[inline(never)]
 fn reply_reusable(key: &CtKey, forward: &CtValue, now: u64) -> bool {
     let reply_key = ct_other_half(key, forward);
@@ -487,11 +488,16 @@ fn reply_reusable(key: &CtKey, forward: &CtValue, now: u64) -> bool {
     if forward == *key {
         return true;
     }
-    now > held.expires_ns
+    let dead = now > held.expires_ns
         && match unsafe { LB_CONNTRACK.get(forward) } {
             Some(f) => now > f.expires_ns,
             None => true,
-        }
+        };
+    if dead {
+        // Its forward half goes too: kept, it would count the new flow's half as its own.
+        let _ = LB_CONNTRACK.remove(forward);
+    }
+    dead
 }
 
 /// Records the reply direction so the backend's answers are translated back to the frontend.
