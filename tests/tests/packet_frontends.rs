@@ -83,6 +83,25 @@ fn harness() -> Harness {
     harness_with(DatapathSettings::default())
 }
 
+fn flow_key(flow: &Flow) -> CtKey {
+    CtKey {
+        src_addr: flow.src.octets(),
+        dst_addr: flow.dst.octets(),
+        src_port: flow.sport,
+        dst_port: flow.dport,
+        proto: flow.proto,
+        _pad: [0; 3],
+    }
+}
+
+/// Makes the entry at `key` expired; returns it as it is now.
+fn age(ct: &mut lb_agent::maps::ConntrackMap, key: &CtKey) -> lb_common::CtValue {
+    let mut value = ct.get(key, 0).unwrap();
+    value.expires_ns = monotonic_ns() - 1;
+    ct.insert(key, value, 0).unwrap();
+    value
+}
+
 /// Sends `flow`, expects it DNATed to a backend on `port`; returns the backend.
 fn expect_dnat(h: &mut Harness, flow: &Flow, port: u16) -> Ipv4Addr {
     let verdict = h.run(&flow.build()).expect("test run");
@@ -535,15 +554,7 @@ fn a_connection_both_ends_closed_leaves_conntrack_with_its_last_ack() {
 fn conntrack_lifetimes_follow_the_protocol_and_state() {
     let mut h = harness();
     let ct = |h: &Harness, flow: &Flow| {
-        let key = CtKey {
-            src_addr: flow.src.octets(),
-            dst_addr: flow.dst.octets(),
-            src_port: flow.sport,
-            dst_port: flow.dport,
-            proto: flow.proto,
-            _pad: [0; 3],
-        };
-        let value = h.conntrack().get(&key, 0).expect("entry");
+        let value = h.conntrack().get(&flow_key(flow), 0).expect("entry");
         value.expires_ns - value.last_seen_ns
     };
     let syn = Flow::tcp(CLIENT, 49000, "10.96.0.10", 80, TCP_SYN);
@@ -567,21 +578,8 @@ fn expired_entries_are_ignored_by_the_datapath_and_removed_by_the_collector() {
     expect_dnat(&mut h, &datagram, 5353);
     let live = Flow::udp(CLIENT, 50001, "10.96.0.10", 53);
     expect_dnat(&mut h, &live, 5353);
-    let key = CtKey {
-        src_addr: datagram.src.octets(),
-        dst_addr: datagram.dst.octets(),
-        src_port: datagram.sport,
-        dst_port: datagram.dport,
-        proto: datagram.proto,
-        _pad: [0; 3],
-    };
+    let key = flow_key(&datagram);
     let mut ct = h.conntrack();
-    let age = |ct: &mut lb_agent::maps::ConntrackMap, key: &CtKey| {
-        let mut value = ct.get(key, 0).unwrap();
-        value.expires_ns = monotonic_ns() - 1;
-        ct.insert(key, value, 0).unwrap();
-        value
-    };
     // One direction expired, the other alive (a server still answering): the flow goes on.
     let forward = age(&mut ct, &key);
     let first = expect_dnat(&mut h, &datagram, 5353);
@@ -1097,17 +1095,6 @@ ports: [{name: http, port: 8080}]
 endpoints: [{addresses: [10.244.1.2]}]
 ";
 
-fn flow_key(flow: &Flow) -> CtKey {
-    CtKey {
-        src_addr: flow.src.octets(),
-        dst_addr: flow.dst.octets(),
-        src_port: flow.sport,
-        dst_port: flow.dport,
-        proto: flow.proto,
-        _pad: [0; 3],
-    }
-}
-
 #[test]
 fn one_client_port_to_two_frontends_of_one_endpoint_gets_two_reply_tuples() {
     let mut m = Manifests::default();
@@ -1187,11 +1174,6 @@ fn one_client_port_to_two_frontends_of_one_endpoint_gets_two_reply_tuples() {
 
     // Another flow's reply half holds its tuple while either half of that flow is alive, and
     // not once both have expired.
-    let age = |ct: &mut lb_agent::maps::ConntrackMap, key: &CtKey| {
-        let mut value = ct.get(key, 0).unwrap();
-        value.expires_ns = monotonic_ns() - 1;
-        ct.insert(key, value, 0).unwrap();
-    };
     age(&mut ct, &flow_key(&reply_of(&out_a)));
     ct.remove(&flow_key(&b)).unwrap();
     let out_b2 = translate(&mut h, &b);
