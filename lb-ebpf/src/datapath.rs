@@ -78,17 +78,7 @@ fn try_lb_ingress(ctx: &TcContext) -> Result<i32, ()> {
         let ct = unsafe { &mut *ct };
         // A connection lives while either direction does (a half-closed TCP stream, a UDP
         // server that answers rarely): an expired half whose other half is alive carries on.
-        let expired = now > ct.expires_ns && {
-            let other = ct_other_half(&key, ct);
-            // SAFETY: read-only copy.
-            match unsafe { LB_CONNTRACK.get(other) }.copied() {
-                Some(o) if now <= o.expires_ns => false,
-                _ => {
-                    let _ = LB_CONNTRACK.remove(other);
-                    true
-                }
-            }
-        };
+        let expired = expired_both_ways(&key, ct, now);
         // A new connection on the ports of one that has closed (a client reusing a port in
         // TIME_WAIT) is a new flow, balanced anew like nf_conntrack does, not sent to the old
         // connection's backend, which may be terminating by now.
@@ -475,7 +465,7 @@ fn backend_still_there(ct: &CtValue) -> bool {
 /// Whether the reply half the new flow `key` (entry `forward`) wants may be taken over: it is
 /// this flow's own (its forward half was evicted, or another CPU is recording the same flow
 /// right now), or its connection has expired in both directions (as the lookup above counts
-/// it; that connection's forward half is removed then). Out of line, off the common path:
+/// it). Out of line, off the common path:
 /// `lb_ingress`'s frame has no room for its keys.
 #[inline(never)]
 fn reply_reusable(key: &CtKey, forward: &CtValue, now: u64) -> bool {
@@ -484,20 +474,28 @@ fn reply_reusable(key: &CtKey, forward: &CtValue, now: u64) -> bool {
     let Some(held) = (unsafe { LB_CONNTRACK.get(reply_key) }) else {
         return true;
     };
-    let forward = ct_other_half(&reply_key, held);
-    if forward == *key {
-        return true;
+    // A dead connection's forward half goes too: kept, it would count the new flow's half as
+    // its own.
+    ct_other_half(&reply_key, held) == *key || expired_both_ways(&reply_key, held, now)
+}
+
+/// Whether the connection that `half` (at `key`) belongs to has expired in both directions:
+/// one half alive keeps it (a half-closed stream, a server that answers rarely). When it has,
+/// its other half is removed; `key` itself is left to the caller.
+#[inline(always)]
+fn expired_both_ways(key: &CtKey, half: &CtValue, now: u64) -> bool {
+    if now <= half.expires_ns {
+        return false;
     }
-    let dead = now > held.expires_ns
-        && match unsafe { LB_CONNTRACK.get(forward) } {
-            Some(f) => now > f.expires_ns,
-            None => true,
-        };
-    if dead {
-        // Its forward half goes too: kept, it would count the new flow's half as its own.
-        let _ = LB_CONNTRACK.remove(forward);
+    let other = ct_other_half(key, half);
+    // SAFETY: read-only copy.
+    match unsafe { LB_CONNTRACK.get(other) }.copied() {
+        Some(o) if now <= o.expires_ns => false,
+        _ => {
+            let _ = LB_CONNTRACK.remove(other);
+            true
+        }
     }
-    dead
 }
 
 /// Records the reply direction so the backend's answers are translated back to the frontend.
