@@ -8,11 +8,13 @@
 //! - [`engine`] recomputes only the Services a change touches (Kubernetes mode);
 //! - [`maglev`] computes Maglev lookup tables;
 //! - [`maps`] opens the pinned maps, applies the desired state, reads it back;
+//! - [`filter`] keeps the datapath's address filter (`LB_ADDR_FILTER`);
 //! - [`loader`] loads the kernel object and attaches it;
 //! - [`metrics`] and [`health`] are the agent's HTTP endpoints.
 
 mod batch;
 pub mod engine;
+pub mod filter;
 pub mod health;
 pub mod kubernetes;
 pub mod loader;

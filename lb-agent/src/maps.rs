@@ -28,8 +28,9 @@ use lb_common::{
 use serde::Serialize;
 use tracing::{debug, warn};
 
-use crate::model::{
-    Backend, DesiredService, DesiredState, Frontend, FrontendKind, Protocol, WhenEmpty,
+use crate::{
+    filter::{backend_bit, frontend_bit, AddrFilter, RebuildReport},
+    model::{Backend, DesiredService, DesiredState, Frontend, FrontendKind, Protocol, WhenEmpty},
 };
 
 /// Where the agent pins its maps unless told otherwise.
@@ -467,6 +468,10 @@ pub struct Applier {
     /// The (sorted) backends each table was last written whole from: an unchanged set costs
     /// no recomputation.
     maglev_inputs: FastMap<u32, Vec<Backend>>,
+    /// `LB_ADDR_FILTER`: bits of the frontends and backends above (and stale ones).
+    filter: AddrFilter,
+    /// Read when the filter is rebuilt (its entries' keys keep their bits).
+    conntrack: ConntrackMap,
 }
 
 /// The free runs of `LB_SLOTS`, handed out best fit. A released run is held back until it is
@@ -853,6 +858,16 @@ impl Applier {
             .iter()
             .map(|(&id, (name, _))| (name.clone(), id))
             .collect();
+        // Whatever the pinned filter holds, it covers what the maps hold from here on.
+        let mut filter = AddrFilter::open(pin_dir)?;
+        filter.add(frontends.keys().map(frontend_bit));
+        filter.add(
+            backends
+                .ids()
+                .filter_map(|id| backends.get(id))
+                .map(|(b, _)| backend_bit(b.addr.octets(), b.port, b.protocol.number())),
+        );
+        filter.flush()?;
         Ok(Self {
             backend_alloc: IdAllocator::from_used(backends.ids()),
             service_alloc: IdAllocator::from_used(services.keys().copied()),
@@ -873,6 +888,8 @@ impl Applier {
             maglev_alloc,
             maglev_tables,
             maglev_inputs: FastMap::new(),
+            filter,
+            conntrack: open_conntrack(pin_dir)?,
         })
     }
 
@@ -1022,6 +1039,7 @@ impl Applier {
             report.deletes += 1;
         }
 
+        self.tidy_filter(&mut report);
         report.services = self.services.len();
         report.frontends = self.frontends.len();
         report.backends = self.backends.len();
@@ -1097,6 +1115,21 @@ impl Applier {
             ids.push(id);
             values.push(backend_value(&backend, flags));
             pending.push((backend, flags, is_new));
+        }
+        // Their replies must not pass the datapath's filter before they are stored.
+        self.filter
+            .add(values.iter().map(|v| backend_bit(v.addr, v.port, v.proto)));
+        if let Err(err) = self.filter.flush() {
+            for ((backend, _, is_new), id) in pending.into_iter().zip(ids) {
+                if is_new {
+                    self.backend_alloc.release(id);
+                }
+                report.errors.push(format!(
+                    "backend {}:{}: {err:#}",
+                    backend.addr, backend.port
+                ));
+            }
+            return;
         }
         let (batched, err) = crate::batch::update_array(&self.maps.backends, &ids, &values);
         if let Some(err) = err.filter(|_| batched < ids.len()) {
@@ -1474,10 +1507,44 @@ impl Applier {
             self.remove_backend(id)?;
             report.deletes += 1;
         }
+        self.tidy_filter(&mut report);
         report.services = self.services.len();
         report.frontends = self.frontends.len();
         report.backends = self.backends.len();
         Ok(report)
+    }
+
+    /// Rebuilds the address filter once it holds as many stale keys as live ones (and some).
+    fn tidy_filter(&mut self, report: &mut SyncReport) {
+        let live = self.frontends.len() + self.backends.len();
+        if !self.filter.wants_rebuild(live) {
+            return;
+        }
+        match self.rebuild_address_filter() {
+            Ok(done) => debug!(
+                keys = done.keys,
+                flows = done.flows,
+                bits_before = done.bits_before,
+                bits_after = done.bits_after,
+                "address filter rebuilt"
+            ),
+            Err(err) => report
+                .errors
+                .push(format!("rebuilding the address filter: {err:#}")),
+        }
+    }
+
+    /// Rebuilds `LB_ADDR_FILTER` from the live frontends and backends and every conntrack
+    /// entry (done by itself once enough keys have gone stale).
+    pub fn rebuild_address_filter(&mut self) -> anyhow::Result<RebuildReport> {
+        let frontends = self.frontends.keys().map(frontend_bit);
+        let backends = self
+            .backends
+            .ids()
+            .filter_map(|id| self.backends.get(id))
+            .map(|(b, _)| backend_bit(b.addr.octets(), b.port, b.protocol.number()));
+        self.filter
+            .rebuild(frontends.chain(backends), &self.conntrack)
     }
 
     /// Keeps `frontends` and its index in step: `Some` written, `None` removed.
@@ -1530,6 +1597,16 @@ impl Applier {
                 values.push(*value);
                 names.push(*name);
             }
+        }
+        // A frontend's packets must not pass the datapath's filter once it is written.
+        self.filter.add(keys.iter().map(frontend_bit));
+        if let Err(err) = self.filter.flush() {
+            for name in names {
+                report
+                    .errors
+                    .push(format!("service {name}: writing frontend: {err:#}"));
+            }
+            return;
         }
         // One batch (a full sync from empty writes one per Service), one by one for the rest.
         let (batched, _) = crate::batch::update_hash(&self.maps.frontends, &keys, &values);

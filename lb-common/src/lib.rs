@@ -20,6 +20,7 @@
 //! LB_CONNTRACK      CtKey {src, dst, sport, dport, proto} -> CtValue (LRU)
 //! LB_SERVICE_STATS  service_id                            -> ServiceStats (per CPU)
 //! LB_STATS          Counter as u32                        -> u64 (per CPU)
+//! LB_ADDR_FILTER    addr_filter::bit(..) / 64 (array)     -> u64 (bits of frontends, backends)
 //! ```
 //!
 //! A "service" here is one backend set: a Service port seen from one traffic scope. Several
@@ -28,7 +29,7 @@
 #![no_std]
 
 /// Bumped whenever a key or value layout below changes; stamped into the pinned state.
-pub const MAP_LAYOUT_VERSION: u32 = 12;
+pub const MAP_LAYOUT_VERSION: u32 = 13;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -56,7 +57,8 @@ pub mod map_names {
     pub const AFFINITY: &str = "LB_AFFINITY";
     pub const MAGLEV: &str = "LB_MAGLEV";
     pub const SOCK_REVNAT: &str = "LB_SOCK_REVNAT";
-    pub const ALL: [&str; 13] = [
+    pub const ADDR_FILTER: &str = "LB_ADDR_FILTER";
+    pub const ALL: [&str; 14] = [
         META,
         AFFINITY,
         MAGLEV,
@@ -70,6 +72,7 @@ pub mod map_names {
         SERVICE_STATS,
         STATS,
         SOCK_REVNAT,
+        ADDR_FILTER,
     ];
 }
 
@@ -87,6 +90,42 @@ pub mod capacity {
     pub const MAGLEV_SERVICES: u32 = 64;
     /// `LB_MAGLEV` entries: the size stamp, then `MAGLEV_SERVICES` tables of the default size.
     pub const MAGLEV_ENTRIES: u32 = 1 + MAGLEV_SERVICES * super::MAGLEV_TABLE_SIZE;
+}
+
+/// `LB_ADDR_FILTER`: one bit per hash of a frontend (address, port, protocol) and one per hash
+/// of a backend's, so that the datapath can pass a packet that is neither to a frontend nor
+/// from a backend (no translated flow has such a packet) without its two hash lookups. A set
+/// bit may be stale or shared (then the lookups run as before); a clear bit must never hide a
+/// frontend or a connection still in conntrack, which the agent sees to.
+pub mod addr_filter {
+    /// 64-bit words in the array: 2^20 bits (128 KiB), few false hits with 100,000 entries.
+    pub const WORDS: u32 = 16_384;
+    pub const BITS: u32 = WORDS * 64;
+    /// Distinct seeds, so that a frontend and a backend on one address and port hash apart.
+    pub const FRONTEND: u32 = 0x9e37_79b9;
+    pub const BACKEND: u32 = 0x7f4a_7c15;
+
+    /// The bit of `(addr, port, proto)` in the role `seed` (`FRONTEND` or `BACKEND`); `port`
+    /// in host order, as in every key here. The kernel program and the agent share this.
+    ///
+    /// The word comes from the address alone and the bit in it from the port: every key of
+    /// one address shares a word, so the words a node's traffic reads are as few as the
+    /// addresses it talks to (the ephemeral ports of a client would otherwise scatter its
+    /// packets over the whole array, a cache miss each).
+    #[inline(always)]
+    pub fn bit(addr: [u8; 4], port: u16, proto: u8, seed: u32) -> u32 {
+        // murmur3's finaliser: dense pod and Service ranges spread over every word.
+        let mut h = (u32::from_le_bytes(addr) ^ seed).wrapping_mul(0xcc9e_2d51);
+        h ^= h >> 16;
+        h = h.wrapping_mul(0x85eb_ca6b);
+        h ^= h >> 13;
+        h = h.wrapping_mul(0xc2b2_ae35);
+        h ^= h >> 16;
+        let word = h & (WORDS - 1);
+        // Fibonacci hashing: the top six bits of the product.
+        let in_word = (((port as u32) << 8 | proto as u32) ^ seed).wrapping_mul(0x9e37_79b1) >> 26;
+        word * 64 + in_word
+    }
 }
 
 /// Default Maglev lookup table size (entries per Maglev service). Prime, as the permutation
@@ -571,5 +610,65 @@ mod tests {
         assert_eq!(size_of::<SourceRangeKey>(), 12);
         assert_eq!(size_of::<ServiceStats>(), 32);
         assert_eq!(size_of::<SockRevNat>(), 16);
+    }
+
+    // The filter only saves lookups if keys it does not hold rarely find their bit set, with
+    // a cluster's shape (dense pod and Service ranges, few ports) and size.
+    #[test]
+    fn address_filter_rarely_matches_keys_it_does_not_hold() {
+        use addr_filter::{bit, BACKEND, FRONTEND, WORDS};
+        let mut words = [0u64; WORDS as usize];
+        let mut set = |b: u32| words[(b / 64) as usize] |= 1 << (b % 64);
+        for i in 0..10_000u32 {
+            let [_, _, c, d] = i.to_be_bytes();
+            for port in [80, 443] {
+                set(bit([10, 96, c, d], port, PROTO_TCP, FRONTEND));
+            }
+        }
+        for i in 0..100_000u32 {
+            let [_, b, c, d] = i.to_be_bytes();
+            set(bit([10, 244 + b, c, d], 8080, PROTO_TCP, BACKEND));
+        }
+        let has = |b: u32| words[(b / 64) as usize] & (1 << (b % 64)) != 0;
+        // Pod-to-pod packets: to a pod's port 9090 and from its ephemeral ports, both roles.
+        let mut probes = 0;
+        let mut hits = 0;
+        for i in 0..100_000u32 {
+            let [_, b, c, d] = i.to_be_bytes();
+            let addr = [10, 244 + b, c, d];
+            let port = 32_768 + (i % 28_000) as u16;
+            for key in [
+                bit(addr, 9090, PROTO_TCP, FRONTEND),
+                bit(addr, port, PROTO_TCP, BACKEND),
+                bit(addr, port, PROTO_TCP, FRONTEND),
+            ] {
+                probes += 1;
+                hits += has(key) as u32;
+            }
+        }
+        assert!(
+            hits * 20 < probes,
+            "{hits} of {probes} keys not in the filter matched it (more than 5%)"
+        );
+        // Every key put in matches, and the roles and fields all count.
+        assert!(has(bit([10, 96, 0, 1], 443, PROTO_TCP, FRONTEND)));
+        assert!(has(bit([10, 245, 1, 2], 8080, PROTO_TCP, BACKEND)));
+        let a = [10, 96, 0, 1];
+        assert_ne!(
+            bit(a, 80, PROTO_TCP, FRONTEND),
+            bit(a, 80, PROTO_TCP, BACKEND)
+        );
+        assert_ne!(
+            bit(a, 80, PROTO_TCP, FRONTEND),
+            bit(a, 81, PROTO_TCP, FRONTEND)
+        );
+        assert_ne!(
+            bit(a, 80, PROTO_TCP, FRONTEND),
+            bit(a, 80, PROTO_UDP, FRONTEND)
+        );
+        assert_ne!(
+            bit(a, 80, PROTO_TCP, FRONTEND),
+            bit([10, 96, 0, 2], 80, PROTO_TCP, FRONTEND)
+        );
     }
 }

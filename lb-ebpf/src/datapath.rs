@@ -11,7 +11,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    ct_other_half, ct_timeout_ns, flow_hash, maglev_start, AffinityKey, AffinityValue,
+    addr_filter, ct_other_half, ct_timeout_ns, flow_hash, maglev_start, AffinityKey, AffinityValue,
     BackendValue, Counter, CtKey, CtValue, FrontendKey, ServiceValue, AFFINITY_MAGLEV_INDEX,
     BACKEND_REMOTE, CT_FORWARD, CT_REPLY, FRONTEND_LOCAL_ADDRESS, FRONTEND_SOURCE_RANGES,
     KIND_CLUSTER_IP, PROTO_TCP, PROTO_UDP, SERVICE_DROP_WHEN_EMPTY, SERVICE_MAGLEV, TCP_ACK,
@@ -22,7 +22,7 @@ use crate::{
     headers::{load, parse_ipv4, parse_l4, Packet, Parsed, PROTO_ICMP},
     icmp,
     maps::{
-        account, count, hairpin_addr, maglev_table_size, no_backend_drop, snat_addr,
+        account, count, hairpin_addr, in_filter, maglev_table_size, no_backend_drop, snat_addr,
         source_allowed, LB_AFFINITY, LB_BACKENDS, LB_CONNTRACK, LB_FRONTENDS, LB_MAGLEV,
         LB_SCRATCH, LB_SERVICES,
     },
@@ -70,6 +70,13 @@ fn try_lb_ingress(ctx: &TcContext) -> Result<i32, ()> {
         return Ok(TC_ACT_UNSPEC);
     };
     let key = pkt.flow_key();
+    // Only a packet to a frontend or from a backend can belong to a translated flow (forward
+    // keys have the frontend as destination, reply keys the backend as source). Everything
+    // else (pod to pod, a socket-balanced connection's forward half) passes without lookups.
+    let to_frontend = in_filter(key.dst_addr, key.dst_port, key.proto, addr_filter::FRONTEND);
+    if !to_frontend && !in_filter(key.src_addr, key.src_port, key.proto, addr_filter::BACKEND) {
+        return Ok(TC_ACT_UNSPEC);
+    }
     // Coarse (tick resolution) is plenty for timeouts of seconds, and cheaper.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
 
@@ -131,6 +138,9 @@ fn try_lb_ingress(ctx: &TcContext) -> Result<i32, ()> {
         }
     }
 
+    if !to_frontend {
+        return Ok(TC_ACT_UNSPEC);
+    }
     let frontend_key = FrontendKey {
         addr: key.dst_addr,
         port: key.dst_port,

@@ -6,9 +6,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    capacity, AffinityKey, AffinityValue, BackendValue, Counter, CtKey, CtValue, FrontendKey,
-    FrontendValue, Meta, ServiceName, ServiceStats, ServiceValue, SlotValue, SourceRangeKey,
-    COUNTER_COUNT,
+    addr_filter, capacity, AffinityKey, AffinityValue, BackendValue, Counter, CtKey, CtValue,
+    FrontendKey, FrontendValue, Meta, ServiceName, ServiceStats, ServiceValue, SlotValue,
+    SourceRangeKey, COUNTER_COUNT,
 };
 
 /// Maps written only by the agent allocate entries on demand.
@@ -57,6 +57,10 @@ pub static LB_SERVICE_STATS: PerCpuArray<ServiceStats, { capacity::SERVICES as u
     PerCpuArray::new();
 #[btf_map]
 pub static LB_STATS: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray::new();
+/// Bits of every frontend and backend key (`lb_common::addr_filter`): a packet whose keys have
+/// none is passed without a conntrack or frontend lookup. Written only by the agent.
+#[btf_map]
+pub static LB_ADDR_FILTER: Array<u64, { addr_filter::WORDS as usize }> = Array::new();
 /// Room for the conntrack entry a new flow builds: on the stack it would push `lb_ingress`
 /// past the verifier's 512 bytes per call chain. Never pinned: nothing in it outlives the
 /// packet, and a program runs to its end on a CPU before the next one starts there.
@@ -130,4 +134,15 @@ pub fn source_allowed(frontend: FrontendKey, client: [u8; 4]) -> bool {
         SourceRangeKey { frontend, client },
     );
     LB_SOURCE_RANGES.get(&key).is_some()
+}
+
+/// Whether `LB_ADDR_FILTER` has the bit of `(addr, port, proto)` in the role `seed`: when it
+/// has not, no frontend (or backend) has that key.
+#[inline(always)]
+pub fn in_filter(addr: [u8; 4], port: u16, proto: u8, seed: u32) -> bool {
+    let bit = addr_filter::bit(addr, port, proto, seed);
+    match LB_ADDR_FILTER.get(bit / 64) {
+        Some(word) => word & (1 << (bit % 64)) != 0,
+        None => true,
+    }
 }
