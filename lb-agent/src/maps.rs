@@ -859,15 +859,16 @@ impl Applier {
             .map(|(&id, (name, _))| (name.clone(), id))
             .collect();
         // Whatever the pinned filter holds, it covers what the maps hold from here on.
-        let mut filter = AddrFilter::open(pin_dir)?;
-        filter.add(frontends.keys().map(frontend_bit));
-        filter.add(
-            backends
-                .ids()
-                .filter_map(|id| backends.get(id))
-                .map(|(b, _)| backend_bit(b.addr.octets(), b.port, b.protocol.number())),
-        );
-        filter.flush()?;
+        let conntrack = open_conntrack(pin_dir)?;
+        let live_backends = backends
+            .ids()
+            .filter_map(|id| backends.get(id))
+            .map(|(b, _)| backend_bit(b.addr.octets(), b.port, b.protocol.number()));
+        let filter = AddrFilter::open(
+            pin_dir,
+            frontends.keys().map(frontend_bit).chain(live_backends),
+            &conntrack,
+        )?;
         Ok(Self {
             backend_alloc: IdAllocator::from_used(backends.ids()),
             service_alloc: IdAllocator::from_used(services.keys().copied()),
@@ -889,7 +890,7 @@ impl Applier {
             maglev_tables,
             maglev_inputs: FastMap::new(),
             filter,
-            conntrack: open_conntrack(pin_dir)?,
+            conntrack,
         })
     }
 
@@ -904,6 +905,8 @@ impl Applier {
     /// so a full sync needs no merged copy.
     pub fn sync_input(&mut self, desired: &SyncInput<'_>) -> anyhow::Result<SyncReport> {
         let mut report = SyncReport::default();
+        // Before this call's writes: see `filter` on why.
+        self.tidy_filter(&mut report);
         self.settle_slots(&mut report);
 
         // 1. Backends first, so that no slot ever points at a missing backend. Endpoints that
@@ -1039,7 +1042,6 @@ impl Applier {
             report.deletes += 1;
         }
 
-        self.tidy_filter(&mut report);
         report.services = self.services.len();
         report.frontends = self.frontends.len();
         report.backends = self.backends.len();
@@ -1390,6 +1392,8 @@ impl Applier {
         node_addresses: &BTreeSet<Ipv4Addr>,
     ) -> anyhow::Result<SyncReport> {
         let mut report = SyncReport::default();
+        // Before this call's writes: see `filter` on why.
+        self.tidy_filter(&mut report);
         self.settle_slots(&mut report);
         // 1. Backends.
         let room = self.plan_backends(delta.upsert.values(), delta.backends.keys());
@@ -1507,14 +1511,13 @@ impl Applier {
             self.remove_backend(id)?;
             report.deletes += 1;
         }
-        self.tidy_filter(&mut report);
         report.services = self.services.len();
         report.frontends = self.frontends.len();
         report.backends = self.backends.len();
         Ok(report)
     }
 
-    /// Rebuilds the address filter once it holds as many stale keys as live ones (and some).
+    /// Rebuilds the address filter once enough stale keys have piled up in it.
     fn tidy_filter(&mut self, report: &mut SyncReport) {
         let live = self.frontends.len() + self.backends.len();
         if !self.filter.wants_rebuild(live) {
@@ -1534,6 +1537,13 @@ impl Applier {
         }
     }
 
+    /// How long removed frontends and backends keep their filter bits through rebuilds
+    /// (`filter::REMOVAL_GRACE`; tests shorten it).
+    #[doc(hidden)]
+    pub fn set_filter_grace(&mut self, grace: Duration) {
+        self.filter.set_grace(grace);
+    }
+
     /// Rebuilds `LB_ADDR_FILTER` from the live frontends and backends and every conntrack
     /// entry (done by itself once enough keys have gone stale).
     pub fn rebuild_address_filter(&mut self) -> anyhow::Result<RebuildReport> {
@@ -1551,7 +1561,10 @@ impl Applier {
     fn record_frontend(&mut self, key: FrontendKey, value: Option<FrontendValue>) {
         let old = match value {
             Some(value) => self.frontends.insert(key, value),
-            None => self.frontends.remove(&key),
+            None => {
+                self.filter.removed(frontend_bit(&key));
+                self.frontends.remove(&key)
+            }
         };
         if let Some(old) = old {
             if let Some(keys) = self.frontends_by_service.get_mut(&old.service_id) {
@@ -1662,6 +1675,11 @@ impl Applier {
             .context("removing a backend")?;
         if let Some(backend) = self.backends.remove(id) {
             self.backend_ids.remove(&backend);
+            self.filter.removed(backend_bit(
+                backend.addr.octets(),
+                backend.port,
+                backend.protocol.number(),
+            ));
         }
         self.backend_alloc.release(id);
         Ok(())
@@ -2317,6 +2335,19 @@ pub fn fill_levels(pin_dir: &Path) -> anyhow::Result<Vec<MapFill>> {
         },
         hash::<CtKey, CtValue>(pin_dir, map_names::CONNTRACK)?,
         hash::<lb_common::AffinityKey, lb_common::AffinityValue>(pin_dir, map_names::AFFINITY)?,
+        {
+            // Bits, not words: how much of the filter says "look it up".
+            let filter: Array<MapData, u64> =
+                Array::try_from(open_map(pin_dir, map_names::ADDR_FILTER)?)
+                    .context("map LB_ADDR_FILTER does not have the layout this agent expects")?;
+            let words = crate::batch::read_array(&filter, lb_common::addr_filter::WORDS as usize)
+                .map_err(|err| anyhow!("reading LB_ADDR_FILTER: {err}"))?;
+            MapFill {
+                map: map_names::ADDR_FILTER,
+                entries: words.iter().map(|w| u64::from(w.count_ones())).sum(),
+                capacity: u64::from(filter.len()) * 64,
+            }
+        },
     ])
 }
 

@@ -101,6 +101,8 @@ pub mod addr_filter {
     /// 64-bit words in the array: 2^20 bits (128 KiB), few false hits with 100,000 entries.
     pub const WORDS: u32 = 16_384;
     pub const BITS: u32 = WORDS * 64;
+    // A word is a hash masked by `WORDS - 1`.
+    const _: () = assert!(WORDS.is_power_of_two());
     /// Distinct seeds, so that a frontend and a backend on one address and port hash apart.
     pub const FRONTEND: u32 = 0x9e37_79b9;
     pub const BACKEND: u32 = 0x7f4a_7c15;
@@ -123,7 +125,8 @@ pub mod addr_filter {
         h ^= h >> 16;
         let word = h & (WORDS - 1);
         // Fibonacci hashing: the top six bits of the product.
-        let in_word = (((port as u32) << 8 | proto as u32) ^ seed).wrapping_mul(0x9e37_79b1) >> 26;
+        let in_word =
+            (((u32::from(port) << 8) | u32::from(proto)) ^ seed).wrapping_mul(0x9e37_79b1) >> 26;
         word * 64 + in_word
     }
 }

@@ -1,5 +1,6 @@
-//! The packet path, top to bottom: parse, conntrack (reply: reverse NAT; known flow: NAT to
-//! its backend), frontend, source ranges, backend selection, conntrack record, NAT.
+//! The packet path, top to bottom: parse, address filter (neither to a frontend nor from a
+//! backend: not ours), conntrack (reply: reverse NAT; known flow: NAT to its backend),
+//! frontend, source ranges, backend selection, conntrack record, NAT.
 
 use aya_ebpf::{
     bindings::{

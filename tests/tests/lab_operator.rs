@@ -254,6 +254,10 @@ fn cli_and_metrics_show_services_connections_fill_levels_and_traffic() {
         .sum();
     assert_eq!(map("LB_FRONTENDS")["entries"], frontends as u64);
     assert_eq!(map("LB_SERVICES")["entries"], 3);
+    // The address filter counts bits: at least one per frontend key (some may share one).
+    let filter = map("LB_ADDR_FILTER");
+    assert_eq!(filter["capacity"], 1 << 20);
+    assert!(filter["entries"].as_u64().unwrap() > 0, "{filter}");
     let table = cli(&pin_dir, &["stats"]).unwrap();
     for header in ["COUNTER", "DROP-REASON", "MAP"] {
         assert!(
