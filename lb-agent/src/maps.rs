@@ -221,6 +221,24 @@ fn backend_value(backend: &Backend, flags: u8) -> BackendValue {
     }
 }
 
+/// The `LB_ADDR_FILTER` bit of a backend: the key its replies come from.
+fn backend_filter_bit(backend: &Backend) -> u32 {
+    let value = backend_value(backend, 0);
+    backend_bit(value.addr, value.port, value.proto)
+}
+
+/// The `LB_ADDR_FILTER` bits of every frontend and backend the maps hold.
+fn live_bits<'a>(
+    frontends: &'a FastMap<FrontendKey, FrontendValue>,
+    backends: &'a BackendTable,
+) -> impl Iterator<Item = u32> + 'a {
+    let backends = backends
+        .ids()
+        .filter_map(|id| backends.get(id))
+        .map(|(b, _)| backend_filter_bit(b));
+    frontends.keys().map(frontend_bit).chain(backends)
+}
+
 fn backend_from_value(value: &BackendValue) -> Option<Backend> {
     Some(Backend {
         addr: Ipv4Addr::from(value.addr),
@@ -860,15 +878,7 @@ impl Applier {
             .collect();
         // Whatever the pinned filter holds, it covers what the maps hold from here on.
         let conntrack = open_conntrack(pin_dir)?;
-        let live_backends = backends
-            .ids()
-            .filter_map(|id| backends.get(id))
-            .map(|(b, _)| backend_bit(b.addr.octets(), b.port, b.protocol.number()));
-        let filter = AddrFilter::open(
-            pin_dir,
-            frontends.keys().map(frontend_bit).chain(live_backends),
-            &conntrack,
-        )?;
+        let filter = AddrFilter::open(pin_dir, live_bits(&frontends, &backends), &conntrack)?;
         Ok(Self {
             backend_alloc: IdAllocator::from_used(backends.ids()),
             service_alloc: IdAllocator::from_used(services.keys().copied()),
@@ -1547,14 +1557,8 @@ impl Applier {
     /// Rebuilds `LB_ADDR_FILTER` from the live frontends and backends and every conntrack
     /// entry (done by itself once enough keys have gone stale).
     pub fn rebuild_address_filter(&mut self) -> anyhow::Result<RebuildReport> {
-        let frontends = self.frontends.keys().map(frontend_bit);
-        let backends = self
-            .backends
-            .ids()
-            .filter_map(|id| self.backends.get(id))
-            .map(|(b, _)| backend_bit(b.addr.octets(), b.port, b.protocol.number()));
-        self.filter
-            .rebuild(frontends.chain(backends), &self.conntrack)
+        let live = live_bits(&self.frontends, &self.backends);
+        self.filter.rebuild(live, &self.conntrack)
     }
 
     /// Keeps `frontends` and its index in step: `Some` written, `None` removed.
@@ -1675,11 +1679,7 @@ impl Applier {
             .context("removing a backend")?;
         if let Some(backend) = self.backends.remove(id) {
             self.backend_ids.remove(&backend);
-            self.filter.removed(backend_bit(
-                backend.addr.octets(),
-                backend.port,
-                backend.protocol.number(),
-            ));
+            self.filter.removed(backend_filter_bit(&backend));
         }
         self.backend_alloc.release(id);
         Ok(())
