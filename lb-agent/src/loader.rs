@@ -12,7 +12,7 @@ use aya::{
     programs::{
         links::{FdLink, PinnedLink},
         tc::SchedClassifierLink,
-        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType,
+        CgroupAttachMode, Program, SchedClassifier, TcAttachType,
     },
     Ebpf, EbpfLoader,
 };
@@ -27,10 +27,46 @@ pub const PROGRAM: &str = "lb_ingress";
 /// A program that does nothing, for benchmarks (the floor).
 pub const PASSTHROUGH: &str = "lb_passthrough";
 /// The socket-level programs (`--socket-lb-cgroup`), with the name each link is pinned under.
-pub const SOCKET_PROGRAMS: [(&str, &str); 2] = [
+pub const SOCKET_PROGRAMS: [(&str, &str); 3] = [
     ("lb_sock_connect4", "connect4"),
     ("lb_sock_getpeername4", "getpeername4"),
+    ("lb_sock_release", "sock-release"),
 ];
+
+/// Loads a socket-level program (a cgroup sock_addr or sock program).
+fn load_socket_program(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<()> {
+    let loaded = match ebpf
+        .program_mut(name)
+        .with_context(|| format!("program {name} missing from the object"))?
+    {
+        Program::CgroupSockAddr(program) => program.load(),
+        Program::CgroupSock(program) => program.load(),
+        _ => bail!("{name} is not a cgroup socket program"),
+    };
+    loaded.with_context(|| format!("the kernel rejected {name}"))
+}
+
+/// Attaches a loaded socket-level program to `cgroup`, as a link not yet pinned.
+fn attach_socket_program(ebpf: &mut Ebpf, name: &str, cgroup: &fs::File) -> anyhow::Result<FdLink> {
+    // A link is always one of many on its cgroup; the kernel refuses the multi flag for
+    // links (it is for the older attach call).
+    let mode = CgroupAttachMode::Single;
+    let link = match ebpf
+        .program_mut(name)
+        .with_context(|| format!("program {name} missing"))?
+    {
+        Program::CgroupSockAddr(program) => {
+            let id = program.attach(cgroup, mode)?;
+            program.take_link(id)?.try_into()
+        }
+        Program::CgroupSock(program) => {
+            let id = program.attach(cgroup, mode)?;
+            program.take_link(id)?.try_into()
+        }
+        _ => bail!("{name} is not a cgroup socket program"),
+    };
+    link.context("a cgroup attachment is an fd link on this kernel")
+}
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
@@ -87,6 +123,8 @@ pub struct Capacity {
     /// Services that may use Maglev at once (one table of `maglev_table_size` entries each,
     /// 4 bytes per entry, preallocated).
     pub maglev_services: u32,
+    /// Open sockets balanced at `connect()` whose `getpeername` note fits in `LB_SOCK_REVNAT`.
+    pub socket_notes: u32,
 }
 
 impl Default for Capacity {
@@ -99,6 +137,7 @@ impl Default for Capacity {
             source_ranges: capacity::SOURCE_RANGES,
             conntrack: capacity::CONNTRACK,
             maglev_services: capacity::MAGLEV_SERVICES,
+            socket_notes: capacity::SOCK_REVNAT,
         }
     }
 }
@@ -152,6 +191,7 @@ pub fn load(pin_dir: &Path, settings: &DatapathSettings) -> anyhow::Result<Ebpf>
         .map_max_entries(map_names::BACKENDS, c.backends)
         .map_max_entries(map_names::SOURCE_RANGES, c.source_ranges)
         .map_max_entries(map_names::CONNTRACK, c.conntrack)
+        .map_max_entries(map_names::SOCK_REVNAT, c.socket_notes)
         .map_max_entries(map_names::MAGLEV, maglev_entries);
     for name in map_names::ALL {
         loader.map_pin_path(name, pin_dir.join(name));
@@ -166,14 +206,7 @@ pub fn load(pin_dir: &Path, settings: &DatapathSettings) -> anyhow::Result<Ebpf>
         .context("lb_ingress is not a tc program")?;
     program.load().context("the kernel rejected lb_ingress")?;
     for (name, _) in SOCKET_PROGRAMS {
-        let program: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .with_context(|| format!("program {name} missing from the object"))?
-            .try_into()
-            .with_context(|| format!("{name} is not a cgroup sock_addr program"))?;
-        program
-            .load()
-            .with_context(|| format!("the kernel rejected {name}"))?;
+        load_socket_program(&mut ebpf, name)?;
     }
     let mut meta: Array<_, Meta> = Array::try_from(
         ebpf.map_mut(map_names::META)
@@ -369,28 +402,16 @@ pub fn attach_socket_lb(
             cgroup.display()
         )
     })?;
-    // Both programs are attached before anything is pinned: a failure leaves the old pair (or
-    // none) in place, never one old and one new. Unpinned links detach when dropped.
+    // Every program is attached before anything is pinned: a failure leaves the old set (or
+    // none) in place, never some old and some new. Unpinned links detach when dropped.
     let mut links = Vec::new();
     for (name, pin) in SOCKET_PROGRAMS {
-        let program: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .with_context(|| format!("program {name} missing"))?
-            .try_into()?;
-        let id = program
-            // A link is always one of many on its cgroup; the kernel refuses the multi flag
-            // for links (it is for the older attach call).
-            .attach(&file, CgroupAttachMode::Single)
-            .with_context(|| {
-                format!(
-                    "attaching {name} to the cgroup {} (a cgroup v2 directory?)",
-                    cgroup.display()
-                )
-            })?;
-        let link: FdLink = program
-            .take_link(id)?
-            .try_into()
-            .context("a cgroup attachment is an fd link on this kernel")?;
+        let link = attach_socket_program(ebpf, name, &file).with_context(|| {
+            format!(
+                "attaching {name} to the cgroup {} (a cgroup v2 directory?)",
+                cgroup.display()
+            )
+        })?;
         links.push((pin, link));
     }
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;

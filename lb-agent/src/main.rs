@@ -100,6 +100,10 @@ struct RunArgs {
     /// translation. Off unless given.
     #[arg(long, value_name = "CGROUP_DIR")]
     socket_lb_cgroup: Option<PathBuf>,
+    /// Open sockets sent to a backend by the socket hook whose note for `getpeername` is kept
+    /// in the fast map; more are kept in socket storage (counted as `socket_note_overflow`).
+    #[arg(long, default_value_t = lb_common::capacity::SOCK_REVNAT)]
+    socket_lb_notes_max: u32,
     /// This node's name (endpoints with this `nodeName` are local; a Node manifest of this
     /// name gives the zone and addresses).
     #[arg(long, env = "NODE_NAME", default_value_t = hostname())]
@@ -282,6 +286,7 @@ fn run(pin_dir: &Path, args: RunArgs) -> anyhow::Result<()> {
             backends: args.max_backends,
             conntrack: args.conntrack_max,
             maglev_services: args.max_maglev_services,
+            socket_notes: args.socket_lb_notes_max,
             ..loader::Capacity::default()
         },
         maglev_table_size: args.maglev_table_size,

@@ -29,7 +29,7 @@
 #![no_std]
 
 /// Bumped whenever a key or value layout below changes; stamped into the pinned state.
-pub const MAP_LAYOUT_VERSION: u32 = 13;
+pub const MAP_LAYOUT_VERSION: u32 = 14;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -57,8 +57,9 @@ pub mod map_names {
     pub const AFFINITY: &str = "LB_AFFINITY";
     pub const MAGLEV: &str = "LB_MAGLEV";
     pub const SOCK_REVNAT: &str = "LB_SOCK_REVNAT";
+    pub const SOCK_REVNAT_OVERFLOW: &str = "LB_SOCK_REVNAT_OVERFLOW";
     pub const ADDR_FILTER: &str = "LB_ADDR_FILTER";
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         META,
         AFFINITY,
         MAGLEV,
@@ -72,6 +73,7 @@ pub mod map_names {
         SERVICE_STATS,
         STATS,
         SOCK_REVNAT,
+        SOCK_REVNAT_OVERFLOW,
         ADDR_FILTER,
     ];
 }
@@ -85,6 +87,9 @@ pub mod capacity {
     pub const SOURCE_RANGES: u32 = 16_384;
     pub const CONNTRACK: u32 = 262_144;
     pub const AFFINITY: u32 = 65_536;
+    /// Open sockets the connect hook sent to a backend whose note for `getpeername` fits in
+    /// `LB_SOCK_REVNAT`; more go to socket storage.
+    pub const SOCK_REVNAT: u32 = 65_536;
     /// Maglev tables of the table size: one per Maglev service, two, four or eight for a
     /// service with many backends (its table grows to keep disruption low).
     pub const MAGLEV_SERVICES: u32 = 64;
@@ -103,21 +108,24 @@ pub mod addr_filter {
     pub const BITS: u32 = WORDS * 64;
     // A word is a hash masked by `WORDS - 1`.
     const _: () = assert!(WORDS.is_power_of_two());
-    /// Distinct seeds, so that a frontend and a backend on one address and port hash apart.
+    /// Distinct seeds, so that a frontend and a backend on one address and port take different
+    /// bits of their word.
     pub const FRONTEND: u32 = 0x9e37_79b9;
     pub const BACKEND: u32 = 0x7f4a_7c15;
 
     /// The bit of `(addr, port, proto)` in the role `seed` (`FRONTEND` or `BACKEND`); `port`
     /// in host order, as in every key here. The kernel program and the agent share this.
     ///
-    /// The word comes from the address alone and the bit in it from the port: every key of
-    /// one address shares a word, so the words a node's traffic reads are as few as the
-    /// addresses it talks to (the ephemeral ports of a client would otherwise scatter its
-    /// packets over the whole array, a cache miss each).
+    /// The word comes from the address alone, whatever the role, and the bit in it from the
+    /// port and the role: every key of one address shares a word, so the words a node's
+    /// traffic reads are as few as the addresses it talks to (the ephemeral ports of a client
+    /// would otherwise scatter its packets over the whole array, a cache miss each), and a
+    /// flow's replies read the very words its requests just read (the reply's source is the
+    /// request's destination).
     #[inline(always)]
     pub fn bit(addr: [u8; 4], port: u16, proto: u8, seed: u32) -> u32 {
         // murmur3's finaliser: dense pod and Service ranges spread over every word.
-        let mut h = (u32::from_le_bytes(addr) ^ seed).wrapping_mul(0xcc9e_2d51);
+        let mut h = u32::from_le_bytes(addr).wrapping_mul(0xcc9e_2d51);
         h ^= h >> 16;
         h = h.wrapping_mul(0x85eb_ca6b);
         h ^= h >> 13;
@@ -242,9 +250,9 @@ pub struct ServiceValue {
     pub maglev_size: u32,
 }
 
-/// `LB_SOCK_REVNAT` value, stored on the socket itself (socket storage, freed with it): where
-/// the connect hook sent the socket and the frontend it asked for, so that `getpeername`
-/// answers with the frontend.
+/// `LB_SOCK_REVNAT` value (by socket cookie; `LB_SOCK_REVNAT_OVERFLOW` keeps it on the socket
+/// itself when that map is full): where the connect hook sent the socket and the frontend it
+/// asked for, so that `getpeername` answers with the frontend.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SockRevNat {
@@ -505,9 +513,12 @@ pub enum Counter {
     /// New flows whose reply 4-tuple another live flow held (the same client port to another
     /// frontend, the same backend): their source port was rewritten.
     ReplyClash = 18,
+    /// Sockets sent to a backend by the socket hook whose note for `getpeername` went to
+    /// socket storage (slower): `LB_SOCK_REVNAT` was full.
+    SockNoteOverflow = 19,
 }
 
-pub const COUNTER_COUNT: u32 = 19;
+pub const COUNTER_COUNT: u32 = 20;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -530,6 +541,7 @@ impl Counter {
         Counter::CtClosed,
         Counter::SockConnect,
         Counter::ReplyClash,
+        Counter::SockNoteOverflow,
     ];
 
     /// For the packets a counter counts that did not reach a backend: why.
@@ -565,6 +577,7 @@ impl Counter {
             Counter::CtClosed => "conntrack_closed",
             Counter::SockConnect => "socket_connect",
             Counter::ReplyClash => "reply_tuple_clash",
+            Counter::SockNoteOverflow => "socket_note_overflow",
         }
     }
 }

@@ -8,17 +8,25 @@
 //! client address or by the flow's ports, unknown at `connect()`), and other frontend kinds.
 //! A Service with no usable backend is refused at `connect()` (ECONNREFUSED, as the tc path's
 //! reset gives), unless configured to drop, which the tc path does.
+//!
+//! What `getpeername` needs is noted per socket in `LB_SOCK_REVNAT`, a preallocated hash keyed
+//! by socket cookie, and deleted when the socket is released (`lb_sock_release`). Socket
+//! storage would do it alone, but allocating it at `connect()` and freeing it through RCU
+//! with the socket cost about 1 µs a connection here; the hash insert and delete cost a
+//! fraction of that. When the hash is full, the note goes to socket storage instead
+//! (`LB_SOCK_REVNAT_OVERFLOW`, counted), so no socket goes without one.
 
 use aya_ebpf::{
-    bindings::bpf_sock_addr,
-    btf_maps::SkStorage,
-    helpers::generated::bpf_set_retval,
-    macros::{btf_map, cgroup_sock_addr},
-    programs::SockAddrContext,
+    bindings::{bpf_sock_addr, BPF_ANY},
+    btf_maps::{HashMap, SkStorage},
+    helpers::generated::{bpf_get_socket_cookie, bpf_set_retval},
+    macros::{btf_map, cgroup_sock, cgroup_sock_addr},
+    programs::{SockAddrContext, SockContext},
+    EbpfContext as _,
 };
 use lb_common::{
-    Counter, FrontendKey, SockRevNat, KIND_CLUSTER_IP, PROTO_TCP, SERVICE_DROP_WHEN_EMPTY,
-    SERVICE_MAGLEV,
+    capacity, Counter, FrontendKey, SockRevNat, KIND_CLUSTER_IP, PROTO_TCP,
+    SERVICE_DROP_WHEN_EMPTY, SERVICE_MAGLEV,
 };
 
 use crate::{
@@ -26,8 +34,14 @@ use crate::{
     select::pick_random,
 };
 
+/// Socket cookie -> note, for every socket the connect hook sent to a backend; preallocated,
+/// as the hook writes it on every such connection.
 #[btf_map]
-pub static LB_SOCK_REVNAT: SkStorage<SockRevNat> = SkStorage::new();
+pub static LB_SOCK_REVNAT: HashMap<u64, SockRevNat, { capacity::SOCK_REVNAT as usize }> =
+    HashMap::new();
+/// The notes that did not fit in `LB_SOCK_REVNAT`, on the socket itself (freed with it).
+#[btf_map]
+pub static LB_SOCK_REVNAT_OVERFLOW: SkStorage<SockRevNat> = SkStorage::new();
 
 /// A cgroup/sock_addr program's verdict: let the call go on.
 const PROCEED: i32 = 1;
@@ -91,13 +105,24 @@ fn connect4(ctx: &SockAddrContext) -> i32 {
         backend_port: backend.port,
         _pad: 0,
     };
-    // Without the note, getpeername would show the backend: translate all the same (the
-    // connection works either way), which is what the tc path's clients see too.
-    // SAFETY: the helper reads the socket of our own context.
-    let stored = unsafe { LB_SOCK_REVNAT.get_or_insert_ptr_mut(ctx, Some(&mut remembered)) };
-    if !stored.is_null() {
-        // SAFETY: a valid pointer into this socket's storage (a reconnect overwrites it).
-        unsafe { *stored = remembered };
+    // SAFETY: the helper reads the socket of our own context (and gives it a cookie if it has
+    // none yet).
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // A reconnect overwrites the socket's note.
+    if LB_SOCK_REVNAT
+        .insert(cookie, remembered, BPF_ANY as u64)
+        .is_err()
+    {
+        // Full. Without a note getpeername would show the backend: the connection is
+        // translated all the same (it works either way).
+        count(Counter::SockNoteOverflow);
+        // SAFETY: the helper reads the socket of our own context.
+        let stored =
+            unsafe { LB_SOCK_REVNAT_OVERFLOW.get_or_insert_ptr_mut(ctx, Some(&mut remembered)) };
+        if !stored.is_null() {
+            // SAFETY: a valid pointer into this socket's storage.
+            unsafe { *stored = remembered };
+        }
     }
     // Both are 4-byte stores, the only width the verifier allows for these fields.
     addr.user_ip4 = u32::from_ne_bytes(backend.addr);
@@ -113,8 +138,15 @@ pub fn lb_sock_getpeername4(ctx: SockAddrContext) -> i32 {
     if addr.protocol != u32::from(PROTO_TCP) {
         return PROCEED;
     }
-    // SAFETY: the helper reads the socket of our own context; no entry gives null.
-    let Some(note) = (unsafe { LB_SOCK_REVNAT.get_ptr_mut(&ctx).as_ref() }).copied() else {
+    // SAFETY: the helper reads the socket of our own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: a read-only copy of a value the map owns.
+    let note = match unsafe { LB_SOCK_REVNAT.get(cookie) } {
+        Some(note) => Some(*note),
+        // SAFETY: the helper reads the socket of our own context; no entry gives null.
+        None => unsafe { LB_SOCK_REVNAT_OVERFLOW.get_ptr_mut(&ctx).as_ref() }.copied(),
+    };
+    let Some(note) = note else {
         return PROCEED;
     };
     // Only while the peer is still the backend the hook chose.
@@ -126,3 +158,19 @@ pub fn lb_sock_getpeername4(ctx: SockAddrContext) -> i32 {
     }
     PROCEED
 }
+
+/// A socket of the cgroup goes away: its note, if it has one, goes with it. Every TCP socket
+/// pays one hash delete here, which for most of them finds nothing.
+#[cgroup_sock(sock_release)]
+pub fn lb_sock_release(ctx: SockContext) -> i32 {
+    // SAFETY: the context the kernel passed; only plain integer fields are read.
+    let sock = unsafe { &*ctx.sock };
+    if sock.family == AF_INET && sock.protocol == u32::from(PROTO_TCP) {
+        // SAFETY: the helper reads the socket of our own context.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        let _ = LB_SOCK_REVNAT.remove(cookie);
+    }
+    PROCEED
+}
+
+const AF_INET: u32 = 2;

@@ -255,7 +255,11 @@ fn connections_from_the_cgroup_go_straight_to_backends_and_others_through_tc() {
     );
     assert_eq!(
         attached(cgroup.path()),
-        ["cgroup_inet4_connect", "cgroup_inet4_getpeername"],
+        [
+            "cgroup_inet4_connect",
+            "cgroup_inet4_getpeername",
+            "cgroup_inet_sock_release"
+        ],
         "the old agent's programs detached, the new ones attached"
     );
     agent.stop().expect("stop agent");
@@ -278,4 +282,94 @@ fn connections_from_the_cgroup_go_straight_to_backends_and_others_through_tc() {
         counter(&pin_dir, "new_flow"),
         new_flows + CONNECTIONS as u64
     );
+}
+
+/// Entries of the pinned `LB_SOCK_REVNAT` (the notes `getpeername` reads), through bpftool.
+fn socket_notes(pin_dir: &Path) -> usize {
+    let path = pin_dir.join(lb_common::map_names::SOCK_REVNAT);
+    let out = run(Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(&path))
+    .expect("bpftool map dump");
+    let entries: serde_json::Value = serde_json::from_str(&out).expect("bpftool JSON");
+    entries.as_array().expect("a list").len()
+}
+
+/// The notes `getpeername` reads live as long as their sockets: each open connection has
+/// one, a closed one none (the release hook deletes it), and when the map is full the note
+/// goes to socket storage, so `getpeername` still shows the ClusterIP.
+#[test]
+fn socket_notes_go_with_their_sockets_and_overflow_to_socket_storage() {
+    const NOTES: usize = 4;
+    const OPEN: usize = 7;
+    let lab = NodeLab::new(TEST_PREFIX, 3).expect("lab");
+    let _servers = start_backends(&lab, 8080).expect("echo servers");
+    let cgroup =
+        Arc::new(ThreadCgroup::new(&format!("{}-socket-notes", lab.lab.id)).expect("test cgroup"));
+    let cgroup_flag = cgroup.path().to_string_lossy().to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    let manifests = examples_with(tmp.path(), "extra.yaml", EXTRA);
+    let pin_dir = lab.lab.pin_dir();
+    let notes_max = NOTES.to_string();
+    let mut agent = Agent::start_with(
+        &lab.node,
+        &pin_dir,
+        &manifests,
+        &lab.node_interfaces(),
+        &tmp.path().join("agent.log"),
+        &[
+            "--socket-lb-cgroup",
+            &cgroup_flag,
+            "--socket-lb-notes-max",
+            &notes_max,
+        ],
+    )
+    .expect("start agent");
+    agent
+        .wait_until(Duration::from_secs(20), || {
+            read_services(&pin_dir)
+                .is_ok_and(|s| s.iter().map(|s| s.backends.len()).sum::<usize>() == 7)
+        })
+        .expect("agent programs the example services");
+    let vip: SocketAddr = VIP.parse().unwrap();
+
+    // One connection after another: each note goes when its socket closes.
+    let seen = connect_many(&lab, Some(cgroup.clone()));
+    assert_eq!(seen.peers, BTreeSet::from([vip]));
+    assert_eq!(socket_notes(&pin_dir), 0, "closed sockets leave no note");
+    assert_eq!(counter(&pin_dir, "socket_note_overflow"), 0);
+
+    // More open at once than the map holds: the rest overflow, every peer is the ClusterIP.
+    let (peers, notes_while_open) = {
+        let cgroup = cgroup.clone();
+        let pin_dir = pin_dir.clone();
+        lab.client
+            .run(move || {
+                cgroup.enter_current_thread()?;
+                let mut sessions = Vec::new();
+                for _ in 0..OPEN {
+                    sessions.push(TcpSession::connect(vip, TIMEOUT)?);
+                }
+                let mut peers = Vec::new();
+                for session in &mut sessions {
+                    peers.push(session.peer()?);
+                    session.request()?;
+                }
+                Ok((peers, socket_notes(&pin_dir)))
+            })
+            .expect("connections held open")
+    };
+    assert_eq!(peers, vec![vip; OPEN], "getpeername shows the ClusterIP");
+    assert_eq!(notes_while_open, NOTES, "the map full");
+    assert_eq!(
+        counter(&pin_dir, "socket_note_overflow"),
+        (OPEN - NOTES) as u64,
+        "the others in socket storage"
+    );
+    assert_eq!(socket_notes(&pin_dir), 0, "every note gone with its socket");
+    assert_eq!(
+        counter(&pin_dir, "socket_connect"),
+        (CONNECTIONS + OPEN) as u64
+    );
+    agent.stop().expect("stop agent");
 }
