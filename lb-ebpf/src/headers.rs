@@ -256,10 +256,10 @@ impl Packet {
         self.set_dst(ctx, addr, port)
     }
 
-    /// Replaces an address and a port (host order) in place, then fixes the IPv4 checksum and
-    /// the L4 checksum (pseudo header for the address) with the csum helpers, which also keep
-    /// the skb's checksum state right (CHECKSUM_PARTIAL / COMPLETE). All reads and writes come
-    /// before the helpers, which invalidate packet pointers.
+    /// Replaces an address and a port (host order) in place, fixes the IPv4 checksum in place
+    /// too, then the L4 checksum (pseudo header for the address) with the csum helpers, which
+    /// also keep the skb's checksum state right (CHECKSUM_PARTIAL / COMPLETE). All reads and
+    /// writes come before the helpers, which invalidate packet pointers.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn rewrite(
@@ -281,7 +281,11 @@ impl Packet {
         let udp_unchecked =
             port_changed && self.proto == PROTO_UDP && read::<u16>(ctx, csum_off) == Some(0);
         if addr_changed {
+            // The header's sum stays what it was (the checksum field balances the address), so
+            // no skb checksum state depends on it: fixed here rather than by a helper call.
+            let ip_csum = read::<u16>(ctx, IP_CSUM_OFF).ok_or(())?;
             write(ctx, addr_off, new_addr)?;
+            write(ctx, IP_CSUM_OFF, csum_replace4(ip_csum, old_addr, new_addr))?;
         }
         if port_changed {
             write(ctx, port_off, new_port)?;
@@ -295,8 +299,6 @@ impl Packet {
                 flags | BPF_F_PSEUDO_HDR as u64 | size_of::<u32>() as u64,
             )
             .map_err(|_| ())?;
-            ctx.l3_csum_replace(IP_CSUM_OFF, old_addr as u64, new_addr as u64, 4)
-                .map_err(|_| ())?;
         }
         if port_changed {
             ctx.l4_csum_replace(
@@ -342,5 +344,18 @@ pub fn fold(mut sum: u32) -> u16 {
 #[inline(always)]
 pub fn csum_update16(csum: u16, old: u16, new: u16) -> u16 {
     let sum = (!csum as u32) + (!old as u32) + new as u32;
+    fold(sum)
+}
+
+/// Incremental update of a checksum for one 32-bit field changing from `from` to `to` (RFC
+/// 1624, eqn. 3). Every value as loaded from the packet: the one's-complement sum does not
+/// depend on byte order as long as all its words are read alike.
+#[inline(always)]
+pub fn csum_replace4(csum: u16, from: u32, to: u32) -> u16 {
+    let sum = (!csum as u32)
+        + (!(from as u16) as u32)
+        + (!((from >> 16) as u16) as u32)
+        + (to as u16 as u32)
+        + ((to >> 16) as u16 as u32);
     fold(sum)
 }
