@@ -27,10 +27,12 @@ pub const PROGRAM: &str = "lb_ingress";
 /// A program that does nothing, for benchmarks (the floor).
 pub const PASSTHROUGH: &str = "lb_passthrough";
 /// The socket-level programs (`--socket-lb-cgroup`), with the name each link is pinned under.
+/// The release hook first: attached (and pinned) before the connect hook, no socket that the
+/// connect hook noted goes away unseen.
 pub const SOCKET_PROGRAMS: [(&str, &str); 3] = [
+    ("lb_sock_release", "sock-release"),
     ("lb_sock_connect4", "connect4"),
     ("lb_sock_getpeername4", "getpeername4"),
-    ("lb_sock_release", "sock-release"),
 ];
 
 /// Loads a socket-level program (a cgroup sock_addr or sock program).
@@ -172,6 +174,7 @@ pub fn load(pin_dir: &Path, settings: &DatapathSettings) -> anyhow::Result<Ebpf>
         .and_then(|n| n.checked_add(1))
         .context("Maglev services times the table size is too large")?;
     check_maglev(pin_dir, maglev_entries, maglev_size)?;
+    check_socket_notes(pin_dir, settings.capacity.socket_notes)?;
     let no_backend_drop = u8::from(settings.no_backend_drop);
     let hairpin = settings.hairpin_addr.octets();
     let snat = settings.snat_addr.map_or([0; 4], |a| a.octets());
@@ -252,6 +255,29 @@ fn check_maglev(pin_dir: &Path, entries: u32, size: u32) -> anyhow::Result<()> {
             path = %path.display(),
             table_size = size,
             "the pinned Maglev tables have another layout: rebuilding them"
+        );
+        fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// A pinned `LB_SOCK_REVNAT` of another size would be reused as it is (its size is set when it
+/// is created): it is removed and created anew, at the cost of the open sockets' notes (their
+/// `getpeername` shows the backend).
+fn check_socket_notes(pin_dir: &Path, entries: u32) -> anyhow::Result<()> {
+    let path = pin_dir.join(map_names::SOCK_REVNAT);
+    if !path.exists() {
+        return Ok(());
+    }
+    let data = aya::maps::MapData::from_pin(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let found = data.info().map(|i| i.max_entries()).ok();
+    if found != Some(entries) {
+        warn!(
+            path = %path.display(),
+            found = ?found,
+            entries,
+            "the pinned socket notes map has another size: creating it anew"
         );
         fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
     }

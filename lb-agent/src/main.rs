@@ -100,9 +100,11 @@ struct RunArgs {
     /// translation. Off unless given.
     #[arg(long, value_name = "CGROUP_DIR")]
     socket_lb_cgroup: Option<PathBuf>,
-    /// Open sockets sent to a backend by the socket hook whose note for `getpeername` is kept
-    /// in the fast map; more are kept in socket storage (counted as `socket_note_overflow`).
-    #[arg(long, default_value_t = lb_common::capacity::SOCK_REVNAT)]
+    /// With --socket-lb-cgroup: open sockets sent to a backend whose note for `getpeername`
+    /// is kept (an LRU map: beyond it, the least recently used notes go, and those sockets'
+    /// `getpeername` shows the backend).
+    #[arg(long, default_value_t = lb_common::capacity::SOCK_REVNAT,
+          value_parser = clap::value_parser!(u32).range(1..))]
     socket_lb_notes_max: u32,
     /// This node's name (endpoints with this `nodeName` are local; a Node manifest of this
     /// name gives the zone and addresses).
@@ -286,7 +288,12 @@ fn run(pin_dir: &Path, args: RunArgs) -> anyhow::Result<()> {
             backends: args.max_backends,
             conntrack: args.conntrack_max,
             maglev_services: args.max_maglev_services,
-            socket_notes: args.socket_lb_notes_max,
+            // Preallocated: one entry when nothing writes it.
+            socket_notes: if args.socket_lb_cgroup.is_some() {
+                args.socket_lb_notes_max
+            } else {
+                1
+            },
             ..loader::Capacity::default()
         },
         maglev_table_size: args.maglev_table_size,

@@ -2335,6 +2335,9 @@ pub fn fill_levels(pin_dir: &Path) -> anyhow::Result<Vec<MapFill>> {
         },
         hash::<CtKey, CtValue>(pin_dir, map_names::CONNTRACK)?,
         hash::<lb_common::AffinityKey, lb_common::AffinityValue>(pin_dir, map_names::AFFINITY)?,
+        // Near full, the least recently used notes go (their sockets' getpeername then shows
+        // the backend).
+        hash::<u64, lb_common::SockRevNat>(pin_dir, map_names::SOCK_REVNAT)?,
         {
             // Bits, not words: how much of the filter says "look it up".
             let filter: Array<MapData, u64> =

@@ -57,9 +57,8 @@ pub mod map_names {
     pub const AFFINITY: &str = "LB_AFFINITY";
     pub const MAGLEV: &str = "LB_MAGLEV";
     pub const SOCK_REVNAT: &str = "LB_SOCK_REVNAT";
-    pub const SOCK_REVNAT_OVERFLOW: &str = "LB_SOCK_REVNAT_OVERFLOW";
     pub const ADDR_FILTER: &str = "LB_ADDR_FILTER";
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 14] = [
         META,
         AFFINITY,
         MAGLEV,
@@ -73,7 +72,6 @@ pub mod map_names {
         SERVICE_STATS,
         STATS,
         SOCK_REVNAT,
-        SOCK_REVNAT_OVERFLOW,
         ADDR_FILTER,
     ];
 }
@@ -87,8 +85,7 @@ pub mod capacity {
     pub const SOURCE_RANGES: u32 = 16_384;
     pub const CONNTRACK: u32 = 262_144;
     pub const AFFINITY: u32 = 65_536;
-    /// Open sockets the connect hook sent to a backend whose note for `getpeername` fits in
-    /// `LB_SOCK_REVNAT`; more go to socket storage.
+    /// Open sockets the connect hook sent to a backend (notes for `getpeername`, LRU).
     pub const SOCK_REVNAT: u32 = 65_536;
     /// Maglev tables of the table size: one per Maglev service, two, four or eight for a
     /// service with many backends (its table grows to keep disruption low).
@@ -250,9 +247,8 @@ pub struct ServiceValue {
     pub maglev_size: u32,
 }
 
-/// `LB_SOCK_REVNAT` value (by socket cookie; `LB_SOCK_REVNAT_OVERFLOW` keeps it on the socket
-/// itself when that map is full): where the connect hook sent the socket and the frontend it
-/// asked for, so that `getpeername` answers with the frontend.
+/// `LB_SOCK_REVNAT` value (by socket cookie): where the connect hook sent the socket and the
+/// frontend it asked for, so that `getpeername` answers with the frontend.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SockRevNat {
@@ -513,12 +509,9 @@ pub enum Counter {
     /// New flows whose reply 4-tuple another live flow held (the same client port to another
     /// frontend, the same backend): their source port was rewritten.
     ReplyClash = 18,
-    /// Sockets sent to a backend by the socket hook whose note for `getpeername` went to
-    /// socket storage (slower): `LB_SOCK_REVNAT` was full.
-    SockNoteOverflow = 19,
 }
 
-pub const COUNTER_COUNT: u32 = 20;
+pub const COUNTER_COUNT: u32 = 19;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -541,7 +534,6 @@ impl Counter {
         Counter::CtClosed,
         Counter::SockConnect,
         Counter::ReplyClash,
-        Counter::SockNoteOverflow,
     ];
 
     /// For the packets a counter counts that did not reach a backend: why.
@@ -577,7 +569,6 @@ impl Counter {
             Counter::CtClosed => "conntrack_closed",
             Counter::SockConnect => "socket_connect",
             Counter::ReplyClash => "reply_tuple_clash",
-            Counter::SockNoteOverflow => "socket_note_overflow",
         }
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! The hot path reads and writes through packet pointers into the linear part (pulled there
 //! only when short), cold paths through `bpf_skb_load_bytes` / `bpf_skb_store_bytes`; the
-//! checksums are fixed incrementally by the csum helpers.
+//! checksums are fixed incrementally, the IPv4 header's in place, the L4 one by the csum
+//! helpers (which know the skb's checksum state).
 
 use core::mem::size_of;
 

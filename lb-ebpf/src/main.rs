@@ -4,7 +4,7 @@
 //! `datapath` holds the packet path top to bottom; `maps` the state it reads; `headers` the
 //! parsing and rewriting; `reject` the TCP resets and ICMP errors it answers with; `icmp` the
 //! translation of ICMP errors about translated flows; `select` the choice of a new flow's
-//! backend. `sock` holds the socket-level programs (cgroup connect4 / getpeername4) that send
+//! backend. `sock` holds the socket-level programs (cgroup connect4 / getpeername4 / sock_release) that send
 //! a pod's TCP connections to a ClusterIP straight to a backend.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]

@@ -9,16 +9,18 @@
 //! A Service with no usable backend is refused at `connect()` (ECONNREFUSED, as the tc path's
 //! reset gives), unless configured to drop, which the tc path does.
 //!
-//! What `getpeername` needs is noted per socket in `LB_SOCK_REVNAT`, a preallocated hash keyed
-//! by socket cookie, and deleted when the socket is released (`lb_sock_release`). Socket
-//! storage would do it alone, but allocating it at `connect()` and freeing it through RCU
-//! with the socket cost about 1 µs a connection here; the hash insert and delete cost a
-//! fraction of that. When the hash is full, the note goes to socket storage instead
-//! (`LB_SOCK_REVNAT_OVERFLOW`, counted), so no socket goes without one.
+//! What `getpeername` needs is noted per socket in `LB_SOCK_REVNAT`, an LRU hash keyed by
+//! socket cookie, and deleted when the socket is released (`lb_sock_release`). Socket storage
+//! would free it with the socket by itself, but allocating it at `connect()` and freeing it
+//! through RCU cost about 1 µs a connection here; the hash insert and delete cost a fraction
+//! of that. LRU because not every socket's release runs the hook: the kernel's own sockets
+//! (an NFS or Ceph client connecting to a ClusterIP) pass `connect()` but not the release
+//! hook, nor do sockets closed while the programs were detached. Their notes are the least
+//! recently used and go first when the map fills.
 
 use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_ANY},
-    btf_maps::{HashMap, SkStorage},
+    btf_maps::LruHashMap,
     helpers::generated::{bpf_get_socket_cookie, bpf_set_retval},
     macros::{btf_map, cgroup_sock, cgroup_sock_addr},
     programs::{SockAddrContext, SockContext},
@@ -34,14 +36,10 @@ use crate::{
     select::pick_random,
 };
 
-/// Socket cookie -> note, for every socket the connect hook sent to a backend; preallocated,
-/// as the hook writes it on every such connection.
+/// Socket cookie -> note, for every open socket the connect hook sent to a backend.
 #[btf_map]
-pub static LB_SOCK_REVNAT: HashMap<u64, SockRevNat, { capacity::SOCK_REVNAT as usize }> =
-    HashMap::new();
-/// The notes that did not fit in `LB_SOCK_REVNAT`, on the socket itself (freed with it).
-#[btf_map]
-pub static LB_SOCK_REVNAT_OVERFLOW: SkStorage<SockRevNat> = SkStorage::new();
+pub static LB_SOCK_REVNAT: LruHashMap<u64, SockRevNat, { capacity::SOCK_REVNAT as usize }> =
+    LruHashMap::new();
 
 /// A cgroup/sock_addr program's verdict: let the call go on.
 const PROCEED: i32 = 1;
@@ -98,7 +96,7 @@ fn connect4(ctx: &SockAddrContext) -> i32 {
     let Some((_, _, backend)) = pick_random(frontend.service_id, &service) else {
         return PROCEED;
     };
-    let mut remembered = SockRevNat {
+    let remembered = SockRevNat {
         frontend_addr,
         backend_addr: backend.addr,
         frontend_port,
@@ -108,22 +106,9 @@ fn connect4(ctx: &SockAddrContext) -> i32 {
     // SAFETY: the helper reads the socket of our own context (and gives it a cookie if it has
     // none yet).
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // A reconnect overwrites the socket's note.
-    if LB_SOCK_REVNAT
-        .insert(cookie, remembered, BPF_ANY as u64)
-        .is_err()
-    {
-        // Full. Without a note getpeername would show the backend: the connection is
-        // translated all the same (it works either way).
-        count(Counter::SockNoteOverflow);
-        // SAFETY: the helper reads the socket of our own context.
-        let stored =
-            unsafe { LB_SOCK_REVNAT_OVERFLOW.get_or_insert_ptr_mut(ctx, Some(&mut remembered)) };
-        if !stored.is_null() {
-            // SAFETY: a valid pointer into this socket's storage.
-            unsafe { *stored = remembered };
-        }
-    }
+    // A reconnect overwrites the socket's note. Should the insert fail, getpeername shows the
+    // backend: the connection is translated all the same (it works either way).
+    let _ = LB_SOCK_REVNAT.insert(cookie, remembered, BPF_ANY as u64);
     // Both are 4-byte stores, the only width the verifier allows for these fields.
     addr.user_ip4 = u32::from_ne_bytes(backend.addr);
     addr.user_port = u32::from(backend.port.to_be());
@@ -141,12 +126,7 @@ pub fn lb_sock_getpeername4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the helper reads the socket of our own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: a read-only copy of a value the map owns.
-    let note = match unsafe { LB_SOCK_REVNAT.get(cookie) } {
-        Some(note) => Some(*note),
-        // SAFETY: the helper reads the socket of our own context; no entry gives null.
-        None => unsafe { LB_SOCK_REVNAT_OVERFLOW.get_ptr_mut(&ctx).as_ref() }.copied(),
-    };
-    let Some(note) = note else {
+    let Some(note) = (unsafe { LB_SOCK_REVNAT.get(cookie) }).copied() else {
         return PROCEED;
     };
     // Only while the peer is still the backend the hook chose.

@@ -295,12 +295,22 @@ fn socket_notes(pin_dir: &Path) -> usize {
     entries.as_array().expect("a list").len()
 }
 
-/// The notes `getpeername` reads live as long as their sockets: each open connection has
-/// one, a closed one none (the release hook deletes it), and when the map is full the note
-/// goes to socket storage, so `getpeername` still shows the ClusterIP.
+/// `max_entries` of the pinned `LB_SOCK_REVNAT`, through bpftool.
+fn socket_notes_capacity(pin_dir: &Path) -> u64 {
+    let path = pin_dir.join(lb_common::map_names::SOCK_REVNAT);
+    let out = run(Command::new("bpftool")
+        .args(["-j", "map", "show", "pinned"])
+        .arg(&path))
+    .expect("bpftool map show");
+    let map: serde_json::Value = serde_json::from_str(&out).expect("bpftool JSON");
+    map["max_entries"].as_u64().expect("max_entries")
+}
+
+/// The notes `getpeername` reads live as long as their sockets: each open connection has one
+/// (kept across an agent restart), a closed one none (the release hook deletes it). The map's
+/// size follows `--socket-lb-notes-max`, and is one entry without socket LB.
 #[test]
-fn socket_notes_go_with_their_sockets_and_overflow_to_socket_storage() {
-    const NOTES: usize = 4;
+fn socket_notes_go_with_their_sockets() {
     const OPEN: usize = 7;
     let lab = NodeLab::new(TEST_PREFIX, 3).expect("lab");
     let _servers = start_backends(&lab, 8080).expect("echo servers");
@@ -310,66 +320,77 @@ fn socket_notes_go_with_their_sockets_and_overflow_to_socket_storage() {
     let tmp = tempfile::tempdir().unwrap();
     let manifests = examples_with(tmp.path(), "extra.yaml", EXTRA);
     let pin_dir = lab.lab.pin_dir();
-    let notes_max = NOTES.to_string();
-    let mut agent = Agent::start_with(
-        &lab.node,
-        &pin_dir,
-        &manifests,
-        &lab.node_interfaces(),
-        &tmp.path().join("agent.log"),
-        &[
+    let start = |log: &str, extra: &[&str]| {
+        let mut agent = Agent::start_with(
+            &lab.node,
+            &pin_dir,
+            &manifests,
+            &lab.node_interfaces(),
+            &tmp.path().join(log),
+            extra,
+        )
+        .expect("start agent");
+        // Its own log line, not the maps: after a restart they are full from the start.
+        agent
+            .wait_until(Duration::from_secs(20), || {
+                std::fs::read_to_string(tmp.path().join(log))
+                    .is_ok_and(|l| l.contains("datapath programmed"))
+            })
+            .expect("agent programs the example services");
+        agent
+    };
+    let with_notes = |max: &'static str| {
+        [
             "--socket-lb-cgroup",
             &cgroup_flag,
             "--socket-lb-notes-max",
-            &notes_max,
-        ],
-    )
-    .expect("start agent");
-    agent
-        .wait_until(Duration::from_secs(20), || {
-            read_services(&pin_dir)
-                .is_ok_and(|s| s.iter().map(|s| s.backends.len()).sum::<usize>() == 7)
-        })
-        .expect("agent programs the example services");
+            max,
+        ]
+    };
+    let mut agent = start("agent.log", &with_notes("512"));
+    assert_eq!(socket_notes_capacity(&pin_dir), 512);
     let vip: SocketAddr = VIP.parse().unwrap();
 
     // One connection after another: each note goes when its socket closes.
     let seen = connect_many(&lab, Some(cgroup.clone()));
     assert_eq!(seen.peers, BTreeSet::from([vip]));
     assert_eq!(socket_notes(&pin_dir), 0, "closed sockets leave no note");
-    assert_eq!(counter(&pin_dir, "socket_note_overflow"), 0);
 
-    // More open at once than the map holds: the rest overflow, every peer is the ClusterIP.
-    let (peers, notes_while_open) = {
+    // Several open at once, kept open across a restart of the agent.
+    let mut sessions = {
         let cgroup = cgroup.clone();
-        let pin_dir = pin_dir.clone();
         lab.client
             .run(move || {
                 cgroup.enter_current_thread()?;
-                let mut sessions = Vec::new();
-                for _ in 0..OPEN {
-                    sessions.push(TcpSession::connect(vip, TIMEOUT)?);
-                }
-                let mut peers = Vec::new();
-                for session in &mut sessions {
-                    peers.push(session.peer()?);
-                    session.request()?;
-                }
-                Ok((peers, socket_notes(&pin_dir)))
+                (0..OPEN)
+                    .map(|_| TcpSession::connect(vip, TIMEOUT))
+                    .collect::<anyhow::Result<Vec<_>>>()
             })
             .expect("connections held open")
     };
-    assert_eq!(peers, vec![vip; OPEN], "getpeername shows the ClusterIP");
-    assert_eq!(notes_while_open, NOTES, "the map full");
-    assert_eq!(
-        counter(&pin_dir, "socket_note_overflow"),
-        (OPEN - NOTES) as u64,
-        "the others in socket storage"
-    );
+    assert_eq!(socket_notes(&pin_dir), OPEN, "one note per open socket");
+    agent.stop().expect("stop agent");
+    let mut agent = start("agent-2.log", &with_notes("512"));
+    for session in &mut sessions {
+        assert_eq!(session.peer().expect("getpeername"), vip, "after a restart");
+        session.request().expect("request after a restart");
+    }
+    assert_eq!(socket_notes(&pin_dir), OPEN);
+    drop(sessions);
     assert_eq!(socket_notes(&pin_dir), 0, "every note gone with its socket");
     assert_eq!(
         counter(&pin_dir, "socket_connect"),
         (CONNECTIONS + OPEN) as u64
     );
+
+    // Another size makes another map; without socket LB it is one entry.
+    agent.stop().expect("stop agent");
+    let mut agent = start("agent-3.log", &with_notes("1024"));
+    assert_eq!(socket_notes_capacity(&pin_dir), 1024);
+    let seen = connect_many(&lab, Some(cgroup.clone()));
+    assert_eq!(seen.peers, BTreeSet::from([vip]));
+    agent.stop().expect("stop agent");
+    let mut agent = start("agent-4.log", &[]);
+    assert_eq!(socket_notes_capacity(&pin_dir), 1);
     agent.stop().expect("stop agent");
 }
