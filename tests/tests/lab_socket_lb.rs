@@ -74,6 +74,30 @@ fn attached(cgroup: &Path) -> Vec<String> {
     types
 }
 
+/// Starts the agent on the lab's node, logging to `log`, and waits until it has programmed the
+/// examples.
+fn start_agent(lab: &NodeLab, manifests: &Path, log: &Path, extra: &[&str]) -> Agent {
+    let pin_dir = lab.lab.pin_dir();
+    let mut agent = Agent::start_with(
+        &lab.node,
+        &pin_dir,
+        manifests,
+        &lab.node_interfaces(),
+        log,
+        extra,
+    )
+    .expect("start agent");
+    // Its own log line, not the maps: after a restart they are full from the start.
+    agent
+        .wait_until(Duration::from_secs(20), || {
+            std::fs::read_to_string(log).is_ok_and(|l| l.contains("datapath programmed"))
+                && read_services(&pin_dir)
+                    .is_ok_and(|s| s.iter().map(|s| s.backends.len()).sum::<usize>() == 7)
+        })
+        .expect("agent programs the example services");
+    agent
+}
+
 /// What `CONNECTIONS` TCP connections to the VIP saw, made from a thread of the client
 /// namespace, inside `cgroup` when given: (backends that answered, peer addresses the
 /// connections reported, client addresses the servers saw).
@@ -117,27 +141,8 @@ fn connections_from_the_cgroup_go_straight_to_backends_and_others_through_tc() {
     let tmp = tempfile::tempdir().unwrap();
     let manifests = examples_with(tmp.path(), "extra.yaml", EXTRA);
     let pin_dir = lab.lab.pin_dir();
-    let agent_log = |log: &str| std::fs::read_to_string(tmp.path().join(log)).unwrap_or_default();
-    let start = |log: &str, extra: &[&str]| {
-        let mut agent = Agent::start_with(
-            &lab.node,
-            &pin_dir,
-            &manifests,
-            &lab.node_interfaces(),
-            &tmp.path().join(log),
-            extra,
-        )
-        .expect("start agent");
-        // Its own log line, not the maps: after a restart they are full from the start.
-        agent
-            .wait_until(Duration::from_secs(20), || {
-                agent_log(log).contains("datapath programmed")
-                    && read_services(&pin_dir)
-                        .is_ok_and(|s| s.iter().map(|s| s.backends.len()).sum::<usize>() == 7)
-            })
-            .expect("agent programs the example services");
-        agent
-    };
+    let start =
+        |log: &str, extra: &[&str]| start_agent(&lab, &manifests, &tmp.path().join(log), extra);
     let mut agent = start("agent.log", &["--socket-lb-cgroup", &cgroup_flag]);
     let vip: SocketAddr = VIP.parse().unwrap();
     let ready: BTreeSet<String> = ["backend-1", "backend-2", "backend-3"]
@@ -320,25 +325,8 @@ fn socket_notes_go_with_their_sockets() {
     let tmp = tempfile::tempdir().unwrap();
     let manifests = examples_with(tmp.path(), "extra.yaml", EXTRA);
     let pin_dir = lab.lab.pin_dir();
-    let start = |log: &str, extra: &[&str]| {
-        let mut agent = Agent::start_with(
-            &lab.node,
-            &pin_dir,
-            &manifests,
-            &lab.node_interfaces(),
-            &tmp.path().join(log),
-            extra,
-        )
-        .expect("start agent");
-        // Its own log line, not the maps: after a restart they are full from the start.
-        agent
-            .wait_until(Duration::from_secs(20), || {
-                std::fs::read_to_string(tmp.path().join(log))
-                    .is_ok_and(|l| l.contains("datapath programmed"))
-            })
-            .expect("agent programs the example services");
-        agent
-    };
+    let start =
+        |log: &str, extra: &[&str]| start_agent(&lab, &manifests, &tmp.path().join(log), extra);
     let with_notes = |max: &'static str| {
         [
             "--socket-lb-cgroup",
