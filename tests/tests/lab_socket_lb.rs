@@ -5,7 +5,12 @@
 //! the flag all go through the tc path.
 
 use std::{
-    collections::BTreeSet, net::SocketAddr, path::Path, process::Command, sync::Arc, time::Duration,
+    collections::BTreeSet,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::Arc,
+    time::Duration,
 };
 
 use lb_agent::maps::read_services;
@@ -13,7 +18,7 @@ use lb_tests::{
     agent::Agent,
     cgroup::ThreadCgroup,
     counter,
-    echo::{start_backends, udp_request, TcpSession},
+    echo::{start_backends, udp_request, EchoServer, TcpSession},
     examples_with,
     lab::{run, NodeLab, CLIENT_ADDR, TEST_PREFIX},
 };
@@ -74,28 +79,61 @@ fn attached(cgroup: &Path) -> Vec<String> {
     types
 }
 
-/// Starts the agent on the lab's node, logging to `log`, and waits until it has programmed the
-/// examples.
-fn start_agent(lab: &NodeLab, manifests: &Path, log: &Path, extra: &[&str]) -> Agent {
-    let pin_dir = lab.lab.pin_dir();
-    let mut agent = Agent::start_with(
-        &lab.node,
-        &pin_dir,
-        manifests,
-        &lab.node_interfaces(),
-        log,
-        extra,
-    )
-    .expect("start agent");
-    // Its own log line, not the maps: after a restart they are full from the start.
-    agent
-        .wait_until(Duration::from_secs(20), || {
-            std::fs::read_to_string(log).is_ok_and(|l| l.contains("datapath programmed"))
-                && read_services(&pin_dir)
-                    .is_ok_and(|s| s.iter().map(|s| s.backends.len()).sum::<usize>() == 7)
-        })
-        .expect("agent programs the example services");
-    agent
+/// A lab with echo servers on its backends, a cgroup of the test's own and the examples plus
+/// `EXTRA`. Fields drop in order: the servers before their lab.
+struct Bed {
+    _servers: Vec<EchoServer>,
+    lab: NodeLab,
+    cgroup: Arc<ThreadCgroup>,
+    tmp: tempfile::TempDir,
+    manifests: PathBuf,
+}
+
+impl Bed {
+    fn new(name: &str) -> Self {
+        let lab = NodeLab::new(TEST_PREFIX, 3).expect("lab");
+        let servers = start_backends(&lab, 8080).expect("echo servers");
+        let cgroup =
+            Arc::new(ThreadCgroup::new(&format!("{}-{name}", lab.lab.id)).expect("test cgroup"));
+        let tmp = tempfile::tempdir().unwrap();
+        let manifests = examples_with(tmp.path(), "extra.yaml", EXTRA);
+        Self {
+            _servers: servers,
+            lab,
+            cgroup,
+            tmp,
+            manifests,
+        }
+    }
+
+    fn cgroup_flag(&self) -> String {
+        self.cgroup.path().to_string_lossy().to_string()
+    }
+
+    /// Starts the agent on the lab's node, logging to `log` in the test's directory, and
+    /// waits until it has programmed the examples.
+    fn start(&self, log: &str, extra: &[&str]) -> Agent {
+        let pin_dir = self.lab.lab.pin_dir();
+        let log = self.tmp.path().join(log);
+        let mut agent = Agent::start_with(
+            &self.lab.node,
+            &pin_dir,
+            &self.manifests,
+            &self.lab.node_interfaces(),
+            &log,
+            extra,
+        )
+        .expect("start agent");
+        // Its own log line, not the maps: after a restart they are full from the start.
+        agent
+            .wait_until(Duration::from_secs(20), || {
+                std::fs::read_to_string(&log).is_ok_and(|l| l.contains("datapath programmed"))
+                    && read_services(&pin_dir)
+                        .is_ok_and(|s| s.iter().map(|s| s.backends.len()).sum::<usize>() == 7)
+            })
+            .expect("agent programs the example services");
+        agent
+    }
 }
 
 /// What `CONNECTIONS` TCP connections to the VIP saw, made from a thread of the client
@@ -133,16 +171,10 @@ fn connect_many(lab: &NodeLab, cgroup: Option<Arc<ThreadCgroup>>) -> Seen {
 
 #[test]
 fn connections_from_the_cgroup_go_straight_to_backends_and_others_through_tc() {
-    let lab = NodeLab::new(TEST_PREFIX, 3).expect("lab");
-    let _servers = start_backends(&lab, 8080).expect("echo servers");
-    let cgroup =
-        Arc::new(ThreadCgroup::new(&format!("{}-socket-lb", lab.lab.id)).expect("test cgroup"));
-    let cgroup_flag = cgroup.path().to_string_lossy().to_string();
-    let tmp = tempfile::tempdir().unwrap();
-    let manifests = examples_with(tmp.path(), "extra.yaml", EXTRA);
+    let bed = Bed::new("socket-lb");
+    let (lab, cgroup, cgroup_flag) = (&bed.lab, &bed.cgroup, bed.cgroup_flag());
     let pin_dir = lab.lab.pin_dir();
-    let start =
-        |log: &str, extra: &[&str]| start_agent(&lab, &manifests, &tmp.path().join(log), extra);
+    let start = |log: &str, extra: &[&str]| bed.start(log, extra);
     let mut agent = start("agent.log", &["--socket-lb-cgroup", &cgroup_flag]);
     let vip: SocketAddr = VIP.parse().unwrap();
     let ready: BTreeSet<String> = ["backend-1", "backend-2", "backend-3"]
@@ -152,7 +184,7 @@ fn connections_from_the_cgroup_go_straight_to_backends_and_others_through_tc() {
     // Inside the cgroup: balanced at connect(), not one packet translated by the tc program.
     let new_flows = counter(&pin_dir, "new_flow");
     let forwarded = counter(&pin_dir, "forward");
-    let seen = connect_many(&lab, Some(cgroup.clone()));
+    let seen = connect_many(lab, Some(cgroup.clone()));
     assert_eq!(seen.servers, ready, "every ready backend answers");
     assert_eq!(
         seen.peers,
@@ -191,7 +223,7 @@ fn connections_from_the_cgroup_go_straight_to_backends_and_others_through_tc() {
     assert_eq!(counter(&pin_dir, "socket_connect"), CONNECTIONS as u64);
 
     // Outside the cgroup: the tc path, as before.
-    let seen = connect_many(&lab, None);
+    let seen = connect_many(lab, None);
     assert_eq!(seen.servers, ready);
     assert_eq!(seen.peers, BTreeSet::from([vip]));
     assert_eq!(
@@ -251,7 +283,7 @@ fn connections_from_the_cgroup_go_straight_to_backends_and_others_through_tc() {
     agent.stop().expect("stop agent");
     let mut agent = start("agent-2.log", &["--socket-lb-cgroup", &cgroup_flag]);
     let before = counter(&pin_dir, "socket_connect");
-    let seen = connect_many(&lab, Some(cgroup.clone()));
+    let seen = connect_many(lab, Some(cgroup.clone()));
     assert_eq!(seen.servers, ready);
     assert_eq!(
         counter(&pin_dir, "socket_connect"),
@@ -276,7 +308,7 @@ fn connections_from_the_cgroup_go_straight_to_backends_and_others_through_tc() {
         })
         .expect("socket programs detached");
     let new_flows = counter(&pin_dir, "new_flow");
-    let seen = connect_many(&lab, Some(cgroup.clone()));
+    let seen = connect_many(lab, Some(cgroup.clone()));
     assert_eq!(seen.servers, ready);
     assert_eq!(
         counter(&pin_dir, "socket_connect"),
@@ -317,16 +349,10 @@ fn socket_notes_capacity(pin_dir: &Path) -> u64 {
 #[test]
 fn socket_notes_go_with_their_sockets() {
     const OPEN: usize = 7;
-    let lab = NodeLab::new(TEST_PREFIX, 3).expect("lab");
-    let _servers = start_backends(&lab, 8080).expect("echo servers");
-    let cgroup =
-        Arc::new(ThreadCgroup::new(&format!("{}-socket-notes", lab.lab.id)).expect("test cgroup"));
-    let cgroup_flag = cgroup.path().to_string_lossy().to_string();
-    let tmp = tempfile::tempdir().unwrap();
-    let manifests = examples_with(tmp.path(), "extra.yaml", EXTRA);
+    let bed = Bed::new("socket-notes");
+    let (lab, cgroup, cgroup_flag) = (&bed.lab, &bed.cgroup, bed.cgroup_flag());
     let pin_dir = lab.lab.pin_dir();
-    let start =
-        |log: &str, extra: &[&str]| start_agent(&lab, &manifests, &tmp.path().join(log), extra);
+    let start = |log: &str, extra: &[&str]| bed.start(log, extra);
     let with_notes = |max: &'static str| {
         [
             "--socket-lb-cgroup",
@@ -340,7 +366,7 @@ fn socket_notes_go_with_their_sockets() {
     let vip: SocketAddr = VIP.parse().unwrap();
 
     // One connection after another: each note goes when its socket closes.
-    let seen = connect_many(&lab, Some(cgroup.clone()));
+    let seen = connect_many(lab, Some(cgroup.clone()));
     assert_eq!(seen.peers, BTreeSet::from([vip]));
     assert_eq!(socket_notes(&pin_dir), 0, "closed sockets leave no note");
 
@@ -375,7 +401,7 @@ fn socket_notes_go_with_their_sockets() {
     agent.stop().expect("stop agent");
     let mut agent = start("agent-3.log", &with_notes("1024"));
     assert_eq!(socket_notes_capacity(&pin_dir), 1024);
-    let seen = connect_many(&lab, Some(cgroup.clone()));
+    let seen = connect_many(lab, Some(cgroup.clone()));
     assert_eq!(seen.peers, BTreeSet::from([vip]));
     agent.stop().expect("stop agent");
     let mut agent = start("agent-4.log", &[]);
