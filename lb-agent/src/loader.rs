@@ -239,45 +239,42 @@ pub fn load(pin_dir: &Path, settings: &DatapathSettings) -> anyhow::Result<Ebpf>
 /// every table at its first sync, and until then a Maglev service's empty entries make the
 /// datapath fall back to a random backend.
 fn check_maglev(pin_dir: &Path, entries: u32, size: u32) -> anyhow::Result<()> {
-    let path = pin_dir.join(map_names::MAGLEV);
-    if !path.exists() {
-        return Ok(());
-    }
-    let data = aya::maps::MapData::from_pin(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    let same = data.info().map(|i| i.max_entries()).ok() == Some(entries)
-        && Array::<_, u32>::try_from(aya::maps::Map::Array(data))
-            .ok()
-            .and_then(|a| a.get(&0, 0).ok())
-            == Some(size);
-    if !same {
-        warn!(
-            path = %path.display(),
-            table_size = size,
-            "the pinned Maglev tables have another layout: rebuilding them"
-        );
-        fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
-    }
-    Ok(())
+    remove_pin_unless(pin_dir, map_names::MAGLEV, "Maglev tables", |data| {
+        data.info().map(|i| i.max_entries()).ok() == Some(entries)
+            && Array::<_, u32>::try_from(aya::maps::Map::Array(data))
+                .ok()
+                .and_then(|a| a.get(&0, 0).ok())
+                == Some(size)
+    })
 }
 
 /// A pinned `LB_SOCK_REVNAT` of another size would be reused as it is (its size is set when it
 /// is created): it is removed and created anew, at the cost of the open sockets' notes (their
 /// `getpeername` shows the backend).
 fn check_socket_notes(pin_dir: &Path, entries: u32) -> anyhow::Result<()> {
-    let path = pin_dir.join(map_names::SOCK_REVNAT);
+    remove_pin_unless(pin_dir, map_names::SOCK_REVNAT, "socket notes", |data| {
+        data.info().map(|i| i.max_entries()).ok() == Some(entries)
+    })
+}
+
+/// Removes the pinned map `name` (so that the load creates it anew) unless `fits` says it has
+/// the shape this agent asks for.
+fn remove_pin_unless(
+    pin_dir: &Path,
+    name: &str,
+    what: &str,
+    fits: impl FnOnce(aya::maps::MapData) -> bool,
+) -> anyhow::Result<()> {
+    let path = pin_dir.join(name);
     if !path.exists() {
         return Ok(());
     }
     let data = aya::maps::MapData::from_pin(&path)
         .with_context(|| format!("opening {}", path.display()))?;
-    let found = data.info().map(|i| i.max_entries()).ok();
-    if found != Some(entries) {
+    if !fits(data) {
         warn!(
             path = %path.display(),
-            found = ?found,
-            entries,
-            "the pinned socket notes map has another size: creating it anew"
+            "the pinned {what} have another size or layout: creating them anew"
         );
         fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
     }
