@@ -1,9 +1,9 @@
 //! Reading and rewriting Ethernet / IPv4 / TCP / UDP headers.
 //!
-//! The hot path reads and writes through packet pointers into the linear part (pulled there
-//! only when short), cold paths through `bpf_skb_load_bytes` / `bpf_skb_store_bytes`; the
-//! checksums are fixed incrementally, the IPv4 header's in place, the L4 one by the csum
-//! helpers (which know the skb's checksum state).
+//! The hot path reads through packet pointers into the linear part (pulled there only when
+//! short) and writes with `bpf_skb_store_bytes` (see `write`); cold paths read through
+//! `bpf_skb_load_bytes`. The checksums are fixed incrementally, the IPv4 header's by the
+//! program, the L4 one by the csum helpers (which know the skb's checksum state).
 
 use core::mem::size_of;
 
@@ -19,6 +19,8 @@ const ETH_P_IP: u16 = 0x0800;
 pub const IP_CSUM_OFF: usize = ETH_HLEN + 10;
 pub const IP_SRC_OFF: usize = ETH_HLEN + 12;
 pub const IP_DST_OFF: usize = ETH_HLEN + 16;
+/// Bytes from the IPv4 checksum to the end of the destination address.
+const IP_CSUM_TO_DST_END: usize = IP_DST_OFF + 4 - IP_CSUM_OFF;
 pub const PROTO_ICMP: u8 = 1;
 /// More-fragments flag and fragment offset bits of `frag_off`.
 const IP_FRAG_MASK: u16 = 0x3fff;
@@ -45,16 +47,15 @@ fn read<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
     ptr_at::<T>(ctx, off).map(|p| unsafe { core::ptr::read_unaligned(p) })
 }
 
-/// Writes through a packet pointer: the verifier then gives the program a prologue that makes
-/// a cloned skb's linear part writable, which costs nothing for a local TCP socket's segments
-/// (their headers are the clone's own), and a direct write is 20 ns a packet cheaper than
-/// bpf_skb_store_bytes.
+/// Writes with bpf_skb_store_bytes, never through a packet pointer: one direct write anywhere
+/// in the program makes the verifier prepend a prologue that un-clones every cloned skb the
+/// program sees (`bpf_skb_pull_data(skb, 0)`), translated or not, and a local TCP socket's
+/// segments are all clones. That copy of the packet head on every packet cost more than all
+/// of the program's own work (docs/benchmarks.md); the helper makes only the packets it
+/// writes writable, and only as far as it writes.
 #[inline(always)]
-fn write<T>(ctx: &TcContext, off: usize, value: T) -> Result<(), ()> {
-    let p = ptr_at::<T>(ctx, off).ok_or(())? as *mut T;
-    // SAFETY: as above; the prologue made the linear part writable.
-    unsafe { core::ptr::write_unaligned(p, value) };
-    Ok(())
+fn write<T>(ctx: &TcContext, off: usize, value: &T) -> Result<(), ()> {
+    ctx.store(off, value, 0).map_err(|_| ())
 }
 
 /// Ethernet, IPv4 without options, TCP without options: what nearly every packet's linear
@@ -284,12 +285,21 @@ impl Packet {
         if addr_changed {
             // The header's sum stays what it was (the checksum field balances the address), so
             // no skb checksum state depends on it: fixed here rather than by a helper call.
-            let ip_csum = read::<u16>(ctx, IP_CSUM_OFF).ok_or(())?;
-            write(ctx, addr_off, new_addr)?;
-            write(ctx, IP_CSUM_OFF, csum_replace4(ip_csum, old_addr, new_addr))?;
+            // Checksum, source and destination are adjacent: one store writes all three.
+            let mut ip = read::<[u8; IP_CSUM_TO_DST_END]>(ctx, IP_CSUM_OFF).ok_or(())?;
+            let ip_csum = u16::from_ne_bytes([ip[0], ip[1]]);
+            let csum = csum_replace4(ip_csum, old_addr, new_addr).to_ne_bytes();
+            ip[0] = csum[0];
+            ip[1] = csum[1];
+            let at = addr_off - IP_CSUM_OFF;
+            if at + 4 > ip.len() {
+                return Err(());
+            }
+            ip[at..at + 4].copy_from_slice(&new_addr.to_ne_bytes());
+            write(ctx, IP_CSUM_OFF, &ip)?;
         }
         if port_changed {
-            write(ctx, port_off, new_port)?;
+            write(ctx, port_off, &new_port)?;
         }
         let flags = self.l4_csum_flags();
         if addr_changed {
