@@ -63,9 +63,10 @@ struct Cli {
     /// Connections in flight during the connection-rate measurement.
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
-    /// Load generator threads.
-    #[arg(long, default_value_t = 1)]
-    threads: usize,
+    /// Load generator threads for the connection rate (default: one per CPU, so that no CPU
+    /// idles and every cost a datapath adds shows in the rate).
+    #[arg(long)]
+    threads: Option<usize>,
     /// Directory of benchmarks.md and the charts.
     #[arg(long, default_value = "docs")]
     docs: PathBuf,
@@ -748,6 +749,10 @@ fn main() -> anyhow::Result<()> {
         print!("{text}");
         return Ok(());
     }
+    // Every CPU busy: a generator that leaves one idle hides what a datapath costs there.
+    let cps_threads = cli.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
     let plan = Plan {
         counts,
         rounds: if quick { 1 } else { cli.rounds.max(1) },
@@ -756,7 +761,7 @@ fn main() -> anyhow::Result<()> {
             duration: Duration::from_secs_f64(if quick { 0.5 } else { cli.seconds }),
             warmup: Duration::from_millis(if quick { 100 } else { 200 }),
             concurrency: cli.concurrency,
-            threads: cli.threads,
+            threads: cps_threads,
             timeout: Duration::from_secs(3),
         },
         latency: load::LoadConfig {
@@ -859,11 +864,15 @@ fn section(report: &Report, plan: &Plan, elapsed: Duration, cli: &Cli) -> String
         plan.load_limit.as_secs_f64()
     ));
     t.push_str(&format!(
-        "### New connections per second through a ClusterIP\n\n{} connections in flight from one \
-         load-generator thread in the client namespace, each: connect, `hello`, one-line reply, \
-         close; {:.1} s counted per round; Services picked at random (no load balancer: one of the \
-         Service's endpoints at random).\n\n![connections per second](compare-cps.svg)\n\n{}\n",
+        "### New connections per second through a ClusterIP\n\n{} connections in flight from {} \
+         load-generator thread(s) in the client namespace (one per CPU: with one thread on this \
+         2-core VM the generator's CPU was the bottleneck while the other idled a quarter of the \
+         time, so what a datapath costs on that CPU did not show), each: connect, `hello`, \
+         one-line reply, close; {:.1} s counted per round; Services picked at random (no load \
+         balancer: one of the Service's endpoints at random).\n\n![connections per \
+         second](compare-cps.svg)\n\n{}\n",
         plan.cps.concurrency,
+        plan.cps.threads,
         plan.cps.duration.as_secs_f64(),
         report.cps_table()
     ));
