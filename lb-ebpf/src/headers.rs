@@ -48,11 +48,12 @@ fn read<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
 }
 
 /// Writes with bpf_skb_store_bytes, never through a packet pointer: one direct write anywhere
-/// in the program makes the verifier prepend a prologue that un-clones every cloned skb the
-/// program sees (`bpf_skb_pull_data(skb, 0)`), translated or not, and a local TCP socket's
-/// segments are all clones. That copy of the packet head on every packet cost more than all
-/// of the program's own work (docs/benchmarks.md); the helper makes only the packets it
-/// writes writable, and only as far as it writes.
+/// in the program makes the verifier prepend a prologue that, for every cloned skb the program
+/// sees, translated or not, calls `bpf_skb_pull_data(skb, 0)`: the whole linear part made
+/// writable, its head copied when the clone does not own all of it. With both CPUs busy that
+/// cost 6 points of connections per second, more than all of the program's own work
+/// (docs/benchmarks.md); the helper makes writable only the packets it writes, only as far
+/// as it writes.
 #[inline(always)]
 fn write<T>(ctx: &TcContext, off: usize, value: &T) -> Result<(), ()> {
     ctx.store(off, value, 0).map_err(|_| ())
@@ -258,10 +259,11 @@ impl Packet {
         self.set_dst(ctx, addr, port)
     }
 
-    /// Replaces an address and a port (host order) in place, fixes the IPv4 checksum in place
-    /// too, then the L4 checksum (pseudo header for the address) with the csum helpers, which
-    /// also keep the skb's checksum state right (CHECKSUM_PARTIAL / COMPLETE). All reads and
-    /// writes come before the helpers, which invalidate packet pointers.
+    /// Replaces an address and a port (host order): the IPv4 checksum is computed here and
+    /// stored with the addresses, the L4 checksum (pseudo header for the address) is fixed by
+    /// the csum helpers, which also keep the skb's checksum state right (CHECKSUM_PARTIAL /
+    /// COMPLETE). All packet-pointer reads come before the first helper call (the store and
+    /// csum helpers invalidate packet pointers).
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn rewrite(
@@ -292,10 +294,9 @@ impl Packet {
             ip[0] = csum[0];
             ip[1] = csum[1];
             let at = addr_off - IP_CSUM_OFF;
-            if at + 4 > ip.len() {
-                return Err(());
-            }
-            ip[at..at + 4].copy_from_slice(&new_addr.to_ne_bytes());
+            ip.get_mut(at..at + 4)
+                .ok_or(())?
+                .copy_from_slice(&new_addr.to_ne_bytes());
             write(ctx, IP_CSUM_OFF, &ip)?;
         }
         if port_changed {
