@@ -136,6 +136,7 @@ fn clusterip_spreads_new_connections_over_all_backends_and_keeps_long_lived_ones
         assert_eq!(entry["formatted"]["value"]["service_id"], id, "{entry}");
         assert_ne!(entry["formatted"]["value"]["backend_id"], 0, "{entry}");
     }
+    assert_no_unclone_prologue(&pin_dir, "lb-c0");
 
     let vip: SocketAddr = VIP.parse().unwrap();
     let traffic = lab
@@ -221,6 +222,37 @@ fn clusterip_spreads_new_connections_over_all_backends_and_keeps_long_lived_ones
     assert!(
         log.contains("the datapath stays in place"),
         "a clean exit that leaves the pinned datapath:\n{log}"
+    );
+}
+
+/// The program attached to `interface` (through its pinned link) does not start with the
+/// prologue the verifier prepends to a tc program that writes through a packet pointer: a
+/// `bpf_skb_pull_data` call for every cloned skb, which copied the head of every local TCP
+/// segment and cost 6 points of connections per second (docs/datapath.md step 11). Nothing
+/// functional shows it, so it is checked here, in the program as the kernel runs it.
+fn assert_no_unclone_prologue(pin_dir: &std::path::Path, interface: &str) {
+    let link = run(Command::new("bpftool")
+        .args(["-j", "link", "show", "pinned"])
+        .arg(lb_agent::loader::link_pin(pin_dir, interface)))
+    .expect("bpftool link show");
+    let link: serde_json::Value = serde_json::from_str(&link).expect("bpftool JSON");
+    let id = link["prog_id"].as_u64().expect("prog_id").to_string();
+    let dump = run(Command::new("bpftool").args(["-j", "prog", "dump", "xlated", "id", &id]))
+        .expect("bpftool prog dump xlated");
+    let dump: serde_json::Value = serde_json::from_str(&dump).expect("bpftool JSON");
+    let insns: Vec<&str> = dump
+        .as_array()
+        .expect("a list of instructions")
+        .iter()
+        .filter_map(|i| i["disasm"].as_str())
+        .collect();
+    assert!(insns.len() > 100, "the whole program: {insns:?}");
+    // The prologue is a test of skb->cloned and the call, ahead of the program's first
+    // instruction; the program's own pulls come after its header reads.
+    let head = &insns[..8];
+    assert!(
+        !head.iter().any(|i| i.contains("bpf_skb_pull_data")),
+        "lb_ingress starts with the un-clone prologue (a direct packet write crept in): {head:?}"
     );
 }
 
