@@ -37,6 +37,20 @@ pub fn run(command: &mut Command) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
+/// `bpftool -j` with `args`, its JSON parsed; `Null` when it prints nothing (`cgroup show` of
+/// a cgroup without programs).
+pub fn bpftool_json<I, S>(args: I) -> anyhow::Result<serde_json::Value>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let out = run(Command::new("bpftool").arg("-j").args(args))?;
+    if out.trim().is_empty() {
+        return Ok(serde_json::Value::Null);
+    }
+    serde_json::from_str(&out).with_context(|| format!("bpftool's JSON: {out}"))
+}
+
 /// `ip` with arguments split on whitespace.
 pub fn ip(args: &str) -> anyhow::Result<String> {
     run(Command::new("ip").args(args.split_whitespace()))

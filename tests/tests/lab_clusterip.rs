@@ -4,7 +4,6 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
-    process::Command,
     time::Duration,
 };
 
@@ -13,7 +12,7 @@ use lb_tests::{
     agent::{cli, Agent},
     echo::{start_backends, tcp_request, udp_request, Reply, TcpSession},
     examples,
-    lab::{run, NodeLab, CLIENT_ADDR, TEST_PREFIX},
+    lab::{bpftool_json, NodeLab, CLIENT_ADDR, TEST_PREFIX},
 };
 
 const VIP: &str = "10.96.0.10:80";
@@ -104,11 +103,14 @@ fn clusterip_spreads_new_connections_over_all_backends_and_keeps_long_lived_ones
     );
 
     // bpftool reads the pinned frontend map with field names (BTF).
-    let dump = run(Command::new("bpftool")
-        .args(["-j", "map", "dump", "pinned"])
-        .arg(pin_dir.join("LB_FRONTENDS")))
+    let frontends = pin_dir.join("LB_FRONTENDS");
+    let dump = bpftool_json([
+        "map".as_ref(),
+        "dump".as_ref(),
+        "pinned".as_ref(),
+        frontends.as_os_str(),
+    ])
     .expect("bpftool map dump");
-    let dump: serde_json::Value = serde_json::from_str(&dump).expect("bpftool JSON");
     let entry = dump
         .as_array()
         .unwrap()
@@ -231,15 +233,16 @@ fn clusterip_spreads_new_connections_over_all_backends_and_keeps_long_lived_ones
 /// segment and cost 6 points of connections per second (docs/datapath.md step 11). Nothing
 /// functional shows it, so it is checked here, in the program as the kernel runs it.
 fn assert_no_unclone_prologue(pin_dir: &std::path::Path, interface: &str) {
-    let link = run(Command::new("bpftool")
-        .args(["-j", "link", "show", "pinned"])
-        .arg(lb_agent::loader::link_pin(pin_dir, interface)))
+    let pin = lb_agent::loader::link_pin(pin_dir, interface);
+    let link = bpftool_json([
+        "link".as_ref(),
+        "show".as_ref(),
+        "pinned".as_ref(),
+        pin.as_os_str(),
+    ])
     .expect("bpftool link show");
-    let link: serde_json::Value = serde_json::from_str(&link).expect("bpftool JSON");
     let id = link["prog_id"].as_u64().expect("prog_id").to_string();
-    let dump = run(Command::new("bpftool").args(["-j", "prog", "dump", "xlated", "id", &id]))
-        .expect("bpftool prog dump xlated");
-    let dump: serde_json::Value = serde_json::from_str(&dump).expect("bpftool JSON");
+    let dump = bpftool_json(["prog", "dump", "xlated", "id", &id]).expect("bpftool prog dump");
     let insns: Vec<&str> = dump
         .as_array()
         .expect("a list of instructions")
@@ -259,12 +262,9 @@ fn assert_no_unclone_prologue(pin_dir: &std::path::Path, interface: &str) {
 /// `bpftool map lookup` of index `index` in the pinned array `map` (an array is looked up by
 /// its key's bytes), as bpftool's JSON.
 fn bpftool_lookup(pin_dir: &std::path::Path, map: &str, index: u32) -> serde_json::Value {
-    let key: Vec<String> = index.to_ne_bytes().iter().map(u8::to_string).collect();
-    let out = run(Command::new("bpftool")
-        .args(["-j", "map", "lookup", "pinned"])
-        .arg(pin_dir.join(map))
-        .arg("key")
-        .args(&key))
-    .expect("bpftool map lookup");
-    serde_json::from_str(&out).expect("bpftool JSON")
+    let mut args: Vec<std::ffi::OsString> = ["map", "lookup", "pinned"].map(Into::into).into();
+    args.push(pin_dir.join(map).into());
+    args.push("key".into());
+    args.extend(index.to_ne_bytes().iter().map(|b| b.to_string().into()));
+    bpftool_json(args).expect("bpftool map lookup")
 }

@@ -8,7 +8,6 @@ use std::{
     collections::BTreeSet,
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::Command,
     sync::Arc,
     time::Duration,
 };
@@ -20,7 +19,7 @@ use lb_tests::{
     counter,
     echo::{start_backends, udp_request, EchoServer, TcpSession},
     examples_with,
-    lab::{run, NodeLab, CLIENT_ADDR, TEST_PREFIX},
+    lab::{bpftool_json, NodeLab, CLIENT_ADDR, TEST_PREFIX},
 };
 
 const VIP: &str = "10.96.0.10:80";
@@ -60,15 +59,12 @@ spec:
 
 /// The attach types of the programs on `cgroup`, as bpftool lists them, sorted.
 fn attached(cgroup: &Path) -> Vec<String> {
-    let out = run(Command::new("bpftool")
-        .args(["-j", "cgroup", "show"])
-        .arg(cgroup))
-    .expect("bpftool cgroup show");
+    let list = bpftool_json(["cgroup".as_ref(), "show".as_ref(), cgroup.as_os_str()])
+        .expect("bpftool cgroup show");
     // Nothing at all when nothing is attached.
-    if out.trim().is_empty() {
+    if list.is_null() {
         return Vec::new();
     }
-    let list: serde_json::Value = serde_json::from_str(&out).expect("bpftool JSON");
     let mut types: Vec<String> = list
         .as_array()
         .expect("a list")
@@ -324,22 +320,28 @@ fn connections_from_the_cgroup_go_straight_to_backends_and_others_through_tc() {
 /// Entries of the pinned `LB_SOCK_REVNAT` (the notes `getpeername` reads), through bpftool.
 fn socket_notes(pin_dir: &Path) -> usize {
     let path = pin_dir.join(lb_common::map_names::SOCK_REVNAT);
-    let out = run(Command::new("bpftool")
-        .args(["-j", "map", "dump", "pinned"])
-        .arg(&path))
-    .expect("bpftool map dump");
-    let entries: serde_json::Value = serde_json::from_str(&out).expect("bpftool JSON");
-    entries.as_array().expect("a list").len()
+    bpftool_json([
+        "map".as_ref(),
+        "dump".as_ref(),
+        "pinned".as_ref(),
+        path.as_os_str(),
+    ])
+    .expect("bpftool map dump")
+    .as_array()
+    .expect("a list")
+    .len()
 }
 
 /// `max_entries` of the pinned `LB_SOCK_REVNAT`, through bpftool.
 fn socket_notes_capacity(pin_dir: &Path) -> u64 {
     let path = pin_dir.join(lb_common::map_names::SOCK_REVNAT);
-    let out = run(Command::new("bpftool")
-        .args(["-j", "map", "show", "pinned"])
-        .arg(&path))
+    let map = bpftool_json([
+        "map".as_ref(),
+        "show".as_ref(),
+        "pinned".as_ref(),
+        path.as_os_str(),
+    ])
     .expect("bpftool map show");
-    let map: serde_json::Value = serde_json::from_str(&out).expect("bpftool JSON");
     map["max_entries"].as_u64().expect("max_entries")
 }
 
