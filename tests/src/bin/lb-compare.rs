@@ -102,8 +102,12 @@ const END: &str = "<!-- compare-bench:end -->";
 #[derive(Default, Clone, Debug)]
 struct Samples {
     cps: Vec<f64>,
+    /// Latency with the client and the echo servers on different CPUs ([`Placement`]).
     p50_us: Vec<f64>,
     p99_us: Vec<f64>,
+    /// ... and on one CPU.
+    p50_one_cpu_us: Vec<f64>,
+    p99_one_cpu_us: Vec<f64>,
     gbps: Vec<f64>,
     program_ms: Vec<f64>,
     program_wall_ms: Vec<f64>,
@@ -145,6 +149,8 @@ struct Plan {
     program_rounds: usize,
     cps: load::LoadConfig,
     latency: load::LoadConfig,
+    /// The CPUs this process may run on, lowest first (latency placements use the first two).
+    cpus: Vec<usize>,
     bulk: Duration,
     modes: Vec<Mode>,
     load_limit: Duration,
@@ -212,20 +218,32 @@ fn measure_count(plan: &Plan, services: usize, results: &mut Results) -> anyhow:
                 r.failed
             );
         }
-        let latency = interleaved(&order, &plan.latency, plan.slices)?;
-        for (b, r) in order.iter().zip(&latency) {
-            let s = entry.entry(b.mode).or_default();
-            s.p50_us.push(r.latency.quantile(0.5));
-            s.p99_us.push(r.latency.quantile(0.99));
-            s.failed += r.failed;
-            s.connections += r.ok + r.failed;
-            s.errors.extend(r.first_errors.iter().take(2).cloned());
-            eprintln!(
-                "  {:<18} latency p50 {:>6.1} us, p99 {:>6.1} us",
-                b.mode.label(),
-                r.latency.quantile(0.5),
-                r.latency.quantile(0.99)
-            );
+        for placement in [Placement::AcrossCpus, Placement::OneCpu] {
+            let Some(cpus) = placement.cpus(&plan.cpus) else {
+                continue;
+            };
+            let latency = pinned(&beds, cpus, &plan.latency, |config| {
+                interleaved(&order, config, plan.slices)
+            })?;
+            for (b, r) in order.iter().zip(&latency) {
+                let s = entry.entry(b.mode).or_default();
+                let (p50, p99) = match placement {
+                    Placement::AcrossCpus => (&mut s.p50_us, &mut s.p99_us),
+                    Placement::OneCpu => (&mut s.p50_one_cpu_us, &mut s.p99_one_cpu_us),
+                };
+                p50.push(r.latency.quantile(0.5));
+                p99.push(r.latency.quantile(0.99));
+                s.failed += r.failed;
+                s.connections += r.ok + r.failed;
+                s.errors.extend(r.first_errors.iter().take(2).cloned());
+                eprintln!(
+                    "  {:<18} latency p50 {:>6.1} us, p99 {:>6.1} us ({})",
+                    b.mode.label(),
+                    r.latency.quantile(0.5),
+                    r.latency.quantile(0.99),
+                    placement.label()
+                );
+            }
         }
         for b in order.iter().copied() {
             let bps = load::bulk(&b.client(), b.bulk_target(), plan.bulk)
@@ -297,6 +315,60 @@ fn gcd(a: usize, b: usize) -> usize {
 /// One load measurement of every mode, cut into `slices` short slices visited in turn (A B C
 /// A B C ...), each mode's slices merged into one report: the shared VM's drift over the
 /// seconds a round takes lands on every mode alike instead of on whichever ran at the time.
+/// Where the latency measurement keeps its client and the echo servers. One connection at a
+/// time, unpinned, the scheduler puts them on one CPU or on two from run to run, and a wakeup
+/// across CPUs costs about 30 µs on this VM (an IPI, a VM exit): p50 then told which placement
+/// a mode happened to get (40 or 70 µs, for no load balancer as for ours), not what the
+/// datapath costs. Pinned, both placements are measured, each the same for every mode.
+#[derive(Clone, Copy)]
+enum Placement {
+    /// Client on CPU 0, servers on CPU 1: two pods on two CPUs.
+    AcrossCpus,
+    /// Everything on CPU 0: every cost on the path adds up, nothing overlaps.
+    OneCpu,
+}
+
+impl Placement {
+    /// (client CPU, server CPU) among the CPUs this process may use; `None` when it has too
+    /// few for this placement.
+    fn cpus(self, allowed: &[usize]) -> Option<(usize, usize)> {
+        let client = *allowed.first()?;
+        match self {
+            Placement::AcrossCpus => allowed.get(1).map(|&server| (client, server)),
+            Placement::OneCpu => Some((client, client)),
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Placement::AcrossCpus => "two CPUs",
+            Placement::OneCpu => "one CPU",
+        }
+    }
+}
+
+/// Runs `measure` with every bed's echo servers and the generator placed as `placement` says,
+/// and puts the servers back whatever happened.
+fn pinned<T>(
+    beds: &[Bed],
+    (client, server): (usize, usize),
+    config: &load::LoadConfig,
+    measure: impl FnOnce(&load::LoadConfig) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let config = load::LoadConfig {
+        client_cpu: Some(client),
+        ..config.clone()
+    };
+    let result = beds
+        .iter()
+        .try_for_each(|b| b.pin_servers(Some(server)))
+        .and_then(|()| measure(&config));
+    let unpinned = beds.iter().try_for_each(|b| b.pin_servers(None));
+    let value = result?;
+    unpinned?;
+    Ok(value)
+}
+
 fn interleaved(
     order: &[&Bed],
     config: &load::LoadConfig,
@@ -448,7 +520,12 @@ impl Report<'_> {
         out
     }
 
-    fn latency_table(&self) -> String {
+    /// Latency with the placement `p50` and `p99` pick the samples of.
+    fn latency_table(
+        &self,
+        p50: impl Fn(&Samples) -> &Vec<f64> + Copy,
+        p99: impl Fn(&Samples) -> &Vec<f64> + Copy,
+    ) -> String {
         let ours = self.ours();
         let extra: Vec<String> = self
             .others()
@@ -459,8 +536,8 @@ impl Report<'_> {
         for &n in self.results.keys() {
             out.push_str(&format!("| {n} |"));
             for &m in self.modes {
-                let p50 = self.med(n, m, |s| &s.p50_us);
-                let p99 = self.med(n, m, |s| &s.p99_us);
+                let p50 = self.med(n, m, p50);
+                let p99 = self.med(n, m, p99);
                 out.push_str(&format!(
                     " {} / {} |",
                     fmt_opt(p50, |v| format!("{v:.0}")),
@@ -468,7 +545,7 @@ impl Report<'_> {
                 ));
             }
             for m in self.others() {
-                out.push_str(&format!(" {} |", x(self.ratio(n, m, ours, |s| &s.p99_us))));
+                out.push_str(&format!(" {} |", x(self.ratio(n, m, ours, p99))));
             }
             out.push('\n');
         }
@@ -603,14 +680,18 @@ impl Report<'_> {
             for m in [Mode::IptablesLegacy, Mode::IptablesNft] {
                 let c = self.ratio(small, ours, m, |s| &s.cps);
                 let p = self.ratio(small, m, ours, |s| &s.p99_us);
+                let p_one = self.ratio(small, m, ours, |s| &s.p99_one_cpu_us);
                 line(
-                    c.zip(p).map(|(c, p)| c >= 1.0 && p >= 1.0),
+                    c.zip(p)
+                        .zip(p_one)
+                        .map(|((c, p), p_one)| c >= 1.0 && p >= 1.0 && p_one >= 1.0),
                     format!(
                         "At {small} Services at least as fast as {} on connections/s ({}) and p99 \
-                         (theirs / ours {})",
+                         (theirs / ours {} on two CPUs, {} on one)",
                         m.label(),
                         x3(c),
-                        x3(p)
+                        x3(p),
+                        x3(p_one)
                     ),
                 );
             }
@@ -763,6 +844,7 @@ fn main() -> anyhow::Result<()> {
             concurrency: cli.concurrency,
             threads: cps_threads,
             timeout: Duration::from_secs(3),
+            client_cpu: None,
         },
         latency: load::LoadConfig {
             duration: Duration::from_secs_f64(if quick { 0.3 } else { 2.0 }),
@@ -770,9 +852,12 @@ fn main() -> anyhow::Result<()> {
             concurrency: 1,
             threads: 1,
             timeout: Duration::from_secs(3),
+            // Set per placement.
+            client_cpu: None,
         },
         bulk: Duration::from_secs_f64(if quick { 0.3 } else { 1.5 }),
         modes,
+        cpus: load::allowed_cpus()?,
         load_limit: Duration::from_secs_f64(cli.load_limit),
         agent_args: cli.agent_args.clone(),
         slices: if quick { 1 } else { cli.slices.max(1) },
@@ -878,9 +963,17 @@ fn section(report: &Report, plan: &Plan, elapsed: Duration, cli: &Cli) -> String
     ));
     t.push_str(&format!(
         "### Request latency, one connection at a time (p50 / p99, microseconds)\n\nConnect to \
-         reply, {:.1} s per round.\n\n![p99 latency](compare-latency.svg)\n\n{}\n",
+         reply, {:.1} s per round in each of two placements, the same for every mode. One \
+         connection at a time, the scheduler would otherwise put the client and the echo server \
+         on one CPU for some runs and on two for others, and on this VM a wakeup across CPUs \
+         costs about 30 µs (an IPI, a VM exit): unpinned, p50 told which placement a mode \
+         happened to get (about 40 or 70 µs, with or without a load balancer), not what the \
+         datapath costs.\n\n**Client and echo servers on two CPUs** (as two pods are; the \
+         chart):\n\n![p99 latency](compare-latency.svg)\n\n{}\n**All on one CPU** \
+         (every cost on the path adds up, nothing overlaps):\n\n{}\n",
         plan.latency.duration.as_secs_f64(),
-        report.latency_table()
+        report.latency_table(|s| &s.p50_us, |s| &s.p99_us),
+        report.latency_table(|s| &s.p50_one_cpu_us, |s| &s.p99_one_cpu_us)
     ));
     t.push_str(&format!(
         "### Bulk throughput of one TCP stream (Gbit/s)\n\n{:.1} s of data to Service 0's \
@@ -938,7 +1031,7 @@ fn write_docs(dir: &Path, report: &Report, text: &str) -> anyhow::Result<()> {
         (
             "compare-latency.svg",
             report.chart(
-                "Request latency p99 (one connection at a time)",
+                "Request latency p99 (one connection at a time, client and servers on two CPUs)",
                 "microseconds",
                 false,
                 report.modes,

@@ -195,7 +195,7 @@ pub struct Bed {
     pub services: Vec<Service>,
     pool: Vec<Ipv4Addr>,
     config: ProxyConfig,
-    _servers: Vec<Server>,
+    servers: Vec<Server>,
     api: Option<FakeApi>,
     agent: Option<Agent>,
     tmp: tempfile::TempDir,
@@ -410,7 +410,7 @@ impl Bed {
             services,
             pool,
             config: ProxyConfig::default(),
-            _servers: servers,
+            servers,
             api,
             agent: None,
             tmp,
@@ -423,6 +423,11 @@ impl Bed {
     }
 
     /// Where this bed's load comes from.
+    /// Keeps the echo servers on CPU `cpu` (`None`: back where they started).
+    pub fn pin_servers(&self, cpu: Option<usize>) -> anyhow::Result<()> {
+        self.servers.iter().try_for_each(|s| s.pin(cpu))
+    }
+
     pub fn client(&self) -> load::Client {
         load::Client {
             ns: self.lab.client.clone(),
@@ -729,6 +734,7 @@ impl Bed {
                 concurrency: 4,
                 threads: 1,
                 timeout: Duration::from_secs(2),
+                client_cpu: None,
             },
         )?;
         if report.failed > 0 || report.ok == 0 {

@@ -69,27 +69,56 @@ fn pin_to(cpu: usize) {
     }
 }
 
+/// Sets the CPUs thread `tid` (0: the calling thread) may run on.
+fn set_cpus(tid: nix::unistd::Pid, cpus: &nix::sched::CpuSet) -> anyhow::Result<()> {
+    nix::sched::sched_setaffinity(tid, cpus).with_context(|| format!("CPU affinity of {tid}"))
+}
+
+/// The set holding CPU `cpu` alone.
+fn only(cpu: usize) -> anyhow::Result<nix::sched::CpuSet> {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu).with_context(|| format!("CPU {cpu}"))?;
+    Ok(set)
+}
+
+/// The CPUs the calling thread may run on, lowest first.
+pub fn allowed_cpus() -> anyhow::Result<Vec<usize>> {
+    let set =
+        nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).context("CPU affinity")?;
+    Ok((0..nix::sched::CpuSet::count())
+        .filter(|&cpu| set.is_set(cpu).unwrap_or(false))
+        .collect())
+}
+
 /// Echo server on `0.0.0.0:port` of one namespace; stopped on drop.
 pub struct Server {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<thread::JoinHandle<()>>,
+    /// The thread serving every connection (a single-threaded runtime), and the CPUs it was
+    /// started with, for [`Server::pin`].
+    tid: nix::unistd::Pid,
+    cpus: nix::sched::CpuSet,
 }
 
 impl Server {
     pub fn start(ns: &Netns, name: &str, port: u16) -> anyhow::Result<Self> {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
+        let (ready_tx, ready_rx) =
+            std::sync::mpsc::channel::<anyhow::Result<(nix::unistd::Pid, nix::sched::CpuSet)>>();
         let ns = ns.clone();
         let reply: Arc<[u8]> = format!("{name}\n").into_bytes().into();
         let thread = thread::spawn(move || {
-            let run = || -> anyhow::Result<tokio::runtime::Runtime> {
+            let run = || -> anyhow::Result<_> {
                 ns.enter_current_thread()?;
                 pin_to(1);
-                Ok(tokio::runtime::Builder::new_current_thread()
+                let me = nix::unistd::gettid();
+                let cpus = nix::sched::sched_getaffinity(me).context("CPU affinity")?;
+                let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
-                    .build()?)
+                    .build()?;
+                Ok((runtime, me, cpus))
             };
-            let runtime = match run() {
+            let (runtime, me, cpus) = match run() {
                 Ok(r) => r,
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
@@ -105,7 +134,7 @@ impl Server {
                         return;
                     }
                 };
-                let _ = ready_tx.send(Ok(()));
+                let _ = ready_tx.send(Ok((me, cpus)));
                 tokio::pin!(stopped);
                 loop {
                     tokio::select! {
@@ -121,13 +150,23 @@ impl Server {
                 }
             });
         });
-        ready_rx
+        let (tid, cpus) = ready_rx
             .recv_timeout(Duration::from_secs(5))
             .context("echo server did not start")??;
         Ok(Self {
             stop: Some(stop),
             thread: Some(thread),
+            tid,
+            cpus,
         })
+    }
+
+    /// Keeps the server on CPU `cpu`, or with `None` back on the CPUs it started with.
+    pub fn pin(&self, cpu: Option<usize>) -> anyhow::Result<()> {
+        match cpu {
+            Some(cpu) => set_cpus(self.tid, &only(cpu)?),
+            None => set_cpus(self.tid, &self.cpus),
+        }
     }
 }
 
@@ -274,6 +313,8 @@ pub struct LoadConfig {
     pub concurrency: usize,
     pub threads: usize,
     pub timeout: Duration,
+    /// The CPU every generator thread is kept on (`None`: wherever the scheduler puts it).
+    pub client_cpu: Option<usize>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -361,6 +402,9 @@ pub fn run(client: &Client, targets: &Targets, config: &LoadConfig) -> anyhow::R
             let start_line = start_line.clone();
             client.spawn(move || {
                 pin_to(0);
+                if let Some(cpu) = config.client_cpu {
+                    set_cpus(nix::unistd::Pid::from_raw(0), &only(cpu)?)?;
+                }
                 let _ = ready.send(());
                 // Gone, so that a thread that failed before this point does not keep the
                 // others' wait open.
