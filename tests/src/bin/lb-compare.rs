@@ -121,6 +121,15 @@ struct Samples {
     size: String,
 }
 
+impl Samples {
+    /// Counts a measurement's connections and keeps a few of its errors.
+    fn tally(&mut self, r: &load::LoadReport) {
+        self.failed += r.failed;
+        self.connections += r.ok + r.failed;
+        self.errors.extend(r.first_errors.iter().take(2).cloned());
+    }
+}
+
 type Results = BTreeMap<usize, BTreeMap<Mode, Samples>>;
 
 fn median(values: &[f64]) -> Option<f64> {
@@ -208,9 +217,7 @@ fn measure_count(plan: &Plan, services: usize, results: &mut Results) -> anyhow:
         for (b, r) in order.iter().zip(&cps) {
             let s = entry.entry(b.mode).or_default();
             s.cps.push(r.per_second());
-            s.failed += r.failed;
-            s.connections += r.ok + r.failed;
-            s.errors.extend(r.first_errors.iter().take(2).cloned());
+            s.tally(r);
             eprintln!(
                 "  {:<18} {:>9.0} connections/s ({} failed)",
                 b.mode.label(),
@@ -233,9 +240,7 @@ fn measure_count(plan: &Plan, services: usize, results: &mut Results) -> anyhow:
                 };
                 p50.push(r.latency.quantile(0.5));
                 p99.push(r.latency.quantile(0.99));
-                s.failed += r.failed;
-                s.connections += r.ok + r.failed;
-                s.errors.extend(r.first_errors.iter().take(2).cloned());
+                s.tally(r);
                 eprintln!(
                     "  {:<18} latency p50 {:>6.1} us, p99 {:>6.1} us ({})",
                     b.mode.label(),
