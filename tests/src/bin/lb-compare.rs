@@ -317,9 +317,6 @@ fn gcd(a: usize, b: usize) -> usize {
     }
 }
 
-/// One load measurement of every mode, cut into `slices` short slices visited in turn (A B C
-/// A B C ...), each mode's slices merged into one report: the shared VM's drift over the
-/// seconds a round takes lands on every mode alike instead of on whichever ran at the time.
 /// Where the latency measurement keeps its client and the echo servers. One connection at a
 /// time, unpinned, the scheduler puts them on one CPU or on two from run to run, and a wakeup
 /// across CPUs costs about 30 µs on this VM (an IPI, a VM exit): p50 then told which placement
@@ -352,8 +349,8 @@ impl Placement {
     }
 }
 
-/// Runs `measure` with every bed's echo servers and the generator placed as `placement` says,
-/// and puts the servers back whatever happened.
+/// Runs `measure` with the generator on CPU `client` and every bed's echo servers on CPU
+/// `server`, and puts the servers back whatever happened.
 fn pinned<T>(
     beds: &[Bed],
     (client, server): (usize, usize),
@@ -374,6 +371,9 @@ fn pinned<T>(
     Ok(value)
 }
 
+/// One load measurement of every mode, cut into `slices` short slices visited in turn (A B C
+/// A B C ...), each mode's slices merged into one report: the shared VM's drift over the
+/// seconds a round takes lands on every mode alike instead of on whichever ran at the time.
 fn interleaved(
     order: &[&Bed],
     config: &load::LoadConfig,
@@ -973,8 +973,8 @@ fn section(report: &Report, plan: &Plan, elapsed: Duration, cli: &Cli) -> String
          on one CPU for some runs and on two for others, and on this VM a wakeup across CPUs \
          costs about 30 µs (an IPI, a VM exit): unpinned, p50 told which placement a mode \
          happened to get (about 40 or 70 µs, with or without a load balancer), not what the \
-         datapath costs.\n\n**Client and echo servers on two CPUs** (as two pods are; the \
-         chart):\n\n![p99 latency](compare-latency.svg)\n\n{}\n**All on one CPU** \
+         datapath costs.\n\n**Client and echo servers on two CPUs** (as two pods are; \
+         plotted):\n\n![p99 latency](compare-latency.svg)\n\n{}\n**All on one CPU** \
          (every cost on the path adds up, nothing overlaps):\n\n{}\n",
         plan.latency.duration.as_secs_f64(),
         report.latency_table(|s| &s.p50_us, |s| &s.p99_us),

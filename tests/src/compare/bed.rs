@@ -422,12 +422,12 @@ impl Bed {
         })
     }
 
-    /// Where this bed's load comes from.
     /// Keeps the echo servers on CPU `cpu` (`None`: back where they started).
     pub fn pin_servers(&self, cpu: Option<usize>) -> anyhow::Result<()> {
         self.servers.iter().try_for_each(|s| s.pin(cpu))
     }
 
+    /// Where this bed's load comes from.
     pub fn client(&self) -> load::Client {
         load::Client {
             ns: self.lab.client.clone(),

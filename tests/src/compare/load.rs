@@ -62,10 +62,7 @@ pub fn pin_cpus(enabled: bool) {
 /// with one CPU runs unpinned).
 fn pin_to(cpu: usize) {
     if PIN_CPUS.load(std::sync::atomic::Ordering::Relaxed) {
-        let mut set = nix::sched::CpuSet::new();
-        if set.set(cpu).is_ok() {
-            let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
-        }
+        let _ = only(cpu).and_then(|set| set_cpus(nix::unistd::Pid::from_raw(0), &set));
     }
 }
 
