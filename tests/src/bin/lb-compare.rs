@@ -238,14 +238,13 @@ fn measure_count(plan: &Plan, services: usize, results: &mut Results) -> anyhow:
                     Placement::AcrossCpus => (&mut s.p50_us, &mut s.p99_us),
                     Placement::OneCpu => (&mut s.p50_one_cpu_us, &mut s.p99_one_cpu_us),
                 };
-                p50.push(r.latency.quantile(0.5));
-                p99.push(r.latency.quantile(0.99));
+                let (median, tail) = (r.latency.quantile(0.5), r.latency.quantile(0.99));
+                p50.push(median);
+                p99.push(tail);
                 s.tally(r);
                 eprintln!(
-                    "  {:<18} latency p50 {:>6.1} us, p99 {:>6.1} us ({})",
+                    "  {:<18} latency p50 {median:>6.1} us, p99 {tail:>6.1} us ({})",
                     b.mode.label(),
-                    r.latency.quantile(0.5),
-                    r.latency.quantile(0.99),
                     placement.label()
                 );
             }
