@@ -50,6 +50,11 @@ struct Cli {
     /// Rounds of traffic measurements per Service count.
     #[arg(long, default_value_t = 8)]
     rounds: usize,
+    /// Fresh labs per Service count, the traffic rounds split among them: each lab places
+    /// its echo servers and generator threads on the CPUs its own way, which moves a whole
+    /// lab's connection rate by a few percent, so one lab per mode would be one sample of it.
+    #[arg(long, default_value_t = 2)]
+    labs: usize,
     /// Rounds of programming from empty per Service count.
     #[arg(long, default_value_t = 3)]
     program_rounds: usize,
@@ -155,6 +160,8 @@ fn ratio(a: &[f64], b: &[f64]) -> Option<f64> {
 struct Plan {
     counts: Vec<usize>,
     rounds: usize,
+    /// Fresh sets of beds per count (1 to `rounds`); lab `l` runs `lab_rounds(l)`.
+    labs: usize,
     program_rounds: usize,
     cps: load::LoadConfig,
     latency: load::LoadConfig,
@@ -168,6 +175,13 @@ struct Plan {
     slices: u32,
 }
 
+impl Plan {
+    /// The traffic rounds lab `lab` runs: an even share, in order.
+    fn lab_rounds(&self, lab: usize) -> std::ops::Range<usize> {
+        lab * self.rounds / self.labs..(lab + 1) * self.rounds / self.labs
+    }
+}
+
 /// Extra programming rounds only for datapaths whose first load took less than this (one
 /// sample of a load that long is enough, and the run stays bounded).
 const REPEAT_LOADS_UNDER_MS: f64 = 10_000.0;
@@ -175,11 +189,36 @@ const REPEAT_LOADS_UNDER_MS: f64 = 10_000.0;
 fn measure_count(plan: &Plan, services: usize, results: &mut Results) -> anyhow::Result<()> {
     let pool = bed::pool();
     let list = compare::services(services, &pool);
-    let mut beds = Vec::new();
     let entry = results.entry(services).or_default();
+    for lab in 0..plan.labs {
+        if plan.labs > 1 {
+            eprintln!(
+                "compare: {services} Services, lab {} of {}",
+                lab + 1,
+                plan.labs
+            );
+        }
+        let beds = ready_beds(plan, services, &list, entry)?;
+        traffic_rounds(plan, services, &beds, plan.lab_rounds(lab), entry)?;
+        if lab + 1 == plan.labs {
+            programming_rounds(plan, services, beds, entry)?;
+        }
+    }
+    Ok(())
+}
+
+/// A bed per mode serving `list`: programmed (the time it took recorded in `entry`), one
+/// endpoint changed (recorded too), and checked.
+fn ready_beds(
+    plan: &Plan,
+    services: usize,
+    list: &[compare::Service],
+    entry: &mut BTreeMap<Mode, Samples>,
+) -> anyhow::Result<Vec<Bed>> {
+    let mut beds = Vec::new();
     for &mode in &plan.modes {
         let started = Instant::now();
-        let mut b = Bed::new(mode, list.clone()).with_context(|| format!("{mode}: lab"))?;
+        let mut b = Bed::new(mode, list.to_vec()).with_context(|| format!("{mode}: lab"))?;
         b.load_limit = plan.load_limit;
         b.agent_args = plan.agent_args.clone();
         let timing = b
@@ -207,7 +246,18 @@ fn measure_count(plan: &Plan, services: usize, results: &mut Results) -> anyhow:
         );
         beds.push(b);
     }
-    for round in 0..plan.rounds {
+    Ok(beds)
+}
+
+/// Traffic rounds `rounds` on `beds`: connection rate, latency in each placement, bulk.
+fn traffic_rounds(
+    plan: &Plan,
+    services: usize,
+    beds: &[Bed],
+    rounds: std::ops::Range<usize>,
+    entry: &mut BTreeMap<Mode, Samples>,
+) -> anyhow::Result<()> {
+    for round in rounds {
         eprintln!("compare: {services} Services, traffic round {}", round + 1);
         let order: Vec<&Bed> = round_order(beds.len(), round)
             .into_iter()
@@ -229,7 +279,7 @@ fn measure_count(plan: &Plan, services: usize, results: &mut Results) -> anyhow:
             let Some(cpus) = placement.cpus(&plan.cpus) else {
                 continue;
             };
-            let latency = pinned(&beds, cpus, &plan.latency, |config| {
+            let latency = pinned(beds, cpus, &plan.latency, |config| {
                 interleaved(&order, config, plan.slices)
             })?;
             for (b, r) in order.iter().zip(&latency) {
@@ -256,6 +306,16 @@ fn measure_count(plan: &Plan, services: usize, results: &mut Results) -> anyhow:
             eprintln!("  {:<18} bulk {:>6.2} Gbit/s", b.mode.label(), bps / 1e9);
         }
     }
+    Ok(())
+}
+
+/// The extra programming rounds: each bed cleared and programmed from empty again.
+fn programming_rounds(
+    plan: &Plan,
+    services: usize,
+    mut beds: Vec<Bed>,
+    entry: &mut BTreeMap<Mode, Samples>,
+) -> anyhow::Result<()> {
     for round in 1..plan.program_rounds {
         eprintln!(
             "compare: {services} Services, programming round {}",
@@ -419,6 +479,8 @@ fn x3(v: Option<f64>) -> String {
 struct Report<'a> {
     results: &'a Results,
     modes: &'a [Mode],
+    /// The rounds each lab ran (see [`Plan::lab_rounds`]).
+    labs: Vec<std::ops::Range<usize>>,
 }
 
 impl Report<'_> {
@@ -438,6 +500,48 @@ impl Report<'_> {
         f: impl Fn(&Samples) -> &Vec<f64> + Copy,
     ) -> Option<f64> {
         ratio(f(self.get(n, a)?), f(self.get(n, b)?))
+    }
+
+    /// Per lab, the median of `a`'s per-round ratios to `b` in that lab's rounds.
+    fn ratio_per_lab(
+        &self,
+        n: usize,
+        a: Mode,
+        b: Mode,
+        f: impl Fn(&Samples) -> &Vec<f64> + Copy,
+    ) -> Vec<Option<f64>> {
+        let (Some(a), Some(b)) = (self.get(n, a), self.get(n, b)) else {
+            return Vec::new();
+        };
+        self.labs
+            .iter()
+            .map(|r| ratio(f(a).get(r.clone())?, f(b).get(r.clone())?))
+            .collect()
+    }
+
+    /// One line per Service count: each of ours' connection rate against no load balancer,
+    /// lab by lab (empty with one lab, or without that floor).
+    fn cps_per_lab(&self) -> String {
+        if self.labs.len() < 2 || !self.has(Mode::Direct) {
+            return String::new();
+        }
+        let mut out = String::new();
+        for &n in self.results.keys() {
+            let parts: Vec<String> = self
+                .ours_modes()
+                .into_iter()
+                .map(|m| {
+                    let per_lab: Vec<String> = self
+                        .ratio_per_lab(n, m, Mode::Direct, |s| &s.cps)
+                        .into_iter()
+                        .map(x)
+                        .collect();
+                    format!("{} {}", m.label(), per_lab.join(", "))
+                })
+                .collect();
+            out.push_str(&format!("- {n} Services: {}\n", parts.join("; ")));
+        }
+        out
     }
 
     fn has(&self, mode: Mode) -> bool {
@@ -841,6 +945,11 @@ fn main() -> anyhow::Result<()> {
     let plan = Plan {
         counts,
         rounds: if quick { 1 } else { cli.rounds.max(1) },
+        labs: if quick {
+            1
+        } else {
+            cli.labs.clamp(1, cli.rounds.max(1))
+        },
         program_rounds: if quick { 1 } else { cli.program_rounds.max(1) },
         cps: load::LoadConfig {
             duration: Duration::from_secs_f64(if quick { 0.5 } else { cli.seconds }),
@@ -876,6 +985,7 @@ fn main() -> anyhow::Result<()> {
     let report = Report {
         results: &results,
         modes: &plan.modes,
+        labs: (0..plan.labs).map(|l| plan.lab_rounds(l)).collect(),
     };
     let text = section(&report, &plan, elapsed, &cli);
     println!("{text}");
@@ -899,17 +1009,19 @@ fn section(report: &Report, plan: &Plan, elapsed: Duration, cli: &Cli) -> String
     t.push_str(&format!(
         "Reproduce with `cargo xtask bench` (it runs `lb-compare` after `lb-bench`), or alone: \
          `cargo build --release -p lb-agent && cargo run --release -p lb-tests --bin lb-compare`. \
-         This run: Services {:?} x 10 endpoints, {} traffic round(s) and {} programming \
-         round(s) per count, {:.0} s in all. Figures are medians over the rounds; a ratio is the \
+         This run: Services {:?} x 10 endpoints, {} traffic round(s) in {} lab(s) and {} \
+         programming round(s) per count, {:.0} s in all. Figures are medians over the rounds; a ratio is the \
          median of the per-round ratios of two modes measured back to back.\n\n",
         plan.counts,
         plan.rounds,
+        plan.labs,
         plan.program_rounds,
         elapsed.as_secs_f64()
     ));
     t.push_str(&format!(
         "How it is measured (code: `tests/src/compare/`):\n\n\
-         - **Same lab for every mode**, a fresh one per mode: the single-node lab (client \
+         - **Same lab for every mode**, a fresh one per mode, and a fresh set of them for \
+         each share of the rounds (see *Labs* below): the single-node lab (client \
          namespace, node namespace, three backend namespaces), each backend holding 20 \
          addresses that are all endpoints (60 in all; each Service has 10 of them, endpoints \
          repeat across Services), one echo server per backend. The client has a pod address \
@@ -965,6 +1077,18 @@ fn section(report: &Report, plan: &Plan, elapsed: Duration, cli: &Cli) -> String
         plan.cps.duration.as_secs_f64(),
         report.cps_table()
     ));
+    let per_lab = report.cps_per_lab();
+    if !per_lab.is_empty() {
+        t.push_str(&format!(
+            "**Labs.** Each lab places its three single-threaded echo servers and two generator \
+             threads on the two CPUs its own way, and keeps them there: in separate runs of the \
+             same code a whole lab's ratio moved by up to 0.05 while its rounds agreed within \
+             0.01-0.02. So every count ran in {} fresh sets of labs, the rounds split among \
+             them, and the ratios above are medians over all rounds. Lab by lab, against no load \
+             balancer:\n\n{per_lab}\n",
+            plan.labs
+        ));
+    }
     t.push_str(&format!(
         "### Request latency, one connection at a time (p50 / p99, microseconds)\n\nConnect to \
          reply, {:.1} s per round in each of two placements, the same for every mode. One \
