@@ -40,7 +40,7 @@ enum Task {
         seed: Option<String>,
     },
     /// Benchmarks, ours and side by side with kube-proxy's iptables and nftables modes;
-    /// results go to docs/benchmarks.md (about 40 minutes).
+    /// results go to docs/benchmarks.md (about 45 minutes).
     Bench {
         /// A smoke run with small sizes (what `cargo xtask test` runs); results not written.
         #[arg(long)]
