@@ -160,7 +160,7 @@ fn ratio(a: &[f64], b: &[f64]) -> Option<f64> {
 struct Plan {
     counts: Vec<usize>,
     rounds: usize,
-    /// Fresh sets of beds per count (1 to `rounds`); lab `l` runs `lab_rounds(l)`.
+    /// Fresh sets of beds per count (1 to `rounds`), each running its [`lab_rounds`].
     labs: usize,
     program_rounds: usize,
     cps: load::LoadConfig,
@@ -175,11 +175,9 @@ struct Plan {
     slices: u32,
 }
 
-impl Plan {
-    /// The traffic rounds lab `lab` runs: an even share, in order.
-    fn lab_rounds(&self, lab: usize) -> std::ops::Range<usize> {
-        lab * self.rounds / self.labs..(lab + 1) * self.rounds / self.labs
-    }
+/// The traffic rounds lab `lab` of `labs` runs out of `rounds`: an even share, in order.
+fn lab_rounds(rounds: usize, labs: usize, lab: usize) -> std::ops::Range<usize> {
+    lab * rounds / labs..(lab + 1) * rounds / labs
 }
 
 /// Extra programming rounds only for datapaths whose first load took less than this (one
@@ -199,7 +197,13 @@ fn measure_count(plan: &Plan, services: usize, results: &mut Results) -> anyhow:
             );
         }
         let beds = ready_beds(plan, services, &list, entry)?;
-        traffic_rounds(plan, services, &beds, plan.lab_rounds(lab), entry)?;
+        traffic_rounds(
+            plan,
+            services,
+            &beds,
+            lab_rounds(plan.rounds, plan.labs, lab),
+            entry,
+        )?;
         if lab + 1 == plan.labs {
             programming_rounds(plan, services, beds, entry)?;
         }
@@ -479,7 +483,7 @@ fn x3(v: Option<f64>) -> String {
 struct Report<'a> {
     results: &'a Results,
     modes: &'a [Mode],
-    /// The rounds each lab ran (see [`Plan::lab_rounds`]).
+    /// The rounds each lab ran ([`lab_rounds`]).
     labs: Vec<std::ops::Range<usize>>,
 }
 
@@ -985,7 +989,9 @@ fn main() -> anyhow::Result<()> {
     let report = Report {
         results: &results,
         modes: &plan.modes,
-        labs: (0..plan.labs).map(|l| plan.lab_rounds(l)).collect(),
+        labs: (0..plan.labs)
+            .map(|l| lab_rounds(plan.rounds, plan.labs, l))
+            .collect(),
     };
     let text = section(&report, &plan, elapsed, &cli);
     println!("{text}");
@@ -1080,13 +1086,13 @@ fn section(report: &Report, plan: &Plan, elapsed: Duration, cli: &Cli) -> String
     let per_lab = report.cps_per_lab();
     if !per_lab.is_empty() {
         t.push_str(&format!(
-            "**Labs.** Each lab places its three single-threaded echo servers and two generator \
-             threads on the two CPUs its own way, and keeps them there: in separate runs of the \
-             same code a whole lab's ratio moved by up to 0.05 while its rounds agreed within \
-             0.01-0.02. So every count ran in {} fresh sets of labs, the rounds split among \
-             them, and the ratios above are medians over all rounds. Lab by lab, against no load \
-             balancer:\n\n{per_lab}\n",
-            plan.labs
+            "**Labs.** Each lab places its single-threaded echo servers (one per backend) and \
+             {} generator threads on the CPUs its own way, and keeps them there: in separate \
+             runs of the same code a whole lab's ratio moved by up to 0.05 while its rounds \
+             agreed within 0.01-0.02. So every count ran in {} fresh sets of labs, the rounds \
+             split among them, and the ratios above are medians over all rounds. Lab by lab, \
+             against no load balancer:\n\n{per_lab}\n",
+            plan.cps.threads, plan.labs
         ));
     }
     t.push_str(&format!(
@@ -1231,6 +1237,26 @@ mod tests {
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), Some(2.5));
         assert_eq!(median(&[]), None);
         assert_eq!(ratio(&[2.0, 4.0, 9.0], &[1.0, 1.0, 3.0]), Some(3.0));
+    }
+
+    #[test]
+    fn labs_share_the_rounds_in_order_each_at_least_one() {
+        for rounds in 1..=9 {
+            for labs in 1..=rounds {
+                let shares: Vec<_> = (0..labs).map(|l| lab_rounds(rounds, labs, l)).collect();
+                let all: Vec<usize> = shares.iter().cloned().flatten().collect();
+                assert_eq!(all, (0..rounds).collect::<Vec<_>>(), "{rounds} in {labs}");
+                assert!(shares.iter().all(|r| !r.is_empty()), "{shares:?}");
+                let (short, long) = (
+                    shares.iter().map(|r| r.len()).min(),
+                    shares.iter().map(|r| r.len()).max(),
+                );
+                assert!(
+                    long.zip(short).is_some_and(|(l, s)| l - s <= 1),
+                    "{shares:?}"
+                );
+            }
+        }
     }
 
     #[test]
