@@ -1026,8 +1026,7 @@ fn section(report: &Report, plan: &Plan, elapsed: Duration, cli: &Cli) -> String
     ));
     t.push_str(&format!(
         "How it is measured (code: `tests/src/compare/`):\n\n\
-         - **Same lab for every mode**, a fresh one per mode, and a fresh set of them for \
-         each share of the rounds (see *Labs* below): the single-node lab (client \
+         - **Same lab for every mode**, a fresh one per mode{}: the single-node lab (client \
          namespace, node namespace, three backend namespaces), each backend holding 20 \
          addresses that are all endpoints (60 in all; each Service has 10 of them, endpoints \
          repeat across Services), one echo server per backend. The client has a pod address \
@@ -1067,6 +1066,11 @@ fn section(report: &Report, plan: &Plan, elapsed: Duration, cli: &Cli) -> String
          still be measured.\n\
          - The node namespace's conntrack keeps TIME_WAIT entries 20 s instead of 120 s, so \
          that the benchmark's connection rates do not fill kube-proxy's conntrack table.\n\n",
+        if plan.labs > 1 {
+            ", and a fresh set of them for each share of the rounds (see *Labs* below)"
+        } else {
+            ""
+        },
         plan.slices,
         plan.load_limit.as_secs_f64()
     ));
