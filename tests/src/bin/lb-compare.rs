@@ -160,8 +160,9 @@ fn ratio(a: &[f64], b: &[f64]) -> Option<f64> {
 struct Plan {
     counts: Vec<usize>,
     rounds: usize,
-    /// Fresh sets of beds per count (1 to `rounds`), each running its [`lab_rounds`].
-    labs: usize,
+    /// The traffic rounds of each fresh set of beds per count (1 to `rounds` sets, see
+    /// [`lab_rounds`]).
+    labs: Vec<std::ops::Range<usize>>,
     program_rounds: usize,
     cps: load::LoadConfig,
     latency: load::LoadConfig,
@@ -188,23 +189,17 @@ fn measure_count(plan: &Plan, services: usize, results: &mut Results) -> anyhow:
     let pool = bed::pool();
     let list = compare::services(services, &pool);
     let entry = results.entry(services).or_default();
-    for lab in 0..plan.labs {
-        if plan.labs > 1 {
+    for (lab, rounds) in plan.labs.iter().enumerate() {
+        if plan.labs.len() > 1 {
             eprintln!(
                 "compare: {services} Services, lab {} of {}",
                 lab + 1,
-                plan.labs
+                plan.labs.len()
             );
         }
         let beds = ready_beds(plan, services, &list, entry)?;
-        traffic_rounds(
-            plan,
-            services,
-            &beds,
-            lab_rounds(plan.rounds, plan.labs, lab),
-            entry,
-        )?;
-        if lab + 1 == plan.labs {
+        traffic_rounds(plan, services, &beds, rounds.clone(), entry)?;
+        if lab + 1 == plan.labs.len() {
             programming_rounds(plan, services, beds, entry)?;
         }
     }
@@ -483,8 +478,8 @@ fn x3(v: Option<f64>) -> String {
 struct Report<'a> {
     results: &'a Results,
     modes: &'a [Mode],
-    /// The rounds each lab ran ([`lab_rounds`]).
-    labs: Vec<std::ops::Range<usize>>,
+    /// The rounds each lab ran ([`Plan::labs`]).
+    labs: &'a [std::ops::Range<usize>],
 }
 
 impl Report<'_> {
@@ -946,14 +941,12 @@ fn main() -> anyhow::Result<()> {
     let cps_threads = cli.threads.unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
     });
+    let rounds = if quick { 1 } else { cli.rounds.max(1) };
+    let labs = if quick { 1 } else { cli.labs.clamp(1, rounds) };
     let plan = Plan {
         counts,
-        rounds: if quick { 1 } else { cli.rounds.max(1) },
-        labs: if quick {
-            1
-        } else {
-            cli.labs.clamp(1, cli.rounds.max(1))
-        },
+        rounds,
+        labs: (0..labs).map(|l| lab_rounds(rounds, labs, l)).collect(),
         program_rounds: if quick { 1 } else { cli.program_rounds.max(1) },
         cps: load::LoadConfig {
             duration: Duration::from_secs_f64(if quick { 0.5 } else { cli.seconds }),
@@ -989,9 +982,7 @@ fn main() -> anyhow::Result<()> {
     let report = Report {
         results: &results,
         modes: &plan.modes,
-        labs: (0..plan.labs)
-            .map(|l| lab_rounds(plan.rounds, plan.labs, l))
-            .collect(),
+        labs: &plan.labs,
     };
     let text = section(&report, &plan, elapsed, &cli);
     println!("{text}");
@@ -1020,7 +1011,7 @@ fn section(report: &Report, plan: &Plan, elapsed: Duration, cli: &Cli) -> String
          median of the per-round ratios of two modes measured back to back.\n\n",
         plan.counts,
         plan.rounds,
-        plan.labs,
+        plan.labs.len(),
         plan.program_rounds,
         elapsed.as_secs_f64()
     ));
@@ -1066,7 +1057,7 @@ fn section(report: &Report, plan: &Plan, elapsed: Duration, cli: &Cli) -> String
          still be measured.\n\
          - The node namespace's conntrack keeps TIME_WAIT entries 20 s instead of 120 s, so \
          that the benchmark's connection rates do not fill kube-proxy's conntrack table.\n\n",
-        if plan.labs > 1 {
+        if plan.labs.len() > 1 {
             ", and a fresh set of them for each share of the rounds (see *Labs* below)"
         } else {
             ""
@@ -1096,7 +1087,8 @@ fn section(report: &Report, plan: &Plan, elapsed: Duration, cli: &Cli) -> String
              agreed within 0.01-0.02. So every count ran in {} fresh sets of labs, the rounds \
              split among them, and the ratios above are medians over all rounds. Lab by lab, \
              against no load balancer:\n\n{per_lab}\n",
-            plan.cps.threads, plan.labs
+            plan.cps.threads,
+            plan.labs.len()
         ));
     }
     t.push_str(&format!(
