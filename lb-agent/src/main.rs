@@ -315,6 +315,7 @@ fn run(pin_dir: &Path, args: RunArgs) -> anyhow::Result<()> {
         node_health: node_health.clone(),
         node,
         applier,
+        applier_fresh: true,
         last: None,
         last_problems: Vec::new(),
     };
@@ -569,6 +570,9 @@ struct Programmer {
     node_health: lb_agent::health::Answer,
     node: NodeIdentity,
     applier: maps::Applier,
+    /// The applier has read the maps and nothing has written them since (the start, up to the
+    /// first sync): a full sync need not read them again.
+    applier_fresh: bool,
     last: Option<model::DesiredState>,
     last_problems: Vec<String>,
 }
@@ -691,7 +695,12 @@ impl Programmer {
     }
 
     /// A full resync diffs against what the maps really hold, repairing any drift.
+    /// Not when the applier read them moments ago: the read is sized by the maps' capacity,
+    /// not by the Services (about 30 ms, most of a first sync of a few Services).
     fn reopen_maps(&mut self) {
+        if self.applier_fresh {
+            return;
+        }
         match maps::Applier::open(&self.pin_dir) {
             Ok(applier) => self.applier = applier,
             Err(err) => warn!("re-reading the maps failed, diffing from memory: {err:#}"),
@@ -726,6 +735,8 @@ impl Programmer {
         started: std::time::Instant,
         seen: Option<std::time::Instant>,
     ) -> Option<maps::SyncReport> {
+        // Written (or half written, when it failed): the next full sync reads the maps again.
+        self.applier_fresh = false;
         let result_label = |result| lb_agent::metrics::ResultLabel { result };
         let report = match result {
             Ok(report) => report,

@@ -1,6 +1,7 @@
 //! The agent against a fake Kubernetes API server speaking the real list/watch protocol to the
 //! real kube-rs client: initial list, watch events, dropped watches, `410 Gone` and relist,
-//! bookmarks, a minute-long outage. The agent drives real maps and real traffic flows meanwhile.
+//! bookmarks, a minute-long outage, changes while no agent runs. The agent drives real maps and
+//! real traffic flows meanwhile.
 
 use std::{
     collections::BTreeSet,
@@ -105,23 +106,26 @@ fn agent_follows_the_api_through_watch_drops_gone_relists_bookmarks_and_an_outag
     std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
     let pin_dir = lab.lab.pin_dir();
     let kubeconfig_arg = kubeconfig.to_string_lossy().to_string();
-    let mut agent = Agent::start_run(
-        &lab.node,
-        &pin_dir,
-        &lab.node_interfaces(),
-        &tmp.path().join("agent.log"),
-        &[
-            "--kubeconfig",
-            &kubeconfig_arg,
-            "--node-name",
-            "node-a",
-            "--min-sync-period",
-            "100ms",
-            "--sync-period",
-            "10m",
-        ],
-    )
-    .expect("agent");
+    let start = |log: &Path| {
+        Agent::start_run(
+            &lab.node,
+            &pin_dir,
+            &lab.node_interfaces(),
+            log,
+            &[
+                "--kubeconfig",
+                &kubeconfig_arg,
+                "--node-name",
+                "node-a",
+                "--min-sync-period",
+                "100ms",
+                "--sync-period",
+                "10m",
+            ],
+        )
+        .expect("agent")
+    };
+    let mut agent = start(&tmp.path().join("agent.log"));
     let wait_for = |agent: &mut Agent, want: &[usize], what: &str| {
         let want = lab_backends(want);
         agent
@@ -274,6 +278,42 @@ fn agent_follows_the_api_through_watch_drops_gone_relists_bookmarks_and_an_outag
             .unwrap_or_else(|| panic!("no restarts of {resource} in:\n{metrics}"));
         assert!(restarts >= 1.0, "{resource} watch restarted in the outage");
     }
+    let status = agent.stop().expect("agent stops");
+    assert!(status.success(), "{status}\n{}", agent.log_text());
+
+    // 7. Changes while no agent runs: the next agent's first sync (from the maps it adopted
+    //    at start, read once) deletes the Service gone from the API, writes the new endpoints
+    //    and leaves traffic flowing.
+    api.apply_yaml(GONE).unwrap();
+    let mut agent = start(&tmp.path().join("agent-2.log"));
+    agent
+        .wait_until(Duration::from_secs(20), || {
+            service_names(&pin_dir).contains("default/gone:http/TCP")
+        })
+        .expect("second Service programmed again");
+    let status = agent.stop().expect("agent stops");
+    assert!(status.success(), "{status}\n{}", agent.log_text());
+    api.delete(Kind::Service, "default", "gone");
+    api.delete(Kind::EndpointSlice, "default", "gone-1");
+    api.apply_yaml(&slice(&[1, 3])).unwrap();
+    assert!(
+        service_names(&pin_dir).contains("default/gone:http/TCP"),
+        "the stopped agent left its datapath in place"
+    );
+    let mut agent = start(&tmp.path().join("agent-3.log"));
+    agent
+        .wait_until(Duration::from_secs(20), || {
+            programmed(&pin_dir) == lab_backends(&[1, 3])
+                && !service_names(&pin_dir).contains("default/gone:http/TCP")
+        })
+        .expect("the restarted agent caught up");
+    assert_eq!(
+        programming_lines(&agent),
+        1,
+        "caught up in its first sync:\n{}",
+        agent.log_text()
+    );
+    assert_eq!(traffic(&lab).len(), 20, "traffic flows after the restart");
     let status = agent.stop().expect("agent stops");
     assert!(status.success(), "{status}\n{}", agent.log_text());
 }
