@@ -90,6 +90,10 @@ struct Cli {
     /// profiles).
     #[arg(long)]
     pin_cpus: bool,
+    /// Leave `kernel.bpf_stats_enabled` as it is (experiments reading `bpftool prog show`'s
+    /// run times); otherwise it is off for the run, since it adds to every program run.
+    #[arg(long)]
+    keep_bpf_stats: bool,
     /// An extra argument for our agent (repeat for several), for experiments such as
     /// `--agent-arg=--conntrack-max=524288`.
     #[arg(long = "agent-arg", allow_hyphen_values = true)]
@@ -971,6 +975,11 @@ fn main() -> anyhow::Result<()> {
         load_limit: Duration::from_secs_f64(cli.load_limit),
         agent_args: cli.agent_args.clone(),
         slices: if quick { 1 } else { cli.slices.max(1) },
+    };
+    let _stats = if cli.keep_bpf_stats {
+        None
+    } else {
+        Some(compare::BpfStatsOff::new()?)
     };
     let started = Instant::now();
     let mut results = Results::new();
