@@ -318,6 +318,7 @@ fn main() -> anyhow::Result<()> {
         println!("{}", r.to_line());
         return Ok(());
     }
+    let _stats = lb_tests::BpfStatsOff::new()?;
     let (mut counts, calls): (&[u32], u32) = if cli.quick {
         (&[10, 1000], 500)
     } else {

@@ -979,7 +979,7 @@ fn main() -> anyhow::Result<()> {
     let _stats = if cli.keep_bpf_stats {
         None
     } else {
-        Some(compare::BpfStatsOff::new()?)
+        Some(lb_tests::BpfStatsOff::new()?)
     };
     let started = Instant::now();
     let mut results = Results::new();

@@ -22,8 +22,6 @@ pub mod nftables;
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use anyhow::Context as _;
-
 /// One ClusterIP Service port with its endpoints: the input of every datapath.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Service {
@@ -172,41 +170,6 @@ pub(crate) fn test_service(ns: &str, name: &str, ip: [u8; 4], endpoints: &[[u8; 
             .iter()
             .map(|e| SocketAddrV4::new(Ipv4Addr::from(*e), 80))
             .collect(),
-    }
-}
-
-const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
-
-/// Keeps the kernel's run-time accounting of BPF programs (`kernel.bpf_stats_enabled`) off
-/// while it lives, and restores the setting after: when on, every program run reads the
-/// clock twice (on this VM about 35 ns a run, 1% of a connection on our paths), a cost only
-/// the modes with programs pay.
-pub struct BpfStatsOff {
-    was: Option<String>,
-}
-
-impl BpfStatsOff {
-    pub fn new() -> anyhow::Result<Self> {
-        let was = std::fs::read_to_string(BPF_STATS)
-            .with_context(|| format!("reading {BPF_STATS}"))?
-            .trim()
-            .to_string();
-        if was == "0" {
-            return Ok(Self { was: None });
-        }
-        std::fs::write(BPF_STATS, "0").with_context(|| format!("writing 0 to {BPF_STATS}"))?;
-        eprintln!("compare: kernel.bpf_stats_enabled was {was}; off for the run");
-        Ok(Self { was: Some(was) })
-    }
-}
-
-impl Drop for BpfStatsOff {
-    fn drop(&mut self) {
-        if let Some(was) = &self.was {
-            if let Err(err) = std::fs::write(BPF_STATS, was) {
-                eprintln!("compare: restoring kernel.bpf_stats_enabled to {was}: {err}");
-            }
-        }
     }
 }
 
